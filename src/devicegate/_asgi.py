@@ -1,0 +1,58 @@
+"""Sending small responses straight over ASGI, for HTTP and for websocket handshakes.
+
+References:
+    https://asgi.readthedocs.io/en/latest/specs/www.html#http-response-start-send-event
+    https://asgi.readthedocs.io/en/latest/extensions.html#websocket-denial-response
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.types import Scope, Send
+
+from ._errors import DEFAULT_REALM, AuthError, error_response_parts
+
+__all__ = ["json_body", "send_error", "send_response"]
+
+# The websocket close code for "policy violation" (RFC 6455 §7.4.1).
+WS_POLICY_VIOLATION = 1008
+
+
+def json_body(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+async def send_response(
+    scope: Scope,
+    send: Send,
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
+    """Send a complete response; on a websocket, as a denial response or a 1008 close."""
+    if scope["type"] == "websocket":
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": list(headers),
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    scope: Scope, send: Send, error: AuthError, realm: str = DEFAULT_REALM
+) -> None:
+    """Send the RFC 6750 response for ``error``."""
+    status, headers, body = error_response_parts(error, realm)
+    await send_response(scope, send, status, headers, body)

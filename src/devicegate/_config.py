@@ -1,0 +1,406 @@
+"""GateConfig: every setting devicegate needs, validated once at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+__all__ = ["ConfigError", "GateConfig"]
+
+# RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
+MIN_JWT_SECRET_BYTES = 32
+# API keys are bearer secrets too; 128 bits is the floor for anything guessable online.
+MIN_API_KEY_BYTES = 16
+MAX_LEEWAY_SECONDS = 60
+DEFAULT_TOKEN_CACHE_SIZE = 10_000
+
+# The key values printed in the SenseCrypt documentation: public, so never a secret.
+VENDOR_EXAMPLE_KEYS = frozenset(
+    {
+        "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0=",
+        "S+ILGn9HOYKvgbt6MbqwJHknYajIeVn/bJJBjyLffFQ=",
+    }
+)
+
+# RFC 9110 §5.1 field-name token.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Keys travel as header values; whitespace would make ``Authorization: <key>`` ambiguous with
+# ``Authorization: <scheme> <token>``, so keys are visible ASCII only (RFC 9110 §5.5 VCHAR).
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+_RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-length"})
+
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def _as_tuple(field: str, value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise ConfigError(field, "must be a string or a list of strings")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(field, f"every key must be a string, got {type(item).__name__}")
+    return items
+
+
+def _check_key(field: str, key: str, min_bytes: int) -> None:
+    if not key:
+        raise ConfigError(field, "an empty key is not allowed; generate one with `devicegate init`")
+    if key in VENDOR_EXAMPLE_KEYS:
+        raise ConfigError(
+            field,
+            "this is the example key from the SenseCrypt documentation, known to everyone; "
+            "generate a fresh one with `devicegate init`",
+        )
+    if not _VISIBLE_ASCII.fullmatch(key):
+        raise ConfigError(
+            field, "keys must be visible ASCII without spaces (they travel in HTTP headers)"
+        )
+    if len(key.encode()) < min_bytes:
+        raise ConfigError(
+            field,
+            f"a key must be at least {min_bytes} bytes long (this one is {len(key.encode())}); "
+            "generate one with `devicegate init`",
+        )
+
+
+def _check_int(field: str, value: object, *, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an integer, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(field, f"must be {bound}, got {value}")
+    return value
+
+
+def _check_header(field: str, value: object) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value.lower()):
+        raise ConfigError(field, "must be a valid HTTP header name, such as 'x-instance-id'")
+    name = value.lower()
+    if name in _RESERVED_HEADERS:
+        raise ConfigError(field, f"{name!r} is reserved; choose a dedicated header")
+    return name
+
+
+class GateConfig:
+    """devicegate's settings. Keyword-only, immutable, validated at construction.
+
+    Args:
+        api_keys: server-to-server keys accepted in the ``X-API-Key`` header. Several keys
+            allow rotation.
+        mobile_api_keys: keys the mobile SDK sends raw in ``Authorization``.
+        jwt_secret: the HS256 secret tokens are signed with (at least 32 bytes). A sequence
+            rotates: the first signs new tokens, every one verifies.
+        jwt_expire_seconds: lifetime of minted tokens (default 300, as SenseCrypt).
+        device_header: the request header that carries the device id.
+        api_key_header: the request header that carries the server API key.
+        leeway_seconds: clock skew tolerated on ``exp``/``nbf``/``iat`` (0 to 60).
+        require_device_binding: refuse tokens without ``instance_id`` and refuse to mint them.
+        issuer: when set, minted tokens carry ``iss`` and verified tokens must match exactly.
+        audience: when set, minted tokens carry ``aud`` and verified tokens must contain it.
+        token_cache_size: how many verified tokens to remember (0 disables the cache).
+
+    Raises:
+        ConfigError: naming the field and the fix, for weak, empty, duplicated or published
+            secrets, out-of-range numbers, bad header names, or no credential kind at all.
+
+    Secrets never appear in ``repr()`` or ``str()`` of this object.
+    """
+
+    __slots__ = (
+        "_api_keys",
+        "_jwt_secrets",
+        "_mobile_api_keys",
+        "api_key_header",
+        "audience",
+        "device_header",
+        "issuer",
+        "jwt_expire_seconds",
+        "leeway_seconds",
+        "require_device_binding",
+        "token_cache_size",
+    )
+
+    _api_keys: tuple[str, ...]
+    _mobile_api_keys: tuple[str, ...]
+    _jwt_secrets: tuple[str, ...]
+    jwt_expire_seconds: int
+    device_header: str
+    api_key_header: str
+    leeway_seconds: int
+    require_device_binding: bool
+    issuer: str | None
+    audience: str | None
+    token_cache_size: int
+
+    def __init__(
+        self,
+        *,
+        api_keys: str | Iterable[str] = (),
+        mobile_api_keys: str | Iterable[str] = (),
+        jwt_secret: str | Iterable[str] | None = None,
+        jwt_expire_seconds: int = 300,
+        device_header: str = "x-instance-id",
+        api_key_header: str = "x-api-key",
+        leeway_seconds: int = 0,
+        require_device_binding: bool = False,
+        issuer: str | None = None,
+        audience: str | None = None,
+        token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
+    ) -> None:
+        api = _as_tuple("api_keys", api_keys)
+        mobile = _as_tuple("mobile_api_keys", mobile_api_keys)
+        secrets = _as_tuple("jwt_secret", jwt_secret)
+        for key in api:
+            _check_key("api_keys", key, MIN_API_KEY_BYTES)
+        for key in mobile:
+            _check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
+        for key in secrets:
+            _check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES)
+        if not (api or mobile or secrets):
+            raise ConfigError(
+                "api_keys",
+                "no credential is configured: set at least one of api_keys, mobile_api_keys "
+                "or jwt_secret (or load a secrets.json with GateConfig.from_secrets_file)",
+            )
+        seen: dict[str, str] = {}
+        for field, keys in (
+            ("api_keys", api),
+            ("mobile_api_keys", mobile),
+            ("jwt_secret", secrets),
+        ):
+            for key in keys:
+                if key in seen:
+                    other = seen[key]
+                    where = "twice" if other == field else f"both as {other} and as {field}"
+                    raise ConfigError(
+                        field,
+                        f"the same value is used {where}; every key and secret must be "
+                        "distinct so that one leak cannot open another door",
+                    )
+                seen[key] = field
+        set_ = object.__setattr__
+        set_(self, "_api_keys", api)
+        set_(self, "_mobile_api_keys", mobile)
+        set_(self, "_jwt_secrets", secrets)
+        set_(
+            self,
+            "jwt_expire_seconds",
+            _check_int("jwt_expire_seconds", jwt_expire_seconds, low=1),
+        )
+        set_(
+            self,
+            "leeway_seconds",
+            _check_int("leeway_seconds", leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS),
+        )
+        set_(self, "token_cache_size", _check_int("token_cache_size", token_cache_size, low=0))
+        device = _check_header("device_header", device_header)
+        api_header = _check_header("api_key_header", api_key_header)
+        if device == api_header:
+            raise ConfigError("device_header", "must differ from api_key_header")
+        set_(self, "device_header", device)
+        set_(self, "api_key_header", api_header)
+        if not isinstance(require_device_binding, bool):
+            raise ConfigError("require_device_binding", "must be True or False")
+        set_(self, "require_device_binding", require_device_binding)
+        for field, value in (("issuer", issuer), ("audience", audience)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(field, "must be a non-empty string or None")
+        set_(self, "issuer", issuer)
+        set_(self, "audience", audience)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("GateConfig is immutable; build a new one")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("GateConfig is immutable; build a new one")
+
+    # Secrets are reachable only through these read-only properties. They are not fields in
+    # the repr.
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Accepted server-to-server keys."""
+        return self._api_keys
+
+    @property
+    def mobile_api_keys(self) -> tuple[str, ...]:
+        """Accepted mobile SDK keys."""
+        return self._mobile_api_keys
+
+    @property
+    def jwt_secrets(self) -> tuple[str, ...]:
+        """Every secret that verifies tokens; the first one signs."""
+        return self._jwt_secrets
+
+    @property
+    def jwt_secret(self) -> str | None:
+        """The secret that signs new tokens, or ``None`` when tokens are not configured."""
+        return self._jwt_secrets[0] if self._jwt_secrets else None
+
+    def __repr__(self) -> str:
+        return (
+            f"GateConfig(api_keys=<{len(self._api_keys)} hidden>, "
+            f"mobile_api_keys=<{len(self._mobile_api_keys)} hidden>, "
+            f"jwt_secret=<{len(self._jwt_secrets)} hidden>, "
+            f"jwt_expire_seconds={self.jwt_expire_seconds}, "
+            f"device_header={self.device_header!r}, api_key_header={self.api_key_header!r}, "
+            f"leeway_seconds={self.leeway_seconds}, "
+            f"require_device_binding={self.require_device_binding}, "
+            f"issuer={self.issuer!r}, audience={self.audience!r}, "
+            f"token_cache_size={self.token_cache_size})"
+        )
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        # Pickling would write secrets to wherever the pickle goes; refuse it explicitly.
+        raise TypeError("GateConfig holds secrets and cannot be pickled")
+
+    def replace(self, **changes: Any) -> GateConfig:
+        """Return a copy with some fields changed (validated again)."""
+        options = self._options()
+        options.update(changes)
+        return GateConfig(**options)
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "api_keys": self._api_keys,
+            "mobile_api_keys": self._mobile_api_keys,
+            "jwt_secret": self._jwt_secrets or None,
+            "jwt_expire_seconds": self.jwt_expire_seconds,
+            "device_header": self.device_header,
+            "api_key_header": self.api_key_header,
+            "leeway_seconds": self.leeway_seconds,
+            "require_device_binding": self.require_device_binding,
+            "issuer": self.issuer,
+            "audience": self.audience,
+            "token_cache_size": self.token_cache_size,
+        }
+
+    @classmethod
+    def from_secrets_file(cls, path: str | os.PathLike[str], **options: Any) -> GateConfig:
+        """Load a SenseCrypt ``secrets.json``.
+
+        Reads ``api_key``, ``mobile_api_key``, ``jwt_secret`` (each a string or a list of strings
+        for rotation) and ``jwt_expire_seconds``; other keys in the file are ignored. Keyword
+        ``options`` set the remaining :class:`GateConfig` fields and override the file.
+
+        Raises:
+            ConfigError: the file is missing, unreadable, not JSON, not an object, or holds
+                values of the wrong type or strength.
+        """
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                "secrets_file",
+                f"{file} does not exist; create one with `devicegate init --path {file}`",
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("secrets_file", f"cannot read {file}: {type(exc).__name__}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # The position only: the document itself holds secrets.
+            raise ConfigError(
+                "secrets_file",
+                f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})",
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError("secrets_file", f"{file} must hold a JSON object")
+        return cls(**{**_from_secrets_mapping(data), **options})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GateConfig:
+        """Build a configuration from ``DEVICEGATE_*`` environment variables.
+
+        ``DEVICEGATE_SECRETS_FILE`` loads a ``secrets.json`` first; ``DEVICEGATE_API_KEYS`` and
+        ``DEVICEGATE_MOBILE_API_KEYS`` (comma-separated), ``DEVICEGATE_JWT_SECRET`` (comma-separated
+        for rotation) and ``DEVICEGATE_<FIELD>`` for every other field override it.
+
+        Raises:
+            ConfigError: as the constructor, or for a value that does not parse.
+        """
+        env = os.environ if environ is None else environ
+        options: dict[str, Any] = {}
+        secrets_file = env.get("DEVICEGATE_SECRETS_FILE")
+        for name, parse in _ENV_FIELDS.items():
+            raw = env.get(f"DEVICEGATE_{name.upper()}")
+            if raw is not None:
+                options[name] = parse(name, raw)
+        if secrets_file:
+            return cls.from_secrets_file(secrets_file, **options)
+        return cls(**options)
+
+
+def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for file_key, field in (
+        ("api_key", "api_keys"),
+        ("mobile_api_key", "mobile_api_keys"),
+        ("jwt_secret", "jwt_secret"),
+    ):
+        value = data.get(file_key)
+        if value is None:
+            continue
+        if not isinstance(value, (str, list)):
+            raise ConfigError(file_key, "must be a string or a list of strings in secrets.json")
+        options[field] = _as_tuple(file_key, value)
+    if "jwt_expire_seconds" in data:
+        options["jwt_expire_seconds"] = data["jwt_expire_seconds"]
+    return options
+
+
+def _env_list(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _env_int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(name, "must be an integer in the environment") from None
+
+
+def _env_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, "must be one of true/false, 1/0, yes/no, on/off")
+
+
+def _env_str(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _env_header(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+_ENV_FIELDS = {
+    "api_keys": _env_list,
+    "mobile_api_keys": _env_list,
+    "jwt_secret": _env_list,
+    "jwt_expire_seconds": _env_int,
+    "device_header": _env_header,
+    "api_key_header": _env_header,
+    "leeway_seconds": _env_int,
+    "require_device_binding": _env_bool,
+    "issuer": _env_str,
+    "audience": _env_str,
+    "token_cache_size": _env_int,
+}

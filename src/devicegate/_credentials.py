@@ -1,0 +1,106 @@
+"""Reading the one credential of a request out of raw ASGI headers. No verification here.
+
+Headers are read as the raw ``(name, value)`` byte pairs of ``scope["headers"]``; ASGI servers
+lower-case names (ASGI HTTP spec, "headers"). Every ambiguity is refused rather than resolved:
+two ``Authorization`` headers might be merged differently by a proxy and by us, and a request
+with both an API key and a token leaves it unclear which one the app would trust.
+
+References:
+    https://www.rfc-editor.org/rfc/rfc6750#section-2.1
+    https://www.rfc-editor.org/rfc/rfc9110#section-11.6.2
+    https://asgi.readthedocs.io/en/latest/specs/www.html#http-connection-scope
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from ._errors import InvalidRequest, MissingCredentials
+from ._principal import CredentialKind
+
+__all__ = ["MAX_CREDENTIAL_BYTES", "match_key", "read_credential"]
+
+# Far above a real token (a few hundred bytes) yet small enough that parsing stays cheap.
+MAX_CREDENTIAL_BYTES = 8192
+
+_AUTHORIZATION = b"authorization"
+_BEARER = b"bearer"
+
+# Fixed descriptions; a fresh exception is raised each time (a shared instance would carry one
+# request's traceback into the next).
+_DUPLICATE = "The request carries a credential header more than once."
+_SEVERAL = "The request carries more than one credential."
+_MALFORMED = "The Authorization header is malformed."
+_UNKNOWN_SCHEME = "The Authorization scheme is not supported."
+_BAD_API_KEY_HEADER = "The API key header is malformed."
+_DUPLICATE_DEVICE = "The request carries the device header more than once."
+
+
+def read_credential(
+    headers: Iterable[tuple[bytes, bytes]],
+    api_key_header: bytes,
+    device_header: bytes,
+) -> tuple[CredentialKind, bytes, bytes | None]:
+    """Return ``(kind, value, device_id)`` for the single credential in ``headers``.
+
+    ``value`` is the raw API key, the raw mobile key, or the bearer token. ``device_id`` is the
+    device header's value, or ``None`` when absent.
+
+    Raises:
+        MissingCredentials: no credential header at all.
+        InvalidRequest: duplicated headers, two credentials, an unknown scheme, an empty or
+            oversized value, whitespace where none belongs.
+    """
+    authorization: bytes | None = None
+    api_key: bytes | None = None
+    device: bytes | None = None
+    for name, value in headers:
+        if name == _AUTHORIZATION:
+            if authorization is not None:
+                raise InvalidRequest(_DUPLICATE)
+            authorization = value
+        elif name == api_key_header:
+            if api_key is not None:
+                raise InvalidRequest(_DUPLICATE)
+            api_key = value
+        elif name == device_header:
+            if device is not None:
+                raise InvalidRequest(_DUPLICATE_DEVICE)
+            device = value
+
+    if api_key is not None:
+        if authorization is not None:
+            raise InvalidRequest(_SEVERAL)
+        if not api_key or len(api_key) > MAX_CREDENTIAL_BYTES:
+            raise InvalidRequest(_BAD_API_KEY_HEADER)
+        return CredentialKind.API_KEY, api_key, device
+    if authorization is None:
+        raise MissingCredentials()
+    if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or b"\t" in authorization:
+        raise InvalidRequest(_MALFORMED)
+    scheme, space, token = authorization.partition(b" ")
+    if not space:
+        # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
+        # scheme with nothing after it ("Bearer").
+        if authorization.lower() == _BEARER:
+            raise InvalidRequest(_MALFORMED)
+        return CredentialKind.MOBILE_API_KEY, authorization, device
+    # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
+    # (RFC 9110 §11.1). We accept exactly one space and one token.
+    if scheme.lower() != _BEARER:
+        raise InvalidRequest(_UNKNOWN_SCHEME)
+    if not token or b" " in token:
+        raise InvalidRequest(_MALFORMED)
+    return CredentialKind.DEVICE_TOKEN, token, device
+
+
+def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Whether ``candidate`` equals one of ``keys``, in time independent of where they differ.
+
+    Every key is compared (no early exit), so timing does not reveal which key matched.
+    """
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(candidate, key)
+    return found

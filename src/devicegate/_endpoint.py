@@ -1,0 +1,187 @@
+"""TokenEndpoint: the ASGI app behind ``POST /gen-jwt``."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.types import Receive, Scope, Send
+
+from ._asgi import json_body, send_error, send_response
+from ._auth import Authenticator
+from ._config import GateConfig
+from ._errors import AuthError, ConfigError, InsufficientScope
+from ._principal import CredentialKind
+from ._tokens import TokenIssuer, loads_strict_json, validate_instance_id
+
+__all__ = ["TokenEndpoint"]
+
+logger = logging.getLogger("devicegate")
+
+MAX_BODY_BYTES = 4096
+
+_JSON_HEADERS = (
+    (b"content-type", b"application/json"),
+    # RFC 6749 §5.1: token responses must not be cached.
+    (b"cache-control", b"no-store"),
+    (b"pragma", b"no-cache"),
+)
+
+
+class _BadBody(Exception):
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+        self.error = error
+        self.description = description
+
+
+_TOO_LARGE = (413, "invalid_request", "The request body is larger than 4096 bytes.")
+_NOT_OBJECT = (400, "invalid_request", "The body must be empty or a JSON object.")
+_BAD_INSTANCE_ID = (
+    400,
+    "invalid_request",
+    "instance_id must be a string of 1 to 256 printable ASCII characters.",
+)
+_BINDING_REQUIRED = (400, "invalid_request", "This server only mints device-bound tokens.")
+
+
+class TokenEndpoint:
+    """An ASGI app that mints device tokens for callers holding the server API key.
+
+    ``POST`` with ``X-API-Key`` and a JSON body ``{"instance_id": "<device id>"}`` mints a token
+    bound to that device; ``{}`` or an empty body mints a generic token. The answer is an
+    OAuth 2.0 token response (RFC 6749 §5.1) with ``Cache-Control: no-store``. Members other
+    than ``instance_id`` are ignored: a caller cannot choose ``exp``, ``alg`` or any claim.
+
+    Mounted alone, it authenticates the caller itself; behind
+    :class:`~devicegate.DeviceAuthMiddleware` (at its ``token_path``) the middleware does.
+
+    Args:
+        config: needs ``api_keys`` and ``jwt_secret``.
+        realm: the realm of ``WWW-Authenticate`` challenges.
+
+    Raises:
+        ConfigError: the configuration has no API key or no JWT secret.
+
+    References:
+        https://www.rfc-editor.org/rfc/rfc6749#section-5.1
+    """
+
+    def __init__(self, config: GateConfig, *, realm: str = "devicegate") -> None:
+        if not config.api_keys:
+            raise ConfigError("api_keys", "the token endpoint needs a server API key")
+        self.issuer = TokenIssuer(config)
+        self._authenticator = Authenticator(config)
+        self._realm = realm
+
+    def __repr__(self) -> str:
+        return f"<TokenEndpoint {self.issuer!r}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        try:
+            principal = self._authenticator.authenticate(scope["headers"])
+            if principal.kind is not CredentialKind.API_KEY:
+                raise InsufficientScope()
+        except AuthError as error:
+            await send_error(scope, send, error, self._realm)
+            return
+        await self.mint(scope, receive, send)
+
+    async def mint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an already-authenticated request (the middleware's entry point)."""
+        if scope["type"] != "http":
+            await send_response(scope, send, 405, (), b"")
+            return
+        if scope["method"] != "POST":
+            await _send_json(
+                send,
+                405,
+                {"error": "invalid_request", "error_description": "Use POST."},
+                ((b"allow", b"POST"),),
+            )
+            return
+        try:
+            body = await _read_body(scope, receive)
+            instance_id = self._parse(body)
+            token = self.issuer.issue(instance_id)
+        except _BadBody as exc:
+            await _send_json(
+                send, exc.status, {"error": exc.error, "error_description": exc.description}
+            )
+            return
+        except _Disconnected:
+            return
+        logger.info("devicegate minted a %s token", "bound" if instance_id else "generic")
+        await _send_json(send, 200, token.as_response())
+
+    def _parse(self, body: bytes) -> str | None:
+        if not body.strip():
+            data: object = {}
+        else:
+            try:
+                data = loads_strict_json(body.decode("utf-8"))
+            except (ValueError, RecursionError):
+                raise _BadBody(*_NOT_OBJECT) from None
+        if not isinstance(data, dict):
+            raise _BadBody(*_NOT_OBJECT)
+        if "instance_id" not in data:
+            if self.issuer.requires_binding:
+                raise _BadBody(*_BINDING_REQUIRED)
+            return None
+        try:
+            return validate_instance_id(data["instance_id"])
+        except ValueError:
+            raise _BadBody(*_BAD_INSTANCE_ID) from None
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _read_body(scope: Scope, receive: Receive) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = 0
+            if declared > MAX_BODY_BYTES:
+                raise _BadBody(*_TOO_LARGE)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _BadBody(*_TOO_LARGE)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_json(
+    send: Send,
+    status: int,
+    payload: object,
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    body = json_body(payload)
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,163 @@
+"""The devicegate exception tree and its RFC 6750 rendering.
+
+    DeviceGateError
+    ├── ConfigError              bad configuration, raised at start-up
+    └── AuthError                a request is refused (carries status and RFC 6750 code)
+        ├── MissingCredentials   401, no ``error`` attribute in WWW-Authenticate
+        ├── InvalidRequest       400 invalid_request
+        ├── InvalidToken         401 invalid_token (``reason`` says why, for logs and tools)
+        └── InsufficientScope    403 insufficient_scope
+
+Every description is fixed text chosen here: nothing from a request is ever echoed into a
+response header or body (RFC 6750 §3 leaves ``error_description`` to the server; echoing input
+invites header injection and reflection).
+
+References:
+    https://www.rfc-editor.org/rfc/rfc6750#section-3
+    https://www.rfc-editor.org/rfc/rfc6750#section-3.1
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import ClassVar
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "DeviceGateError",
+    "InsufficientScope",
+    "InvalidReason",
+    "InvalidRequest",
+    "InvalidToken",
+    "MissingCredentials",
+    "error_response_parts",
+]
+
+DEFAULT_REALM = "devicegate"
+
+
+class DeviceGateError(Exception):
+    """Base class of every exception devicegate raises."""
+
+
+class ConfigError(DeviceGateError, ValueError):
+    """The configuration is unusable; the message names the field and the fix.
+
+    Raised at construction time so that a misconfigured gateway never starts. The message never
+    contains a secret value.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidReason(str, enum.Enum):
+    """Why a credential was refused. Shown to operators (logs, ``devicegate verify``), never to
+    clients: the HTTP response carries only the fixed RFC 6750 description."""
+
+    MALFORMED = "malformed"
+    BAD_HEADER = "bad_header"
+    UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+    BAD_SIGNATURE = "bad_signature"
+    BAD_CLAIMS = "bad_claims"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    ISSUED_IN_FUTURE = "issued_in_future"
+    WRONG_ISSUER = "wrong_issuer"
+    WRONG_AUDIENCE = "wrong_audience"
+    WRONG_DEVICE = "wrong_device"
+    UNBOUND = "unbound"
+    UNKNOWN_KEY = "unknown_key"
+    NOT_CONFIGURED = "not_configured"
+
+
+class AuthError(DeviceGateError):
+    """A request was refused.
+
+    Attributes:
+        status_code: the HTTP status to answer with.
+        error: the RFC 6750 error code, or ``None`` when the request carried no credential
+            (RFC 6750 §3.1: the challenge then carries no ``error`` attribute).
+        description: fixed, human-readable text safe to send to the client.
+    """
+
+    status_code: ClassVar[int]
+    error: ClassVar[str | None]
+    description: ClassVar[str]
+
+    def __init__(self, description: str | None = None) -> None:
+        if description is not None:
+            self.description = description  # type: ignore[misc]
+        super().__init__(self.description)
+
+
+class MissingCredentials(AuthError):
+    """The request carried no credential at all."""
+
+    status_code = 401
+    error = None
+    description = "Authentication is required."
+
+
+class InvalidRequest(AuthError):
+    """The request is malformed: duplicate or ambiguous credentials, a bad header."""
+
+    status_code = 400
+    error = "invalid_request"
+    description = "The request is malformed."
+
+
+class InvalidToken(AuthError):
+    """The credential is wrong, expired, tampered with or bound to another device.
+
+    Attributes:
+        reason: an :class:`InvalidReason` for operators; never sent to the client.
+    """
+
+    status_code = 401
+    error = "invalid_token"
+    description = "The credential is invalid, expired or not valid for this device."
+
+    def __init__(self, reason: InvalidReason) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.description} (reason: {self.reason.value})"
+
+
+class InsufficientScope(AuthError):
+    """A valid credential of a kind this path does not accept."""
+
+    status_code = 403
+    error = "insufficient_scope"
+    description = "This credential is not accepted for this resource."
+
+
+def error_response_parts(
+    error: AuthError, realm: str = DEFAULT_REALM
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Return ``(status, headers, body)`` of the RFC 6750 response for ``error``.
+
+    The body is JSON ``{"error": ..., "error_description": ...}``; with no credential at all the
+    body says ``"unauthorized"`` while the challenge carries no ``error`` attribute.
+    """
+    challenge = f'Bearer realm="{realm}"'
+    if error.error is not None:
+        challenge += f', error="{error.error}", error_description="{error.description}"'
+    body = json.dumps(
+        {"error": error.error or "unauthorized", "error_description": error.description},
+        separators=(",", ":"),
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    # RFC 6750 §3: the challenge belongs on 401 and, for insufficient_scope, 403. A 400 may
+    # carry it too; we always send it so that clients learn the scheme.
+    headers.append((b"www-authenticate", challenge.encode()))
+    return error.status_code, headers, body

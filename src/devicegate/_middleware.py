@@ -1,0 +1,200 @@
+"""DeviceAuthMiddleware: the pure-ASGI gate in front of an application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from starlette.authentication import AuthCredentials, UnauthenticatedUser
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._asgi import send_error
+from ._auth import Authenticator
+from ._config import GateConfig
+from ._endpoint import TokenEndpoint
+from ._errors import (
+    DEFAULT_REALM,
+    AuthError,
+    ConfigError,
+    InsufficientScope,
+    InvalidRequest,
+    InvalidToken,
+)
+from ._principal import CredentialKind, Principal
+from ._rules import Rule, has_unsafe_segments, route_path
+
+__all__ = ["DeviceAuthMiddleware", "ErrorHandler"]
+
+logger = logging.getLogger("devicegate")
+
+ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
+"""``on_error(scope, error)`` returns the ASGI app that sends the error response."""
+
+_TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
+_UNSAFE_PATH = "The request path has '.', '..' or empty segments."
+_UNREADABLE = "The request could not be read."
+
+
+class DeviceAuthMiddleware:
+    """Admit a request only with a valid API key, mobile API key or device-bound token.
+
+    Every ``http`` and ``websocket`` scope is authenticated before the wrapped app sees it;
+    only ``lifespan`` passes through untouched. A request is either handed to the app with
+    ``scope["user"]`` set to a :class:`~devicegate.Principal` (and ``scope["auth"]`` to Starlette
+    ``AuthCredentials`` holding the credential kind), or answered here with an RFC 6750 error
+    and never reaches the app. Websockets are decided on the handshake, before
+    ``websocket.accept``.
+
+    Args:
+        app: the ASGI app to protect.
+        config: keys, secrets and claim rules.
+        rules: per-path policies; the first match wins, and with no match every configured
+            credential kind is accepted.
+        token_path: the route path served by a built-in :class:`~devicegate.TokenEndpoint`
+            (server API key only), or ``None``. Active when the configuration has both an API key
+            and a JWT secret.
+        on_error: ``on_error(scope, error)`` returns an ASGI app that renders ``error`` (HTTP
+            only; websocket handshakes always use the built-in denial).
+        realm: the ``realm`` of ``WWW-Authenticate`` challenges.
+
+    Raises:
+        ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` is not a clean
+            absolute path, or a rule accepts only kinds the configuration does not have.
+
+    References:
+        https://www.rfc-editor.org/rfc/rfc6750#section-3
+        https://www.rfc-editor.org/rfc/rfc8725
+        https://asgi.readthedocs.io/en/latest/extensions.html#websocket-denial-response
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: GateConfig,
+        rules: Iterable[Rule] = (),
+        token_path: str | None = "/gen-jwt",  # noqa: S107 - a path, not a secret
+        on_error: ErrorHandler | None = None,
+        realm: str = DEFAULT_REALM,
+    ) -> None:
+        if not isinstance(config, GateConfig):
+            raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
+        self.app = app
+        self.config = config
+        self.rules = tuple(rules)
+        self._authenticator = Authenticator(config)
+        configured = self._authenticator.configured_kinds
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise ConfigError("rules", f"every rule must be a Rule, got {rule!r}")
+            if not rule.public and not rule.accept & configured:
+                raise ConfigError(
+                    "rules",
+                    f"{rule!r} accepts no credential kind that the configuration has, so "
+                    "nothing could pass; configure the key or secret it needs",
+                )
+        if token_path is not None and (
+            not isinstance(token_path, str) or has_unsafe_segments(token_path)
+        ):
+            raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
+        if not _is_realm(realm):
+            raise ConfigError("realm", "must be printable ASCII without quotes or backslashes")
+        self._endpoint: TokenEndpoint | None = None
+        self.token_path = token_path
+        if token_path is not None and config.api_keys and config.jwt_secrets:
+            self._endpoint = TokenEndpoint(config, realm=realm)
+        self._on_error = on_error
+        self._realm = realm
+        self._default_kinds = configured
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(app={self.app!r}, config={self.config!r}, "
+            f"rules={list(self.rules)!r}, token_path={self.token_path!r})"
+        )
+
+    def clear_token_cache(self) -> None:
+        """Forget every verified token (after rotating ``jwt_secret`` or revoking tokens)."""
+        self._authenticator.verifier.clear_cache()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type != "http" and scope_type != "websocket":
+            if scope_type == "lifespan":
+                await self.app(scope, receive, send)
+                return
+            # Deny by default: a scope type we do not know is not passed on unauthenticated.
+            raise RuntimeError(f"devicegate cannot authenticate ASGI scope type {scope_type!r}")
+
+        endpoint: TokenEndpoint | None = None
+        public = False
+        principal: Principal | None
+        try:
+            path = route_path(scope)
+            if has_unsafe_segments(scope["path"]):
+                raise InvalidRequest(_UNSAFE_PATH)
+            if path == self.token_path and self._endpoint is not None:
+                accepted = _TOKEN_PATH_KINDS
+                endpoint = self._endpoint
+            else:
+                accepted = self._default_kinds
+                for rule in self.rules:
+                    if rule.matches(path):
+                        accepted = rule.accept
+                        public = rule.public
+                        break
+            if public:
+                principal = None
+            else:
+                principal = self._authenticator.authenticate(scope["headers"])
+                if principal.kind not in accepted:
+                    raise InsufficientScope()
+        except AuthError as error:
+            await self._deny(scope, receive, send, error)
+            return
+        except Exception as exc:  # fail closed: a surprise is a refusal, never a pass
+            logger.error("devicegate refused a request it could not read (%s)", type(exc).__name__)
+            await self._deny(scope, receive, send, InvalidRequest(_UNREADABLE))
+            return
+
+        # The principal comes from us alone: overwrite whatever an earlier layer put there.
+        if principal is None:
+            scope["user"] = UnauthenticatedUser()
+            scope["auth"] = AuthCredentials()
+        else:
+            scope["user"] = principal
+            scope["auth"] = AuthCredentials((principal.kind.value,))
+        if endpoint is not None:
+            await endpoint.mint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _deny(self, scope: Scope, receive: Receive, send: Send, error: AuthError) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            reason = error.reason.value if isinstance(error, InvalidToken) else error.error
+            logger.info(
+                "devicegate refused a %s request: %d %s",
+                scope["type"],
+                error.status_code,
+                reason or "unauthorized",
+            )
+        if self._on_error is not None and scope["type"] == "http":
+            try:
+                responder = self._on_error(scope, error)
+            except Exception as exc:
+                logger.error("devicegate on_error handler raised %s", type(exc).__name__)
+            else:
+                await responder(scope, receive, send)
+                return
+        await send_error(scope, send, error, self._realm)
+
+
+def _is_realm(realm: object) -> bool:
+    return (
+        isinstance(realm, str)
+        and bool(realm)
+        and realm.isascii()
+        and realm.isprintable()
+        and '"' not in realm
+        and "\\" not in realm
+    )

@@ -1,0 +1,111 @@
+"""Who is calling: the credential kind and the authenticated principal."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from starlette.authentication import BaseUser
+
+__all__ = ["CredentialKind", "Principal", "get_principal"]
+
+
+class CredentialKind(str, enum.Enum):
+    """The three credentials devicegate understands.
+
+    The values double as Starlette auth scopes, so ``@requires("device_token")`` works.
+    """
+
+    API_KEY = "api_key"
+    """A server-to-server key, sent in the ``X-API-Key`` header."""
+    MOBILE_API_KEY = "mobile_api_key"
+    """The mobile SDK's key, sent raw in ``Authorization``."""
+    DEVICE_TOKEN = "device_token"  # noqa: S105 - a kind name, not a secret
+    """A short-lived JWT, sent as ``Authorization: Bearer <jwt>``."""
+
+
+ALL_KINDS: frozenset[CredentialKind] = frozenset(CredentialKind)
+
+_EMPTY_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+
+class Principal(BaseUser):
+    """An authenticated caller, immutable.
+
+    Attributes:
+        kind: which credential authenticated the request.
+        instance_id: the device the token is bound to (``None`` for keys and generic tokens).
+        claims: the verified JWT claims, read-only (empty for keys).
+    """
+
+    __slots__ = ("claims", "instance_id", "kind")
+
+    kind: CredentialKind
+    instance_id: str | None
+    claims: Mapping[str, Any]
+
+    def __init__(
+        self,
+        kind: CredentialKind,
+        *,
+        instance_id: str | None = None,
+        claims: Mapping[str, Any] | None = None,
+    ) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "instance_id", instance_id)
+        object.__setattr__(
+            self, "claims", _EMPTY_CLAIMS if not claims else MappingProxyType(dict(claims))
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Principal):
+            return NotImplemented
+        return (self.kind, self.instance_id, dict(self.claims)) == (
+            other.kind,
+            other.instance_id,
+            dict(other.claims),
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.instance_id, self.claims.get("jti")))
+
+    def __repr__(self) -> str:
+        return f"Principal(kind={self.kind.value!r}, instance_id={self.instance_id!r})"
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.instance_id or self.kind.value
+
+    @property
+    def identity(self) -> str:
+        jti = self.claims.get("jti")
+        return jti if isinstance(jti, str) else self.display_name
+
+
+def get_principal(source: Any) -> Principal | None:
+    """Return the :class:`Principal` devicegate stored for this request, or ``None``.
+
+    Args:
+        source: an ASGI scope, or any request object with a ``scope`` attribute (Starlette,
+            FastAPI, Litestar and Quart requests and websockets).
+
+    ``None`` means the request was admitted on a public path (or did not pass through
+    :class:`~devicegate.DeviceAuthMiddleware` at all).
+    """
+    scope = source if isinstance(source, Mapping) else getattr(source, "scope", None)
+    if not isinstance(scope, Mapping):
+        raise TypeError("get_principal() takes an ASGI scope or a request with a .scope")
+    user = scope.get("user")
+    return user if isinstance(user, Principal) else None

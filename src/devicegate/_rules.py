@@ -1,0 +1,123 @@
+"""Which credentials a path accepts, and how a request's route path is found and checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ._errors import ConfigError
+from ._principal import ALL_KINDS, CredentialKind
+
+__all__ = ["Rule", "has_unsafe_segments", "route_path"]
+
+
+class Rule:
+    """Which credential kinds a path accepts.
+
+    Args:
+        path: an exact route path (``"/health"``) or a prefix ending in ``/*``
+            (``"/mobile/*"`` matches ``/mobile/`` and everything below it, not ``/mobile``).
+        accept: the credential kinds admitted (default: all of them).
+        public: admit requests without any credential. Nothing is checked on a public path.
+
+    Raises:
+        ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments, a ``*``
+            anywhere but a final ``/*``, or ``accept`` is empty.
+    """
+
+    __slots__ = ("_exact", "_prefix", "accept", "path", "public")
+
+    path: str
+    accept: frozenset[CredentialKind]
+    public: bool
+    _exact: str | None
+    _prefix: str | None
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        accept: Iterable[CredentialKind | str] = ALL_KINDS,
+        public: bool = False,
+    ) -> None:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigError("Rule.path", f"must start with '/', got {path!r}")
+        prefix = path[:-1] if path.endswith("/*") else None
+        body = prefix if prefix is not None else path
+        if "*" in body:
+            raise ConfigError("Rule.path", "'*' is allowed only as a final '/*' segment")
+        if has_unsafe_segments(body):
+            raise ConfigError("Rule.path", f"{path!r} has '.', '..' or empty segments")
+        try:
+            kinds = frozenset(CredentialKind(kind) for kind in accept)
+        except ValueError:
+            raise ConfigError(
+                "Rule.accept", f"must hold CredentialKind values, got {accept!r}"
+            ) from None
+        if not kinds:
+            raise ConfigError(
+                "Rule.accept", "is empty, so nothing could pass; use public=True or remove it"
+            )
+        set_ = object.__setattr__
+        set_(self, "path", path)
+        set_(self, "accept", kinds)
+        set_(self, "public", bool(public))
+        set_(self, "_exact", None if prefix is not None else path)
+        set_(self, "_prefix", prefix)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Rule is immutable")
+
+    def __repr__(self) -> str:
+        if self.public:
+            return f"Rule({self.path!r}, public=True)"
+        kinds = ", ".join(sorted(kind.value for kind in self.accept))
+        return f"Rule({self.path!r}, accept={{{kinds}}})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rule):
+            return NotImplemented
+        return (self.path, self.accept, self.public) == (other.path, other.accept, other.public)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.accept, self.public))
+
+    def matches(self, path: str) -> bool:
+        """Whether this rule applies to the route path ``path``."""
+        if self._prefix is not None:
+            return path.startswith(self._prefix)
+        return path == self._exact
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path below ``root_path``: what the app's router will match on.
+
+    ASGI puts the full path in ``scope["path"]`` and the mount point in ``root_path``; rules are
+    written against the app's own routes, so they match the remainder.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        rest = path[len(root_path) :]
+        if not rest:
+            return "/"
+        if rest[0] == "/":
+            return rest
+    return path
+
+
+def has_unsafe_segments(path: str) -> bool:
+    """Whether ``path`` has ``.``, ``..`` or empty segments (a final ``/`` is fine).
+
+    Such a path may be rewritten further on (RFC 3986 §5.2.4 dot removal, nginx's
+    ``merge_slashes``) into one that no rule here saw. The backslash counts as a separator
+    too: some servers and frameworks treat it as one.
+    """
+    if not path.startswith("/"):
+        return True
+    if "//" not in path and "/." not in path and "\\" not in path:
+        return False  # the common case, decided without splitting
+    segments = path.replace("\\", "/")[1:].split("/")
+    if segments and segments[-1] == "":
+        segments.pop()
+    return any(segment in ("", ".", "..") for segment in segments)

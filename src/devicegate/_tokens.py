@@ -1,0 +1,390 @@
+"""Verifying and issuing device tokens. Knows nothing of ASGI.
+
+Verification is done here rather than by ``jwt.decode`` because the rules devicegate promises are
+stricter than PyJWT's and are cheaper checked once, in one pass:
+
+* one algorithm, from configuration (HS256); the token's ``alg`` only has to agree with it
+  (RFC 8725 §3.1), and key-pointing header fields (``jwk``, ``jku``, ``x5u``, ``x5c``, ``kid``)
+  never select a key;
+* strict compact serialisation: three unpadded, canonical base64url segments, UTF-8 JSON objects
+  without duplicate members (RFC 7515 §3.1, §4, §5.2);
+* claim types checked (an ``exp`` that is a string, a bool or a float is refused);
+* an unknown ``crit`` extension is refused (RFC 7515 §4.1.11).
+
+The signature is checked before the payload is parsed. Minting uses PyJWT, and the test suite
+checks in both directions that PyJWT and this verifier agree.
+
+References:
+    https://www.rfc-editor.org/rfc/rfc8725
+    https://www.rfc-editor.org/rfc/rfc7519#section-7.2
+    https://www.rfc-editor.org/rfc/rfc7515#section-5.2
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import jwt
+
+from ._config import GateConfig
+from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
+from ._principal import CredentialKind, Principal
+
+__all__ = [
+    "MAX_CACHED_TOKEN_BYTES",
+    "MAX_INSTANCE_ID_LENGTH",
+    "IssuedToken",
+    "TokenIssuer",
+    "TokenVerifier",
+    "loads_strict_json",
+    "validate_instance_id",
+]
+
+ALGORITHM = "HS256"
+MAX_INSTANCE_ID_LENGTH = 256
+MAX_CACHED_TOKEN_BYTES = 4096
+
+# Three base64url segments without padding. An HS256 signature is 32 bytes: 43 characters.
+_COMPACT_JWS = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{43})")
+
+_MISSING_DEVICE = "The token is bound to a device; send the device header."
+
+Clock = Callable[[], float]
+
+
+class _Entry(NamedTuple):
+    """What a cache hit needs to decide again without touching the signature."""
+
+    expires_at: float  # exp + leeway: refused at or after this instant
+    valid_from: float  # max(nbf, iat) - leeway: refused before this instant
+    bound: bytes | None  # the instance_id the device header must equal
+    principal: Principal
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # RFC 7515 §4 / RFC 7519 §4: duplicate member names are refused, so no other parser can
+        # read a different instance_id or exp from the same token.
+        raise ValueError("duplicate member")
+    return obj
+
+
+loads_strict_json = json.JSONDecoder(object_pairs_hook=_unique_object).decode
+"""``json.loads`` that refuses duplicate member names."""
+
+
+def _b64url_json(segment: bytes) -> Any:
+    """Decode one canonical, unpadded base64url segment holding UTF-8 JSON."""
+    raw = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    # Non-canonical encodings (stray low bits in the last character) decode to the same bytes
+    # as the canonical one; refusing them keeps one token string per token.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment:
+        raise ValueError("non-canonical base64url")
+    return loads_strict_json(raw.decode("utf-8"))
+
+
+def _b64url(raw: bytes) -> bytes:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def validate_instance_id(value: object) -> str:
+    """Return ``value`` if it is a usable device id, else raise ``ValueError``.
+
+    A device id is 1 to 256 printable ASCII characters without leading or trailing spaces: it
+    must survive a round trip through an HTTP header, where servers strip surrounding
+    whitespace (RFC 9110 §5.5) and non-ASCII bytes have no agreed encoding.
+    """
+    if not isinstance(value, str):
+        raise ValueError("instance_id must be a string")
+    if not 1 <= len(value) <= MAX_INSTANCE_ID_LENGTH:
+        raise ValueError(f"instance_id must be 1 to {MAX_INSTANCE_ID_LENGTH} characters")
+    if not (value.isascii() and value.isprintable()) or value != value.strip():
+        raise ValueError("instance_id must be printable ASCII without surrounding spaces")
+    return value
+
+
+class TokenVerifier:
+    """Verifies device tokens against a :class:`GateConfig`, remembering the good ones.
+
+    A token that verified once is kept in a bounded LRU cache keyed by its exact string, with
+    its expiry, start of validity, bound device and ready-made :class:`Principal`. A hit still
+    checks the clock and the device header, so a cached token is refused at exactly the moment
+    the full verification would refuse it. Refused tokens are never cached: a flood of junk
+    cannot evict good entries.
+
+    Args:
+        config: the configuration holding the secrets and claim rules.
+        clock: returns the current Unix time; for tests.
+    """
+
+    def __init__(self, config: GateConfig, *, clock: Clock = time.time) -> None:
+        self._secrets = tuple(secret.encode() for secret in config.jwt_secrets)
+        self._leeway = config.leeway_seconds
+        self._issuer = config.issuer
+        self._audience = config.audience
+        self._require_binding = config.require_device_binding
+        self._clock = clock
+        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._cache_size = config.token_cache_size
+
+    def __repr__(self) -> str:
+        return f"<TokenVerifier cache={len(self._cache)}/{self._cache_size}>"
+
+    @property
+    def cache_size(self) -> int:
+        """How many verified tokens are remembered right now."""
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        """Forget every remembered token; the next request for each verifies it in full.
+
+        Call after rotating secrets or revoking tokens.
+        """
+        self._cache.clear()
+
+    def verify(self, token: bytes | str, device_id: bytes | None = None) -> Principal:
+        """Verify ``token`` for a request whose device header is ``device_id``.
+
+        Returns:
+            the device-token :class:`Principal`.
+
+        Raises:
+            InvalidToken: bad syntax, signature, algorithm or claims; expired; wrong device.
+            InvalidRequest: the token is bound to a device and ``device_id`` is ``None``.
+        """
+        if isinstance(token, str):
+            try:
+                token = token.encode("ascii")
+            except UnicodeEncodeError:
+                raise InvalidToken(InvalidReason.MALFORMED) from None
+        entry = self._cache.get(token)
+        if entry is None:
+            entry = self._verify_uncached(token)
+            if self._cache_size and len(token) <= MAX_CACHED_TOKEN_BYTES:
+                # Verified against time and claims but not yet against the device: the device
+                # check below runs on every request, cached or not.
+                self._remember(token, entry)
+        else:
+            now = self._clock()
+            if now >= entry.expires_at:
+                self._cache.pop(token, None)
+                raise InvalidToken(InvalidReason.EXPIRED)
+            if now < entry.valid_from:
+                raise InvalidToken(InvalidReason.NOT_YET_VALID)
+            self._cache.move_to_end(token)
+        bound = entry.bound
+        if bound is not None:
+            if device_id is None:
+                raise InvalidRequest(_MISSING_DEVICE)
+            if not hmac.compare_digest(bound, device_id):
+                raise InvalidToken(InvalidReason.WRONG_DEVICE)
+        return entry.principal
+
+    def _remember(self, token: bytes, entry: _Entry) -> None:
+        cache = self._cache
+        cache[token] = entry
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def _verify_uncached(self, token: bytes) -> _Entry:
+        if not self._secrets:
+            raise InvalidToken(InvalidReason.NOT_CONFIGURED)
+        match = _COMPACT_JWS.fullmatch(token)
+        if match is None:
+            raise InvalidToken(InvalidReason.MALFORMED)
+        header_segment, payload_segment, signature = match.groups()
+        try:
+            header = _b64url_json(header_segment)
+        except (ValueError, binascii.Error, RecursionError):
+            raise InvalidToken(InvalidReason.MALFORMED) from None
+        if not isinstance(header, dict):
+            raise InvalidToken(InvalidReason.MALFORMED)
+        # RFC 8725 §3.1: the algorithm is ours; the header must merely agree with it.
+        if header.get("alg") != ALGORITHM:
+            raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
+        if "crit" in header:
+            # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown.
+            raise InvalidToken(InvalidReason.BAD_HEADER)
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
+            raise InvalidToken(InvalidReason.BAD_HEADER)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken(InvalidReason.BAD_HEADER)
+
+        signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
+        valid = False
+        for secret in self._secrets:
+            expected = _b64url(hmac.digest(secret, signing_input, "sha256"))
+            valid |= hmac.compare_digest(expected, signature)
+        if not valid:
+            raise InvalidToken(InvalidReason.BAD_SIGNATURE)
+
+        try:
+            claims = _b64url_json(payload_segment)
+        except (ValueError, binascii.Error, RecursionError):
+            raise InvalidToken(InvalidReason.MALFORMED) from None
+        if not isinstance(claims, dict):
+            raise InvalidToken(InvalidReason.MALFORMED)
+        return self._check_claims(claims)
+
+    def _check_claims(self, claims: dict[str, Any]) -> _Entry:
+        now = self._clock()
+        leeway = self._leeway
+        exp = claims.get("exp")
+        # RFC 7519 §4.1.4 allows any NumericDate; we require an integer (bool is an int
+        # subclass, hence the exact type check) so that no library-specific coercion applies.
+        if type(exp) is not int:
+            raise InvalidToken(InvalidReason.BAD_CLAIMS)
+        expires_at = exp + leeway
+        if now >= expires_at:
+            raise InvalidToken(InvalidReason.EXPIRED)
+        valid_from = float("-inf")
+        for name, reason in (
+            ("nbf", InvalidReason.NOT_YET_VALID),
+            ("iat", InvalidReason.ISSUED_IN_FUTURE),
+        ):
+            if name in claims:
+                value = claims[name]
+                if type(value) is not int:
+                    raise InvalidToken(InvalidReason.BAD_CLAIMS)
+                if now < value - leeway:
+                    raise InvalidToken(reason)
+                valid_from = max(valid_from, value - leeway)
+        if self._issuer is not None:
+            iss = claims.get("iss")
+            if not isinstance(iss, str) or iss != self._issuer:
+                raise InvalidToken(InvalidReason.WRONG_ISSUER)
+        # RFC 7519 §4.1.3: a token meant for an audience we do not claim is refused.
+        if ("aud" in claims or self._audience is not None) and not _audience_matches(
+            claims.get("aud"), self._audience
+        ):
+            raise InvalidToken(InvalidReason.WRONG_AUDIENCE)
+        bound: bytes | None = None
+        if "instance_id" in claims:
+            instance_id = claims["instance_id"]
+            if not isinstance(instance_id, str) or not instance_id:
+                raise InvalidToken(InvalidReason.BAD_CLAIMS)
+            bound = instance_id.encode()
+        elif self._require_binding:
+            raise InvalidToken(InvalidReason.UNBOUND)
+        principal = Principal(
+            CredentialKind.DEVICE_TOKEN,
+            instance_id=claims.get("instance_id"),
+            claims=claims,
+        )
+        return _Entry(expires_at, valid_from, bound, principal)
+
+
+def _audience_matches(aud: object, expected: str | None) -> bool:
+    if expected is None:
+        return False
+    if isinstance(aud, str):
+        return aud == expected
+    if isinstance(aud, list) and all(isinstance(item, str) for item in aud):
+        return expected in aud
+    return False
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A freshly minted token, shaped like an OAuth 2.0 token response (RFC 6749 §5.1).
+
+    Attributes:
+        access_token: the compact JWT. Hidden from ``repr()``.
+        token_type: always ``"Bearer"``.
+        expires_in: lifetime in seconds.
+        instance_id: the device the token is bound to, or ``None`` for a generic token.
+        claims: the claims that were signed.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: int
+    instance_id: str | None
+    claims: Mapping[str, Any] = field(repr=False)
+
+    def as_response(self) -> dict[str, Any]:
+        """The JSON body ``POST /gen-jwt`` answers with."""
+        return {
+            "access_token": self.access_token,
+            "token_type": self.token_type,
+            "expires_in": self.expires_in,
+            "instance_id": self.instance_id,
+        }
+
+
+class TokenIssuer:
+    """Mints HS256 device tokens signed with the configuration's current ``jwt_secret``.
+
+    Claims: ``iat``, ``exp`` (``iat + jwt_expire_seconds``), ``jti`` (128 random bits),
+    ``instance_id`` when bound, ``iss``/``aud`` when configured. Nothing else, and nothing the
+    caller can choose except the device id.
+
+    Raises:
+        ConfigError: the configuration has no ``jwt_secret``.
+    """
+
+    def __init__(self, config: GateConfig, *, clock: Clock = time.time) -> None:
+        secret = config.jwt_secret
+        if secret is None:
+            raise ConfigError("jwt_secret", "TokenIssuer needs a jwt_secret to sign tokens")
+        self._secret = secret
+        self._lifetime = config.jwt_expire_seconds
+        self._issuer = config.issuer
+        self._audience = config.audience
+        self._require_binding = config.require_device_binding
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"<TokenIssuer lifetime={self._lifetime}s>"
+
+    @property
+    def requires_binding(self) -> bool:
+        """Whether every token must be bound to a device."""
+        return self._require_binding
+
+    def issue(self, instance_id: str | None = None) -> IssuedToken:
+        """Mint a token, bound to ``instance_id`` when given.
+
+        Raises:
+            ValueError: ``instance_id`` is not 1-256 printable ASCII characters, or it is
+                ``None`` while the configuration requires device binding.
+        """
+        if instance_id is None:
+            if self._require_binding:
+                raise ValueError("this gateway requires device binding: pass an instance_id")
+        else:
+            validate_instance_id(instance_id)
+        issued_at = int(self._clock())
+        claims: dict[str, Any] = {
+            "iat": issued_at,
+            "exp": issued_at + self._lifetime,
+            "jti": secrets.token_urlsafe(16),
+        }
+        if instance_id is not None:
+            claims["instance_id"] = instance_id
+        if self._issuer is not None:
+            claims["iss"] = self._issuer
+        if self._audience is not None:
+            claims["aud"] = self._audience
+        access_token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+        return IssuedToken(
+            access_token=access_token,
+            token_type="Bearer",  # noqa: S106 - RFC 6750 token type
+            expires_in=self._lifetime,
+            instance_id=instance_id,
+            claims=MappingProxyType(claims),
+        )
