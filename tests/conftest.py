@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from tests.helpers import Keys, RecordingApp, fresh_keys
 
-# Every async test runs on asyncio and on trio: devicegate uses anyio only.
-pytestmark = pytest.mark.anyio
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every async test runs on asyncio and on trio: devicegate uses anyio only.
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
