@@ -267,6 +267,12 @@ class GateConfig:
         # Pickling would write secrets to wherever the pickle goes; refuse it explicitly.
         raise TypeError("GateConfig holds secrets and cannot be pickled")
 
+    def __copy__(self) -> GateConfig:
+        return self  # immutable: a copy is the same value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GateConfig:
+        return self
+
     def replace(self, **changes: Any) -> GateConfig:
         """Return a copy with some fields changed (validated again)."""
         options = self._options()

@@ -170,9 +170,11 @@ class DeviceAuthMiddleware:
             await self.app(scope, receive, send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: AuthError) -> None:
-        if logger.isEnabledFor(logging.INFO):
+        # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The
+        # server's access log already records the status.
+        if logger.isEnabledFor(logging.DEBUG):
             reason = error.reason.value if isinstance(error, InvalidToken) else error.error
-            logger.info(
+            logger.debug(
                 "devicegate refused a %s request: %d %s",
                 scope["type"],
                 error.status_code,
