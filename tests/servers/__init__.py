@@ -1,0 +1,1 @@
+"""Small ASGI apps that tests run in real server processes (uvicorn subprocesses)."""
