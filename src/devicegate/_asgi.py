@@ -34,7 +34,7 @@ async def send_response(
 ) -> None:
     """Send a complete response; on a websocket, as a denial response or a 1008 close."""
     if scope["type"] == "websocket":
-        if "websocket.http.response" in scope.get("extensions", {}):
+        if "websocket.http.response" in (scope.get("extensions") or {}):
             await send(
                 {
                     "type": "websocket.http.response.start",

@@ -26,6 +26,16 @@ MAX_CREDENTIAL_BYTES = 8192
 
 _AUTHORIZATION = b"authorization"
 _BEARER = b"bearer"
+# Single bytes tested as ints: ``b"\t" in value`` first tries the needle as an int, fails, and
+# clears a TypeError, which costs several times the search itself.
+_TAB = ord("\t")
+_SPACE = ord(" ")
+
+# Module-level aliases: looking a member up on an Enum class costs a slow attribute lookup on
+# Python 3.10 and 3.11, and these run on every request.
+_API_KEY = CredentialKind.API_KEY
+_MOBILE_API_KEY = CredentialKind.MOBILE_API_KEY
+_DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
 
 # Fixed descriptions; a fresh exception is raised each time (a shared instance would carry one
 # request's traceback into the next).
@@ -74,25 +84,25 @@ def read_credential(
             raise InvalidRequest(_SEVERAL)
         if not api_key or len(api_key) > MAX_CREDENTIAL_BYTES:
             raise InvalidRequest(_BAD_API_KEY_HEADER)
-        return CredentialKind.API_KEY, api_key, device
+        return _API_KEY, api_key, device
     if authorization is None:
         raise MissingCredentials()
-    if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or b"\t" in authorization:
+    if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or _TAB in authorization:
         raise InvalidRequest(_MALFORMED)
     scheme, space, token = authorization.partition(b" ")
     if not space:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
         # scheme with nothing after it ("Bearer").
-        if authorization.lower() == _BEARER:
+        if len(authorization) == len(_BEARER) and authorization.lower() == _BEARER:
             raise InvalidRequest(_MALFORMED)
-        return CredentialKind.MOBILE_API_KEY, authorization, device
+        return _MOBILE_API_KEY, authorization, device
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
     if scheme.lower() != _BEARER:
         raise InvalidRequest(_UNKNOWN_SCHEME)
-    if not token or b" " in token:
+    if not token or _SPACE in token:
         raise InvalidRequest(_MALFORMED)
-    return CredentialKind.DEVICE_TOKEN, token, device
+    return _DEVICE_TOKEN, token, device
 
 
 def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:

@@ -9,7 +9,7 @@ from starlette.types import Receive, Scope, Send
 from ._asgi import json_body, send_error, send_response
 from ._auth import Authenticator
 from ._config import GateConfig
-from ._errors import AuthError, ConfigError, InsufficientScope
+from ._errors import AuthError, ConfigError, InsufficientScope, InvalidRequest, check_realm
 from ._principal import CredentialKind
 from ._tokens import TokenIssuer, loads_strict_json, validate_instance_id
 
@@ -18,6 +18,7 @@ __all__ = ["TokenEndpoint"]
 logger = logging.getLogger("devicegate")
 
 MAX_BODY_BYTES = 4096
+_UNREADABLE = "The request could not be read."
 
 _JSON_HEADERS = (
     (b"content-type", b"application/json"),
@@ -70,6 +71,7 @@ class TokenEndpoint:
     def __init__(self, config: GateConfig, *, realm: str = "devicegate") -> None:
         if not config.api_keys:
             raise ConfigError("api_keys", "the token endpoint needs a server API key")
+        check_realm(realm)
         self.issuer = TokenIssuer(config)
         self._authenticator = Authenticator(config)
         self._realm = realm
@@ -87,6 +89,12 @@ class TokenEndpoint:
                 raise InsufficientScope()
         except AuthError as error:
             await send_error(scope, send, error, self._realm)
+            return
+        except Exception as exc:  # fail closed, as the middleware does
+            logger.error(
+                "devicegate token endpoint could not read a request (%s)", type(exc).__name__
+            )
+            await send_error(scope, send, InvalidRequest(_UNREADABLE), self._realm)
             return
         await self.mint(scope, receive, send)
 

@@ -32,6 +32,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "MissingCredentials",
+    "check_realm",
     "error_response_parts",
 ]
 
@@ -135,6 +136,19 @@ class InsufficientScope(AuthError):
     status_code = 403
     error = "insufficient_scope"
     description = "This credential is not accepted for this resource."
+
+
+def check_realm(realm: object) -> None:
+    """Raise :class:`ConfigError` unless ``realm`` can stand inside a quoted challenge."""
+    if not (
+        isinstance(realm, str)
+        and realm
+        and realm.isascii()
+        and realm.isprintable()
+        and '"' not in realm
+        and "\\" not in realm
+    ):
+        raise ConfigError("realm", "must be printable ASCII without quotes or backslashes")
 
 
 def error_response_parts(

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_error
 from ._auth import Authenticator
@@ -19,6 +19,7 @@ from ._errors import (
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
+    check_realm,
 )
 from ._principal import CredentialKind, Principal
 from ._rules import Rule, has_unsafe_segments, route_path
@@ -31,7 +32,9 @@ ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
 """``on_error(scope, error)`` returns the ASGI app that sends the error response."""
 
 _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
-_UNSAFE_PATH = "The request path has '.', '..' or empty segments."
+# The Starlette auth scopes of each kind, built once (reading ``kind.value`` per request is slow).
+_AUTH_SCOPES = {kind: (kind.value,) for kind in CredentialKind}
+_UNSAFE_PATH = "The request path has '.', '..' or empty segments, or a backslash."
 _UNREADABLE = "The request could not be read."
 
 
@@ -97,8 +100,7 @@ class DeviceAuthMiddleware:
             not isinstance(token_path, str) or has_unsafe_segments(token_path)
         ):
             raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
-        if not _is_realm(realm):
-            raise ConfigError("realm", "must be printable ASCII without quotes or backslashes")
+        check_realm(realm)
         self._endpoint: TokenEndpoint | None = None
         self.token_path = token_path
         if token_path is not None and config.api_keys and config.jwt_secrets:
@@ -130,9 +132,11 @@ class DeviceAuthMiddleware:
         public = False
         principal: Principal | None
         try:
-            path = route_path(scope)
-            if has_unsafe_segments(scope["path"]):
+            path = scope["path"]
+            if has_unsafe_segments(path):
                 raise InvalidRequest(_UNSAFE_PATH)
+            if scope.get("root_path"):  # without a mount point the route path is the path
+                path = route_path(scope)
             if path == self.token_path and self._endpoint is not None:
                 accepted = _TOKEN_PATH_KINDS
                 endpoint = self._endpoint
@@ -163,7 +167,9 @@ class DeviceAuthMiddleware:
             scope["auth"] = AuthCredentials()
         else:
             scope["user"] = principal
-            scope["auth"] = AuthCredentials((principal.kind.value,))
+            # A fresh AuthCredentials per request: its ``scopes`` list is mutable, and a
+            # shared one would let one request's app change what the next request is allowed.
+            scope["auth"] = AuthCredentials(_AUTH_SCOPES[principal.kind])
         if endpoint is not None:
             await endpoint.mint(scope, receive, send)
         else:
@@ -186,17 +192,21 @@ class DeviceAuthMiddleware:
             except Exception as exc:
                 logger.error("devicegate on_error handler raised %s", type(exc).__name__)
             else:
-                await responder(scope, receive, send)
-                return
+                started = False
+
+                async def send_tracked(message: Message) -> None:
+                    nonlocal started
+                    started = True
+                    await send(message)
+
+                try:
+                    await responder(scope, receive, send_tracked)
+                except Exception as exc:
+                    # Before anything was sent we can still answer properly; after, the
+                    # server must see the failure.
+                    if started:
+                        raise
+                    logger.error("devicegate on_error response raised %s", type(exc).__name__)
+                else:
+                    return
         await send_error(scope, send, error, self._realm)
-
-
-def _is_realm(realm: object) -> bool:
-    return (
-        isinstance(realm, str)
-        and bool(realm)
-        and realm.isascii()
-        and realm.isprintable()
-        and '"' not in realm
-        and "\\" not in realm
-    )

@@ -15,23 +15,25 @@ class Rule:
     """Which credential kinds a path accepts.
 
     Args:
-        path: an exact route path (``"/health"``) or a prefix ending in ``/*``
-            (``"/mobile/*"`` matches ``/mobile/`` and everything below it, not ``/mobile``).
+        path: an exact route path (``"/health"``, which also matches ``"/health/"``) or a
+            prefix ending in ``/*`` (``"/mobile/*"`` matches ``/mobile``, ``/mobile/`` and
+            everything below it, but not ``/mobilex``).
         accept: the credential kinds admitted (default: all of them).
         public: admit requests without any credential. Nothing is checked on a public path.
 
     Raises:
-        ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments, a ``*``
-            anywhere but a final ``/*``, or ``accept`` is empty.
+        ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments or a
+            backslash, a ``*`` anywhere but a final ``/*``, or ``accept`` is empty.
     """
 
-    __slots__ = ("_exact", "_prefix", "accept", "path", "public")
+    __slots__ = ("_exact", "_prefix", "_root", "accept", "path", "public")
 
     path: str
     accept: frozenset[CredentialKind]
     public: bool
-    _exact: str | None
+    _exact: frozenset[str]
     _prefix: str | None
+    _root: str | None
 
     def __init__(
         self,
@@ -47,7 +49,9 @@ class Rule:
         if "*" in body:
             raise ConfigError("Rule.path", "'*' is allowed only as a final '/*' segment")
         if has_unsafe_segments(body):
-            raise ConfigError("Rule.path", f"{path!r} has '.', '..' or empty segments")
+            raise ConfigError(
+                "Rule.path", f"{path!r} has '.', '..' or empty segments, or a backslash"
+            )
         try:
             kinds = frozenset(CredentialKind(kind) for kind in accept)
         except ValueError:
@@ -62,8 +66,13 @@ class Rule:
         set_(self, "path", path)
         set_(self, "accept", kinds)
         set_(self, "public", bool(public))
-        set_(self, "_exact", None if prefix is not None else path)
+        # A trailing slash does not make another resource: most routers serve or redirect
+        # "/admin/" to "/admin" (Litestar serves both), so a rule covers both spellings. A
+        # looser reading would let a credential the rule refuses in through the other one.
+        stem = body.rstrip("/") or "/"
+        set_(self, "_exact", frozenset() if prefix is not None else frozenset({stem, stem + "/"}))
         set_(self, "_prefix", prefix)
+        set_(self, "_root", stem if prefix is not None else None)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Rule is immutable")
@@ -85,8 +94,8 @@ class Rule:
     def matches(self, path: str) -> bool:
         """Whether this rule applies to the route path ``path``."""
         if self._prefix is not None:
-            return path.startswith(self._prefix)
-        return path == self._exact
+            return path.startswith(self._prefix) or path == self._root
+        return path in self._exact
 
 
 def route_path(scope: Mapping[str, Any]) -> str:
@@ -107,17 +116,19 @@ def route_path(scope: Mapping[str, Any]) -> str:
 
 
 def has_unsafe_segments(path: str) -> bool:
-    """Whether ``path`` has ``.``, ``..`` or empty segments (a final ``/`` is fine).
+    """Whether ``path`` has ``.``, ``..`` or empty segments (a final ``/`` is fine), or a
+    backslash.
 
     Such a path may be rewritten further on (RFC 3986 §5.2.4 dot removal, nginx's
-    ``merge_slashes``) into one that no rule here saw. The backslash counts as a separator
-    too: some servers and frameworks treat it as one.
+    ``merge_slashes``) into one that no rule here saw. Some servers and frameworks treat a
+    backslash as a separator, so ``/admin\\x`` may reach ``/admin/x`` although no
+    ``/admin/*`` rule matched it here: a backslash is refused wherever it stands.
     """
-    if not path.startswith("/"):
+    if not path.startswith("/") or "\\" in path:
         return True
-    if "//" not in path and "/." not in path and "\\" not in path:
+    if "//" not in path and "/." not in path:
         return False  # the common case, decided without splitting
-    segments = path.replace("\\", "/")[1:].split("/")
+    segments = path[1:].split("/")
     if segments and segments[-1] == "":
         segments.pop()
     return any(segment in ("", ".", "..") for segment in segments)

@@ -169,21 +169,25 @@ class TokenVerifier:
                 token = token.encode("ascii")
             except UnicodeEncodeError:
                 raise InvalidToken(InvalidReason.MALFORMED) from None
-        entry = self._cache.get(token)
+        cache = self._cache
+        entry = cache.get(token)
+        if entry is not None:
+            if entry.valid_from <= self._clock() < entry.expires_at:
+                try:
+                    cache.move_to_end(token)  # most recently used
+                except KeyError:  # evicted meanwhile by another thread; still verified
+                    pass
+            else:
+                # Expired, or the clock went back: forget it and decide afresh, so that the
+                # refusal is exactly the one (and has the reason) of the full verification.
+                cache.pop(token, None)
+                entry = None
         if entry is None:
             entry = self._verify_uncached(token)
             if self._cache_size and len(token) <= MAX_CACHED_TOKEN_BYTES:
                 # Verified against time and claims but not yet against the device: the device
                 # check below runs on every request, cached or not.
                 self._remember(token, entry)
-        else:
-            now = self._clock()
-            if now >= entry.expires_at:
-                self._cache.pop(token, None)
-                raise InvalidToken(InvalidReason.EXPIRED)
-            if now < entry.valid_from:
-                raise InvalidToken(InvalidReason.NOT_YET_VALID)
-            self._cache.move_to_end(token)
         bound = entry.bound
         if bound is not None:
             if device_id is None:
@@ -217,11 +221,13 @@ class TokenVerifier:
         if "crit" in header:
             # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown.
             raise InvalidToken(InvalidReason.BAD_HEADER)
-        typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
-            raise InvalidToken(InvalidReason.BAD_HEADER)
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
+        # RFC 7515 §4.1.4, §4.1.9: typ and kid, when present, are strings; a null is refused too
+        # (PyJWT refuses a null kid, and a token accepted here must verify there).
+        if "typ" in header:
+            typ = header["typ"]
+            if not isinstance(typ, str) or typ.upper() != "JWT":
+                raise InvalidToken(InvalidReason.BAD_HEADER)
+        if "kid" in header and not isinstance(header["kid"], str):
             raise InvalidToken(InvalidReason.BAD_HEADER)
 
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
@@ -272,6 +278,11 @@ class TokenVerifier:
             claims.get("aud"), self._audience
         ):
             raise InvalidToken(InvalidReason.WRONG_AUDIENCE)
+        # RFC 7519 §4.1.1, §4.1.2, §4.1.7: iss, sub and jti are strings. PyJWT refuses other
+        # types for sub and jti, and a jti is what a revocation list will be keyed on.
+        for name in ("iss", "sub", "jti"):
+            if name in claims and not isinstance(claims[name], str):
+                raise InvalidToken(InvalidReason.BAD_CLAIMS)
         bound: bytes | None = None
         if "instance_id" in claims:
             instance_id = claims["instance_id"]

@@ -1,0 +1,705 @@
+"""TokenEndpoint, mounted alone and served by DeviceAuthMiddleware at its token path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Scope
+
+from devicegate import (
+    ConfigError,
+    CredentialKind,
+    DeviceAuthMiddleware,
+    GateConfig,
+    InvalidReason,
+    InvalidToken,
+    TokenEndpoint,
+    TokenVerifier,
+)
+from tests.helpers import Keys, RecordingApp, client, make_token
+
+pytestmark = pytest.mark.anyio
+
+DEVICE = "device-1"
+PATH = "/gen-jwt"
+MAX_BODY = 4096
+
+NOT_OBJECT = {
+    "error": "invalid_request",
+    "error_description": "The body must be empty or a JSON object.",
+}
+BAD_INSTANCE_ID = {
+    "error": "invalid_request",
+    "error_description": "instance_id must be a string of 1 to 256 printable ASCII characters.",
+}
+BINDING_REQUIRED = {
+    "error": "invalid_request",
+    "error_description": "This server only mints device-bound tokens.",
+}
+TOO_LARGE = {
+    "error": "invalid_request",
+    "error_description": "The request body is larger than 4096 bytes.",
+}
+USE_POST = {"error": "invalid_request", "error_description": "Use POST."}
+
+
+@pytest.fixture(params=["standalone", "middleware"])
+def mount(request: pytest.FixtureRequest) -> str:
+    """Where the endpoint runs: mounted alone, or at the middleware's token path."""
+    return str(request.param)
+
+
+def build(mount: str, config: GateConfig, app: RecordingApp) -> ASGIApp:
+    if mount == "standalone":
+        return TokenEndpoint(config)
+    return DeviceAuthMiddleware(app, config=config)
+
+
+async def mint(
+    endpoint: ASGIApp,
+    api_key: str,
+    *,
+    content: bytes | None = None,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    all_headers = {"x-api-key": api_key, **(headers or {})}
+    async with client(endpoint) as http:
+        if content is not None:
+            return await http.post(PATH, headers=all_headers, content=content)
+        if body is not None:
+            return await http.post(PATH, headers=all_headers, json=body)
+        return await http.post(PATH, headers=all_headers)
+
+
+def assert_token_response(response: httpx.Response, instance_id: str | None) -> str:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    # RFC 6749 §5.1: token responses must not be cached.
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["pragma"] == "no-cache"
+    assert response.headers["content-length"] == str(len(response.content))
+    body = response.json()
+    assert set(body) == {"access_token", "token_type", "expires_in", "instance_id"}
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 300
+    assert body["instance_id"] == instance_id
+    token: str = body["access_token"]
+    return token
+
+
+def assert_refused(response: httpx.Response, status: int, body: dict[str, str]) -> None:
+    assert response.status_code == status
+    assert response.json() == body
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    assert "access_token" not in response.text
+
+
+# -- Minting ----------------------------------------------------------------------------------
+
+
+async def test_bound_token(keys: Keys, app: RecordingApp, mount: str) -> None:
+    config = keys.config()
+    response = await mint(build(mount, config, app), keys.api_key, body={"instance_id": DEVICE})
+    token = assert_token_response(response, DEVICE)
+    assert not app.ran
+
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "HS256", "typ": "JWT"}
+    claims = jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])
+    assert set(claims) == {"iat", "exp", "jti", "instance_id"}
+    assert claims["instance_id"] == DEVICE
+    assert claims["exp"] - claims["iat"] == 300
+    assert isinstance(claims["jti"], str)
+    assert len(claims["jti"]) >= 22  # 128 random bits, base64url
+
+    verifier = TokenVerifier(config)
+    principal = verifier.verify(token, DEVICE.encode())
+    assert principal.kind is CredentialKind.DEVICE_TOKEN
+    assert principal.instance_id == DEVICE
+    with pytest.raises(InvalidToken) as info:
+        verifier.verify(token, b"device-2")
+    assert info.value.reason is InvalidReason.WRONG_DEVICE
+
+
+async def test_minted_token_opens_the_app_on_its_device_only(keys: Keys, app: RecordingApp) -> None:
+    gate = DeviceAuthMiddleware(app, config=keys.config())
+    async with client(gate) as http:
+        minted = await http.post(
+            PATH, headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
+        )
+        token = assert_token_response(minted, DEVICE)
+        bearer = {"authorization": f"Bearer {token}"}
+        own = await http.get("/", headers={**bearer, "x-instance-id": DEVICE})
+        other = await http.get("/", headers={**bearer, "x-instance-id": "device-2"})
+    assert own.json()["instance_id"] == DEVICE
+    assert other.status_code == 401
+    assert len(app.calls) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"{}", b" {} ", b"{}\n", b'{"other": 1}'])
+async def test_generic_token(keys: Keys, app: RecordingApp, mount: str, content: bytes) -> None:
+    config = keys.config()
+    response = await mint(build(mount, config, app), keys.api_key, content=content)
+    token = assert_token_response(response, None)
+    claims = jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])
+    assert set(claims) == {"iat", "exp", "jti"}
+    # A generic token is valid on any device, or with no device header at all.
+    verifier = TokenVerifier(config)
+    assert verifier.verify(token).instance_id is None
+    assert verifier.verify(token, b"any-device").instance_id is None
+
+
+async def test_no_body_at_all_mints_a_generic_token(keys: Keys) -> None:
+    response = await mint(TokenEndpoint(keys.config()), keys.api_key)
+    assert_token_response(response, None)
+
+
+async def test_lifetime_issuer_and_audience_come_from_the_configuration(keys: Keys) -> None:
+    config = keys.config(jwt_expire_seconds=120, issuer="https://gate", audience="api")
+    response = await mint(TokenEndpoint(config), keys.api_key, body={"instance_id": DEVICE})
+    assert response.status_code == 200
+    assert response.json()["expires_in"] == 120
+    claims = jwt.decode(
+        response.json()["access_token"],
+        keys.jwt_secret,
+        algorithms=["HS256"],
+        audience="api",
+        issuer="https://gate",
+    )
+    assert claims["exp"] - claims["iat"] == 120
+    assert claims["iss"] == "https://gate"
+    assert claims["aud"] == "api"
+
+
+async def test_every_token_has_its_own_jti(keys: Keys) -> None:
+    endpoint = TokenEndpoint(keys.config())
+    tokens = [
+        (await mint(endpoint, keys.api_key, body={"instance_id": DEVICE})).json()["access_token"]
+        for _ in range(5)
+    ]
+    jtis = {jwt.decode(t, keys.jwt_secret, algorithms=["HS256"])["jti"] for t in tokens}
+    assert len(jtis) == 5
+
+
+@pytest.mark.parametrize("instance_id", ["a", "A" * 256, "a b", "~!@#$%^&*()_+{}|:<>?", "0"])
+async def test_instance_id_edge_values_are_accepted(keys: Keys, instance_id: str) -> None:
+    response = await mint(
+        TokenEndpoint(keys.config()), keys.api_key, body={"instance_id": instance_id}
+    )
+    token = assert_token_response(response, instance_id)
+    assert jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])["instance_id"] == instance_id
+
+
+async def test_require_device_binding(keys: Keys, app: RecordingApp, mount: str) -> None:
+    endpoint = build(mount, keys.config(require_device_binding=True), app)
+    for content in (b"", b"{}", b'{"other": "x"}'):
+        response = await mint(endpoint, keys.api_key, content=content)
+        assert_refused(response, 400, BINDING_REQUIRED)
+    bound = await mint(endpoint, keys.api_key, body={"instance_id": DEVICE})
+    assert_token_response(bound, DEVICE)
+    assert not app.ran
+
+
+# -- Methods ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"])
+async def test_other_methods_are_405(
+    keys: Keys, app: RecordingApp, mount: str, method: str
+) -> None:
+    async with client(build(mount, keys.config(), app)) as http:
+        response = await http.request(
+            method, PATH, headers={"x-api-key": keys.api_key}, content=b'{"instance_id":"d"}'
+        )
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json() == USE_POST
+    assert response.headers["cache-control"] == "no-store"
+    assert not app.ran
+
+
+async def test_head_is_405(keys: Keys, app: RecordingApp, mount: str) -> None:
+    async with client(build(mount, keys.config(), app)) as http:
+        response = await http.head(PATH, headers={"x-api-key": keys.api_key})
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert not app.ran
+
+
+async def test_other_methods_without_the_api_key_are_refused_first(
+    keys: Keys, app: RecordingApp, mount: str
+) -> None:
+    async with client(build(mount, keys.config(), app)) as http:
+        response = await http.get(PATH, headers={"authorization": keys.mobile_api_key})
+    assert response.status_code == 403
+    assert "allow" not in response.headers
+
+
+# -- Bad bodies -------------------------------------------------------------------------------
+
+NOT_AN_OBJECT = [
+    pytest.param(b"not json", id="not-json"),
+    pytest.param(b"[]", id="array"),
+    pytest.param(b'[{"instance_id": "d"}]', id="array-of-object"),
+    pytest.param(b'"device-1"', id="string"),
+    pytest.param(b"42", id="number"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"true", id="true"),
+    pytest.param(b"NaN", id="nan"),
+    pytest.param(b"{", id="truncated"),
+    pytest.param(b'{"instance_id": "d"} x', id="trailing-garbage"),
+    pytest.param(b'{"instance_id": "d"}{}', id="two-objects"),
+    pytest.param(b"{'instance_id': 'd'}", id="single-quotes"),
+    pytest.param(b'{"instance_id": "d",}', id="trailing-comma"),
+    pytest.param(b"\xef\xbb\xbf{}", id="utf8-bom"),
+    pytest.param(b'{"instance_id": "\xff"}', id="not-utf8"),
+    pytest.param('{"instance_id": "d"}'.encode("utf-16"), id="utf16"),
+    pytest.param(b"\x00", id="nul"),
+    pytest.param(b"[" * 4000, id="deeply-nested-array"),
+    pytest.param(b'{"a":' + b"[" * 4000, id="object-holding-deep-nesting"),
+    # RFC 7159 leaves duplicate names to the parser: refused, so that no other reader of the
+    # same body can pick a different instance_id.
+    pytest.param(b'{"instance_id": "a", "instance_id": "b"}', id="duplicate-instance-id"),
+    pytest.param(b'{"instance_id": "a", "x": 1, "x": 2}', id="duplicate-other-member"),
+]
+
+
+@pytest.mark.parametrize("content", NOT_AN_OBJECT)
+async def test_body_that_is_not_a_json_object_is_400(
+    keys: Keys, app: RecordingApp, mount: str, content: bytes
+) -> None:
+    response = await mint(build(mount, keys.config(), app), keys.api_key, content=content)
+    assert_refused(response, 400, NOT_OBJECT)
+    assert not app.ran
+
+
+BAD_INSTANCE_IDS = [
+    pytest.param(None, id="null"),
+    pytest.param(1, id="int"),
+    pytest.param(1.5, id="float"),
+    pytest.param(True, id="bool"),
+    pytest.param([], id="empty-list"),
+    pytest.param(["device-1"], id="list"),
+    pytest.param({"id": "device-1"}, id="object"),
+    pytest.param("", id="empty"),
+    pytest.param("A" * 257, id="too-long"),
+    pytest.param("dev\x00ice", id="nul"),
+    pytest.param("dev\nice", id="newline"),
+    pytest.param("dev\r\nx-injected: 1", id="crlf"),
+    pytest.param("dev\tice", id="tab"),
+    pytest.param("dev\x7fice", id="del"),
+    pytest.param("d\u00e9vice", id="non-ascii"),
+    pytest.param("\u200bdevice", id="zero-width-space"),
+    pytest.param("\uff44evice", id="fullwidth"),
+    pytest.param(" device", id="leading-space"),
+    pytest.param("device ", id="trailing-space"),
+    pytest.param(" ", id="only-space"),
+]
+
+
+@pytest.mark.parametrize("instance_id", BAD_INSTANCE_IDS)
+async def test_bad_instance_id_is_400(
+    keys: Keys, app: RecordingApp, mount: str, instance_id: object
+) -> None:
+    response = await mint(
+        build(mount, keys.config(), app), keys.api_key, body={"instance_id": instance_id}
+    )
+    assert_refused(response, 400, BAD_INSTANCE_ID)
+    assert not app.ran
+
+
+# -- Body size --------------------------------------------------------------------------------
+
+
+def padded(size: int) -> bytes:
+    body = json.dumps({"instance_id": DEVICE}).encode()
+    return body + b" " * (size - len(body))
+
+
+async def test_body_of_exactly_4_kib_is_accepted(keys: Keys) -> None:
+    response = await mint(TokenEndpoint(keys.config()), keys.api_key, content=padded(MAX_BODY))
+    assert_token_response(response, DEVICE)
+
+
+async def test_body_over_4_kib_by_content_length_is_413(
+    keys: Keys, app: RecordingApp, mount: str
+) -> None:
+    content = padded(MAX_BODY + 1)
+    response = await mint(build(mount, keys.config(), app), keys.api_key, content=content)
+    assert_refused(response, 413, TOO_LARGE)
+    assert not app.ran
+
+
+class ChunkedBody(httpx.AsyncByteStream):
+    """A request body sent in chunks without Content-Length.
+
+    A plain iterator rather than an async generator: the endpoint stops reading at the limit,
+    and an unfinished async generator would be finalised later with a ResourceWarning.
+    """
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self._chunks = list(chunks)
+
+    def __aiter__(self) -> ChunkedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._chunks:
+            raise StopAsyncIteration
+        return self._chunks.pop(0)
+
+
+def chunked_request(api_key: str, chunks: Sequence[bytes]) -> httpx.Request:
+    return httpx.Request(
+        "POST",
+        f"http://testserver{PATH}",
+        headers={"x-api-key": api_key, "transfer-encoding": "chunked"},
+        stream=ChunkedBody(chunks),
+    )
+
+
+async def test_body_over_4_kib_in_streamed_chunks_is_413(
+    keys: Keys, app: RecordingApp, mount: str
+) -> None:
+    chunks = [b'{"instance_id": "device-1", "pad": "', *[b"x" * 1024] * 5, b'"}']
+    async with client(build(mount, keys.config(), app)) as http:
+        response = await http.send(chunked_request(keys.api_key, chunks))
+    assert "content-length" not in response.request.headers
+    assert_refused(response, 413, TOO_LARGE)
+    assert not app.ran
+
+
+async def test_small_body_in_streamed_chunks_is_accepted(keys: Keys) -> None:
+    chunks = [b'{"instance', b'_id": "dev', b"ice-1", b'"}']
+    async with client(TokenEndpoint(keys.config())) as http:
+        response = await http.send(chunked_request(keys.api_key, chunks))
+    assert_token_response(response, DEVICE)
+
+
+def http_scope(headers: Sequence[tuple[bytes, bytes]], *, method: str = "POST") -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": list(headers),
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+async def call_raw(asgi: ASGIApp, scope: Scope, messages: Sequence[Message]) -> list[Message]:
+    inbox = list(messages)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await asgi(scope, receive, send)
+    return sent
+
+
+def as_chunks(body: bytes, size: int) -> list[Message]:
+    parts = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+    return [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+
+
+@pytest.mark.parametrize("declared", [b"10", b"0", b"-1", b"abc", b""])
+async def test_body_larger_than_its_content_length_is_413(
+    keys: Keys, app: RecordingApp, mount: str, declared: bytes
+) -> None:
+    # A server that does not enforce Content-Length: the endpoint counts what it receives.
+    scope = http_scope([(b"x-api-key", keys.api_key.encode()), (b"content-length", declared)])
+    sent = await call_raw(build(mount, keys.config(), app), scope, as_chunks(padded(5000), 700))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"]) == TOO_LARGE
+    assert not app.ran
+
+
+async def test_unparsable_content_length_with_a_small_body_is_fine(keys: Keys) -> None:
+    scope = http_scope([(b"x-api-key", keys.api_key.encode()), (b"content-length", b"abc")])
+    body = json.dumps({"instance_id": DEVICE}).encode()
+    sent = await call_raw(TokenEndpoint(keys.config()), scope, as_chunks(body, 5))
+    assert sent[0]["status"] == 200
+    assert json.loads(sent[1]["body"])["instance_id"] == DEVICE
+
+
+@pytest.mark.parametrize(
+    "received",
+    [
+        pytest.param([{"type": "http.disconnect"}], id="before-any-body"),
+        pytest.param(
+            [
+                {"type": "http.request", "body": b'{"instance', "more_body": True},
+                {"type": "http.disconnect"},
+            ],
+            id="mid-body",
+        ),
+        pytest.param(
+            [
+                {"type": "http.request", "body": b"", "more_body": True},
+                {"type": "http.request", "body": b"{", "more_body": True},
+                {"type": "http.disconnect"},
+            ],
+            id="after-empty-chunk",
+        ),
+    ],
+)
+async def test_client_disconnect_sends_nothing(
+    keys: Keys, app: RecordingApp, mount: str, received: list[Message]
+) -> None:
+    scope = http_scope([(b"x-api-key", keys.api_key.encode())])
+    sent = await call_raw(build(mount, keys.config(), app), scope, received)
+    assert sent == []
+    assert not app.ran
+
+
+# -- Claims the client tries to choose --------------------------------------------------------
+
+
+async def test_client_cannot_choose_claims_or_header(keys: Keys) -> None:
+    attempt = {
+        "instance_id": DEVICE,
+        "exp": 9_999_999_999,
+        "iat": 0,
+        "nbf": 0,
+        "alg": "none",
+        "typ": "none",
+        "kid": "../../dev/null",
+        "jku": "https://evil.example/jwks.json",
+        "iss": "evil",
+        "aud": "evil",
+        "sub": "admin",
+        "jti": "chosen",
+        "scope": "admin",
+        "expires_in": 999_999,
+        "token_type": "mac",
+        "claims": {"admin": True},
+        "header": {"alg": "none"},
+    }
+    response = await mint(TokenEndpoint(keys.config()), keys.api_key, body=attempt)
+    token = assert_token_response(response, DEVICE)
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+    claims = jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])
+    assert set(claims) == {"iat", "exp", "jti", "instance_id"}
+    assert claims["exp"] - claims["iat"] == 300
+    assert claims["exp"] != attempt["exp"]
+    assert claims["iat"] != 0
+    assert claims["jti"] != "chosen"
+
+
+# -- Credentials ------------------------------------------------------------------------------
+
+
+def challenge(error: str | None, description: str) -> str:
+    if error is None:
+        return 'Bearer realm="devicegate"'
+    return f'Bearer realm="devicegate", error="{error}", error_description="{description}"'
+
+
+REFUSED_CREDENTIALS = [
+    # headers (templates), status, RFC 6750 error, description
+    pytest.param([], 401, None, "Authentication is required.", id="nothing"),
+    pytest.param(
+        [("authorization", "{mobile_api_key}")],
+        403,
+        "insufficient_scope",
+        "This credential is not accepted for this resource.",
+        id="mobile-key",
+    ),
+    pytest.param(
+        [("authorization", "Bearer {token}")],
+        403,
+        "insufficient_scope",
+        "This credential is not accepted for this resource.",
+        id="generic-device-token",
+    ),
+    pytest.param(
+        [("authorization", "Bearer {bound}"), ("x-instance-id", DEVICE)],
+        403,
+        "insufficient_scope",
+        "This credential is not accepted for this resource.",
+        id="bound-device-token",
+    ),
+    pytest.param(
+        [("x-api-key", "{mobile_api_key}")],
+        401,
+        "invalid_token",
+        "The credential is invalid, expired or not valid for this device.",
+        id="mobile-key-as-api-key",
+    ),
+    pytest.param(
+        [("authorization", "{api_key}")],
+        401,
+        "invalid_token",
+        "The credential is invalid, expired or not valid for this device.",
+        id="api-key-in-authorization",
+    ),
+    pytest.param(
+        [("x-api-key", "{api_key}x")],
+        401,
+        "invalid_token",
+        "The credential is invalid, expired or not valid for this device.",
+        id="api-key-near-miss",
+    ),
+    pytest.param(
+        [("x-api-key", "{api_key}"), ("authorization", "Bearer {token}")],
+        400,
+        "invalid_request",
+        "The request carries more than one credential.",
+        id="api-key-and-token",
+    ),
+    pytest.param(
+        [("x-api-key", "{api_key}"), ("x-api-key", "{api_key}")],
+        400,
+        "invalid_request",
+        "The request carries a credential header more than once.",
+        id="api-key-twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "status", "error", "description"), REFUSED_CREDENTIALS)
+async def test_only_the_server_api_key_can_mint(
+    keys: Keys,
+    app: RecordingApp,
+    mount: str,
+    headers: list[tuple[str, str]],
+    status: int,
+    error: str | None,
+    description: str,
+) -> None:
+    values = {
+        "api_key": keys.api_key,
+        "mobile_api_key": keys.mobile_api_key,
+        "token": make_token(keys.jwt_secret),
+        "bound": make_token(keys.jwt_secret, instance_id=DEVICE),
+    }
+    raw = [(name.encode(), value.format(**values).encode()) for name, value in headers]
+    async with client(build(mount, keys.config(), app)) as http:
+        response = await http.post(PATH, headers=raw, json={"instance_id": DEVICE})
+    assert_refused(
+        response, status, {"error": error or "unauthorized", "error_description": description}
+    )
+    assert response.headers["www-authenticate"] == challenge(error, description)
+    assert not app.ran
+
+
+def test_endpoint_needs_an_api_key_and_a_jwt_secret() -> None:
+    with pytest.raises(ConfigError) as no_key:
+        TokenEndpoint(GateConfig(jwt_secret=secrets.token_urlsafe(32)))
+    assert no_key.value.field == "api_keys"
+    with pytest.raises(ConfigError) as no_secret:
+        TokenEndpoint(GateConfig(api_keys=secrets.token_urlsafe(32)))
+    assert no_secret.value.field == "jwt_secret"
+
+
+@pytest.mark.parametrize("realm", ["", 'say "hi"', "back\\slash", "caf\u00e9", "tab\there"])
+def test_endpoint_refuses_a_realm_that_cannot_be_quoted(keys: Keys, realm: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TokenEndpoint(keys.config(), realm=realm)
+    assert info.value.field == "realm"
+
+
+async def test_standalone_endpoint_fails_closed_on_a_malformed_scope(keys: Keys) -> None:
+    scope = http_scope([(b"x-api-key", keys.api_key.encode())])
+    del scope["headers"]
+    sent = await call_raw(TokenEndpoint(keys.config()), scope, [{"type": "http.request"}])
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {
+        "error": "invalid_request",
+        "error_description": "The request could not be read.",
+    }
+
+
+def test_repr_hides_secrets(keys: Keys) -> None:
+    text = repr(TokenEndpoint(keys.config()))
+    for secret in (keys.api_key, keys.mobile_api_key, keys.jwt_secret):
+        assert secret not in text
+
+
+async def test_logs_never_contain_the_token(keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        response = await mint(
+            TokenEndpoint(keys.config()), keys.api_key, body={"instance_id": DEVICE}
+        )
+    token = response.json()["access_token"]
+    records = [record for record in caplog.records if record.name.startswith("devicegate")]
+    assert [record.getMessage() for record in records] == ["devicegate minted a bound token"]
+    for record in records:
+        text = record.getMessage() + repr(record.args)
+        for secret in (token, keys.api_key, keys.jwt_secret, DEVICE):
+            assert secret not in text
+
+
+# -- Mounted alone ----------------------------------------------------------------------------
+
+
+async def test_lifespan_is_handled_when_mounted_alone(keys: Keys) -> None:
+    sent = await call_raw(
+        TokenEndpoint(keys.config()),
+        {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
+        [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}],
+    )
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+
+async def test_mounted_as_a_starlette_route(keys: Keys) -> None:
+    routes = Starlette(routes=[Route(PATH, TokenEndpoint(keys.config()))])
+    async with client(routes) as http:
+        minted = await http.post(
+            PATH, headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
+        )
+        refused = await http.post(PATH, headers={"authorization": keys.mobile_api_key})
+    assert_token_response(minted, DEVICE)
+    assert refused.status_code == 403
+
+
+@pytest.mark.parametrize("extensions", [{"websocket.http.response": {}}, {}])
+async def test_websocket_handshake_is_refused(
+    keys: Keys, app: RecordingApp, mount: str, extensions: dict[str, Any]
+) -> None:
+    scope: Scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"x-api-key", keys.api_key.encode())],
+        "subprotocols": [],
+        "extensions": extensions,
+    }
+    sent = await call_raw(build(mount, keys.config(), app), scope, [{"type": "websocket.connect"}])
+    if extensions:
+        assert [message["type"] for message in sent] == [
+            "websocket.http.response.start",
+            "websocket.http.response.body",
+        ]
+        assert sent[0]["status"] == 405
+    else:
+        assert sent == [{"type": "websocket.close", "code": 1008}]
+    assert not app.ran
