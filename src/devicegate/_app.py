@@ -1,0 +1,307 @@
+"""Assembling the ASGI app ``devicegate serve`` runs: the gate, the token endpoint, the demo or a
+reverse proxy, and optionally a forward-auth endpoint.
+
+``build_app`` takes ready values; :class:`ServeSettings` carries what the command line resolved
+and round-trips through ``DEVICEGATE_*`` environment variables, so that every uvicorn worker
+process (which imports :func:`app_from_env` by name) builds the same app as the parent. Secrets
+never travel that way: only the path of the secrets file and the *name* of the variable that
+holds the forward-auth secret do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._config import GateConfig
+from ._demo import HEALTH_PATH, demo_app, health_app
+from ._errors import ConfigError
+from ._middleware import DeviceAuthMiddleware
+from ._rules import Rule, has_unsafe_segments, route_path
+
+__all__ = [
+    "DEFAULT_FORWARD_AUTH_PATH",
+    "DEFAULT_TOKEN_PATH",
+    "ServeSettings",
+    "app_from_env",
+    "build_app",
+    "has_env_credentials",
+    "load_config",
+    "read_upstream_secrets",
+]
+
+DEFAULT_TOKEN_PATH = "/gen-jwt"  # noqa: S105 - a path, not a secret
+DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
+
+# The variables GateConfig.from_env reads credentials from; any of them means "configured by
+# the environment", so no secrets.json is needed.
+_CREDENTIAL_ENV = ("DEVICEGATE_API_KEYS", "DEVICEGATE_MOBILE_API_KEYS", "DEVICEGATE_JWT_SECRET")
+_DISABLED = "none"
+
+
+def has_env_credentials(environ: Mapping[str, str]) -> bool:
+    """Whether the environment itself configures a key or a secret."""
+    return any(environ.get(name, "").strip() for name in _CREDENTIAL_ENV)
+
+
+def load_config(
+    secrets_file: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> GateConfig:
+    """The gate's configuration: ``secrets_file`` (when given) plus ``DEVICEGATE_*`` overrides.
+
+    Raises:
+        ConfigError: as :meth:`GateConfig.from_env`.
+    """
+    if secrets_file is not None:
+        environ = {**environ, "DEVICEGATE_SECRETS_FILE": os.fspath(secrets_file)}
+    return GateConfig.from_env(environ)
+
+
+def read_upstream_secrets(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """Read ``(api_key, mobile_api_key)`` from the upstream's SenseCrypt ``secrets.json``.
+
+    These are the upstream's own credentials, injected into forwarded requests; their strength
+    is the upstream's business, so they are not checked here. A list (rotation) yields its
+    first value.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not a JSON object, or holds neither key.
+    """
+    field = "upstream_secrets_file"
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(field, f"{file} does not exist") from None
+    except json.JSONDecodeError as exc:
+        # The position only: the document holds secrets.
+        raise ConfigError(
+            field, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(field, f"cannot read {file}: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"{file} must hold a JSON object")
+    keys = (_first_key(field, data, "api_key"), _first_key(field, data, "mobile_api_key"))
+    if keys == (None, None):
+        raise ConfigError(field, f"{file} holds neither api_key nor mobile_api_key")
+    return keys
+
+
+def _first_key(field: str, data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if isinstance(value, list) and value:
+        value = value[0]
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(field, f"{name} must be a non-empty string or a list of them")
+    return value
+
+
+def _check_path(field: str, path: str) -> None:
+    if "*" in path or has_unsafe_segments(path):
+        raise ConfigError(field, f"must be a clean absolute path such as '/health', got {path!r}")
+
+
+class _PathSwitch:
+    """Send one exact route path to ``endpoint`` and everything else (lifespan too) to ``app``."""
+
+    def __init__(self, path: str, endpoint: ASGIApp, app: ASGIApp) -> None:
+        self.path = path
+        self.endpoint = endpoint
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and route_path(scope) == self.path:
+            await self.endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def build_app(
+    config: GateConfig,
+    *,
+    upstream: str | None = None,
+    upstream_api_key: str | None = None,
+    upstream_mobile_api_key: str | None = None,
+    public: Sequence[str] = (),
+    forward_auth_path: str | None = None,
+    forward_auth_secret: str | None = None,
+    token_path: str | None = DEFAULT_TOKEN_PATH,
+) -> ASGIApp:
+    """Build the app ``devicegate serve`` runs.
+
+    :class:`~devicegate.DeviceAuthMiddleware` guards the embedded demo app, or a
+    :class:`devicegate.proxy.ReverseProxy` to ``upstream`` when given. ``/health`` is public
+    and answered by the gateway itself (never forwarded). ``public`` adds public paths.
+    ``forward_auth_path`` is answered by :class:`devicegate.forward_auth.ForwardAuth`, which
+    applies the same ``public`` rules to the URI the proxy asks about.
+
+    Args:
+        config: keys and secrets of the gate.
+        upstream: the base URL to forward admitted requests to.
+        upstream_api_key: the upstream's server key, injected into forwarded server calls.
+        upstream_mobile_api_key: the upstream's mobile key, injected into forwarded mobile calls.
+        public: route paths (exact, or prefixes ending in ``/*``) that need no credential.
+        forward_auth_path: the path of the forward-auth endpoint, or ``None``.
+        forward_auth_secret: a shared secret the proxy must send to the forward-auth endpoint.
+        token_path: the path of the token endpoint, or ``None``.
+
+    Raises:
+        ConfigError: a path or URL is unusable, or an option needs another one (the reverse
+            proxy and the forward-auth endpoint validate their own arguments too).
+        ImportError: ``upstream`` is given but httpx (the ``server`` extra) is missing.
+    """
+    public_rules = [Rule(path, public=True) for path in public]
+    inner: ASGIApp
+    if upstream is None:
+        if upstream_api_key is not None or upstream_mobile_api_key is not None:
+            raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
+        inner = demo_app
+    else:
+        from .proxy import ReverseProxy  # lazy: httpx is in the server extra
+
+        # The gateway answers its own health check: an unauthenticated probe must not reach
+        # the upstream through the public /health rule.
+        inner = _PathSwitch(
+            HEALTH_PATH,
+            health_app,
+            ReverseProxy(
+                upstream,
+                upstream_api_key=upstream_api_key,
+                upstream_mobile_api_key=upstream_mobile_api_key,
+                # The client's credential headers, whatever their configured names, never
+                # reach the upstream.
+                api_key_header=config.api_key_header,
+                device_header=config.device_header,
+            ),
+        )
+    gate = DeviceAuthMiddleware(
+        inner,
+        config=config,
+        rules=[Rule(HEALTH_PATH, public=True), *public_rules],
+        token_path=token_path,
+    )
+    if forward_auth_path is None:
+        if forward_auth_secret is not None:
+            raise ConfigError("forward_auth_secret", "a shared secret needs a forward-auth path")
+        return gate
+    _check_path("forward_auth_path", forward_auth_path)
+    if forward_auth_path in (HEALTH_PATH, token_path):
+        raise ConfigError(
+            "forward_auth_path", f"{forward_auth_path!r} is already served; choose another path"
+        )
+    from .forward_auth import ForwardAuth
+
+    # Only the user's public paths: /health is the gateway's own, and making the protected
+    # server's /health public behind the proxy is a decision for its operator.
+    endpoint = ForwardAuth(config, rules=public_rules, shared_secret=forward_auth_secret)
+    return _PathSwitch(forward_auth_path, endpoint, gate)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``devicegate serve`` needs to build its app, as read from the environment.
+
+    Attributes:
+        secrets_file: the gate's ``secrets.json``; ``None`` when the environment holds the keys.
+        upstream: the URL to forward to, or ``None`` for the demo app.
+        upstream_secrets_file: the upstream's ``secrets.json`` (its credentials to inject).
+        public: extra public route paths.
+        forward_auth_path: where the forward-auth endpoint answers, or ``None``.
+        forward_auth_secret_env: the name of the variable holding the forward-auth secret.
+        token_path: where the token endpoint answers, or ``None``.
+    """
+
+    secrets_file: str | None = None
+    upstream: str | None = None
+    upstream_secrets_file: str | None = None
+    public: tuple[str, ...] = ()
+    forward_auth_path: str | None = None
+    forward_auth_secret_env: str | None = None
+    token_path: str | None = DEFAULT_TOKEN_PATH
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServeSettings:
+        """Read ``DEVICEGATE_SECRETS_FILE``, ``DEVICEGATE_UPSTREAM``, ``DEVICEGATE_PUBLIC``
+        (comma-separated) and friends; empty values count as unset."""
+
+        def get(name: str) -> str | None:
+            return environ.get(f"DEVICEGATE_{name}", "").strip() or None
+
+        token_path = get("TOKEN_PATH") or DEFAULT_TOKEN_PATH
+        public = get("PUBLIC") or ""
+        return cls(
+            secrets_file=get("SECRETS_FILE"),
+            upstream=get("UPSTREAM"),
+            upstream_secrets_file=get("UPSTREAM_SECRETS_FILE"),
+            public=tuple(path.strip() for path in public.split(",") if path.strip()),
+            forward_auth_path=get("FORWARD_AUTH_PATH"),
+            forward_auth_secret_env=get("FORWARD_AUTH_SECRET_ENV"),
+            token_path=None if token_path.lower() == _DISABLED else token_path,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that make :meth:`from_env` return these settings again."""
+        for path in self.public:
+            if "," in path:
+                raise ConfigError("public", f"{path!r}: a public path cannot contain ','")
+        return {
+            "DEVICEGATE_SECRETS_FILE": self.secrets_file or "",
+            "DEVICEGATE_UPSTREAM": self.upstream or "",
+            "DEVICEGATE_UPSTREAM_SECRETS_FILE": self.upstream_secrets_file or "",
+            "DEVICEGATE_PUBLIC": ",".join(self.public),
+            "DEVICEGATE_FORWARD_AUTH_PATH": self.forward_auth_path or "",
+            "DEVICEGATE_FORWARD_AUTH_SECRET_ENV": self.forward_auth_secret_env or "",
+            "DEVICEGATE_TOKEN_PATH": self.token_path or _DISABLED,
+        }
+
+    def load_config(self, environ: Mapping[str, str]) -> GateConfig:
+        """The gate's configuration (see :func:`load_config`)."""
+        return load_config(self.secrets_file, environ)
+
+    def build(self, environ: Mapping[str, str], config: GateConfig | None = None) -> ASGIApp:
+        """Build the app; ``environ`` supplies the configuration and the forward-auth secret.
+
+        Raises:
+            ConfigError: anything in the settings or the files they name is unusable.
+        """
+        if config is None:
+            config = self.load_config(environ)
+        api_key = mobile_api_key = None
+        if self.upstream_secrets_file is not None:
+            api_key, mobile_api_key = read_upstream_secrets(self.upstream_secrets_file)
+        secret = None
+        if self.forward_auth_secret_env is not None:
+            secret = environ.get(self.forward_auth_secret_env) or None
+            if secret is None:
+                raise ConfigError(
+                    "forward_auth_secret_env",
+                    f"the environment variable {self.forward_auth_secret_env} is not set or empty",
+                )
+        return build_app(
+            config,
+            upstream=self.upstream,
+            upstream_api_key=api_key,
+            upstream_mobile_api_key=mobile_api_key,
+            public=self.public,
+            forward_auth_path=self.forward_auth_path,
+            forward_auth_secret=secret,
+            token_path=self.token_path,
+        )
+
+
+def app_from_env() -> ASGIApp:
+    """The uvicorn factory each worker of ``devicegate serve --workers N`` imports.
+
+    Reads :class:`ServeSettings` and the gate's configuration from ``os.environ``, where the
+    parent process put them.
+    """
+    return ServeSettings.from_env(os.environ).build(os.environ)

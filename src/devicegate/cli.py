@@ -1,0 +1,585 @@
+"""The ``devicegate`` command line: ``init``, ``serve``, ``token`` and ``verify``.
+
+Every failure the user can cause (a missing or weak secrets file, a port in use, a bad flag or
+environment value) ends in one line on stderr and a non-zero exit status, never a traceback:
+
+    0  success (``verify``: the token is valid)
+    1  the operation failed (``verify``: the token is invalid; a file exists; a port is in use)
+    2  usage or configuration error (bad flags or environment, ConfigError, missing extra)
+
+No command ever prints a key or a secret: ``serve`` prints a shell line that reads the API key
+from the secrets file on the user's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import dataclasses
+import errno
+import json
+import os
+import secrets
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from ._app import (
+    DEFAULT_FORWARD_AUTH_PATH,
+    DEFAULT_TOKEN_PATH,
+    ServeSettings,
+    has_env_credentials,
+    load_config,
+)
+from ._config import GateConfig
+from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
+from ._tokens import TokenIssuer, TokenVerifier
+
+__all__ = ["main", "write_secrets_file"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SECRETS_FILE = "secrets.json"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
+DEMO_INSTANCE_ID = "demo-device"
+# The import string uvicorn workers load; they rebuild the app from the environment.
+WORKER_FACTORY = "devicegate._app:app_from_env"
+
+_SECRET_BYTES = 32
+_PRETTY_HEADERS = {"x-api-key": "X-API-Key", "x-instance-id": "X-Instance-ID"}
+
+# Plain words for operators; InvalidReason values are terse identifiers.
+REASON_WORDS: Mapping[InvalidReason, str] = {
+    InvalidReason.MALFORMED: "malformed: not a compact JWT (three base64url segments of JSON)",
+    InvalidReason.BAD_HEADER: "unacceptable header (an unknown 'crit', or a bad 'typ' or 'kid')",
+    InvalidReason.UNSUPPORTED_ALGORITHM: "unsupported algorithm: only HS256 is accepted",
+    InvalidReason.BAD_SIGNATURE: (
+        "bad signature: signed with another jwt_secret, or tampered with"
+    ),
+    InvalidReason.BAD_CLAIMS: (
+        "bad claims: 'exp' missing or not an integer, or another claim of the wrong type"
+    ),
+    InvalidReason.EXPIRED: "expired",
+    InvalidReason.NOT_YET_VALID: "not valid yet ('nbf' is in the future)",
+    InvalidReason.ISSUED_IN_FUTURE: "issued in the future ('iat' is ahead of this clock)",
+    InvalidReason.WRONG_ISSUER: "wrong issuer ('iss' does not match the configured issuer)",
+    InvalidReason.WRONG_AUDIENCE: "wrong audience ('aud' does not match the configured audience)",
+    InvalidReason.WRONG_DEVICE: "wrong device: the token is bound to another instance_id",
+    InvalidReason.UNBOUND: (
+        "not bound to a device, and this configuration requires device binding"
+    ),
+    InvalidReason.UNKNOWN_KEY: "unknown key",
+    InvalidReason.NOT_CONFIGURED: "no jwt_secret is configured, so no token can be valid",
+}
+
+
+class CommandError(Exception):
+    """A failure reported as one line on stderr with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- secrets.json -------------------------------------------------------------------------------
+
+
+def _random_key() -> str:
+    return base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode("ascii")
+
+
+def write_secrets_file(path: str | os.PathLike[str]) -> None:
+    """Create a SenseCrypt-format ``secrets.json`` with fresh random keys, mode 0600.
+
+    The file is created with ``O_EXCL``, so an existing file (or a symlink planted in its
+    place) is never overwritten or followed, and it is never readable by others, not even for
+    an instant.
+
+    Raises:
+        FileExistsError: ``path`` already exists.
+        OSError: the file cannot be created or written.
+    """
+    document = {
+        "api_key": _random_key(),
+        "mobile_api_key": _random_key(),
+        "jwt_secret": _random_key(),
+        "jwt_expire_seconds": 300,
+    }
+    data = (json.dumps(document, indent=2) + "\n").encode("ascii")
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # the umask may only remove bits; make it exact
+        with os.fdopen(fd, "wb", closefd=False) as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    path = Path(args.path).absolute()
+    try:
+        write_secrets_file(path)
+    except FileExistsError:
+        raise CommandError(
+            f"{path} already exists; refusing to overwrite it (remove it first or choose "
+            "another --path)"
+        ) from None
+    except OSError as exc:
+        raise CommandError(f"cannot create {path}: {exc.strerror or exc}") from None
+    print(path)
+    return EXIT_OK
+
+
+# -- configuration shared by token and verify ----------------------------------------------------
+
+
+def _config(secrets_file: str | None, environ: Mapping[str, str]) -> GateConfig:
+    if secrets_file is None and not (
+        environ.get("DEVICEGATE_SECRETS_FILE", "").strip() or has_env_credentials(environ)
+    ):
+        secrets_file = DEFAULT_SECRETS_FILE
+    return load_config(secrets_file, environ)
+
+
+# -- token ---------------------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    issuer = TokenIssuer(_config(args.secrets, environ))
+    try:
+        issued = issuer.issue(args.instance_id)
+    except ValueError as exc:
+        raise CommandError(f"--instance-id: {exc}", EXIT_USAGE) from None
+    print(issued.access_token)
+    return EXIT_OK
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a token whose signature has already been checked, or ``{}``."""
+    try:
+        segment = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _when(timestamp: object, now: float) -> str:
+    if type(timestamp) is not int:
+        return "unknown"
+    try:
+        moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return str(timestamp)
+    delta = int(timestamp - now)
+    relative = f"in {delta} s" if delta >= 0 else f"{-delta} s ago"
+    return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} ({relative})"
+
+
+def _read_token(value: str) -> str:
+    token = sys.stdin.read() if value == "-" else value
+    token = token.strip()
+    scheme, _, rest = token.partition(" ")
+    # Accept a pasted "Bearer <token>" header value as well as the bare token.
+    return rest.strip() if scheme.lower() == "bearer" else token
+
+
+def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    config = _config(args.secrets, environ)
+    token = _read_token(args.token)
+    device = None if args.instance_id is None else args.instance_id.encode()
+    now = time.time()
+    try:
+        principal = TokenVerifier(config, clock=lambda: now).verify(token, device)
+    except InvalidToken as exc:
+        words = REASON_WORDS.get(exc.reason, exc.reason.value)
+        claims = _unverified_claims(token)
+        if exc.reason is InvalidReason.EXPIRED:
+            words = f"expired at {_when(claims.get('exp'), now)}"
+        elif exc.reason is InvalidReason.WRONG_DEVICE:
+            words = (
+                f"wrong device: the token is bound to {claims.get('instance_id')!r}, "
+                f"not {args.instance_id!r}"
+            )
+        print(f"invalid: {words}")
+        return EXIT_FAILURE
+    except InvalidRequest:
+        bound = _unverified_claims(token).get("instance_id")
+        print(f"invalid: the token is bound to a device ({bound!r}): pass --instance-id")
+        return EXIT_FAILURE
+    print("valid")
+    print(f"kind: {principal.kind.value}")
+    if principal.instance_id is None:
+        print("instance_id: none (a generic token, accepted from any device)")
+    else:
+        print(f"instance_id: {principal.instance_id}")
+    print(f"expires: {_when(principal.claims.get('exp'), now)}")
+    return EXIT_OK
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _env_int(environ: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be an integer from {low} to {high}, got {raw!r}")
+    return value
+
+
+def _int_arg(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _display_host(host: str) -> str:
+    """The host a client on this machine uses to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):  # noqa: S104 - mapping the wildcard to loopback, not binding
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line if uvicorn could not bind ``host:port`` (as uvicorn binds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: a port left in TIME_WAIT is free, a listening one is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise CommandError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandError(
+                    f"port {port} on {host} is already in use (is another server running?); "
+                    "choose another --port"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise CommandError(
+                    f"permission denied to listen on {host}:{port} (ports below 1024 need "
+                    "privileges); choose another --port"
+                ) from None
+            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _api_key_expression(settings: ServeSettings, environ: Mapping[str, str]) -> str:
+    """A shell expression that yields the server API key on the user's machine."""
+    if environ.get("DEVICEGATE_API_KEYS", "").strip() or settings.secrets_file is None:
+        return '"${DEVICEGATE_API_KEYS%%,*}"'
+    # python3 rather than jq: present wherever devicegate was installed.
+    program = (
+        'import json,sys; k=json.load(open(sys.argv[1]))["api_key"]; '
+        "print(k if isinstance(k, str) else k[0])"
+    )
+    return f'"$(python3 -c {shlex.quote(program)} {shlex.quote(settings.secrets_file)})"'
+
+
+def serve_banner(
+    settings: ServeSettings,
+    config: GateConfig,
+    environ: Mapping[str, str],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+) -> str:
+    """What ``serve`` prints at start: where it listens and paste-ready ``curl`` lines.
+
+    Never a key or a secret: the API key is read from the secrets file by the printed command.
+    """
+    base = f"http://{_display_host(host)}:{port}"
+    what = f"forwarding to {settings.upstream}" if settings.upstream else "serving the demo app"
+    plural = "s" if workers > 1 else ""
+    lines = [f"devicegate {__version__}: {what} on {base} ({workers} worker{plural})"]
+    if settings.secrets_file is not None:
+        lines.append(f"  secrets: {settings.secrets_file}")
+    else:
+        lines.append("  secrets: from DEVICEGATE_* environment variables")
+    lines.append(f"  public paths: {', '.join(('/health', *settings.public))}")
+    if settings.forward_auth_path is not None:
+        lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
+    device_header = _PRETTY_HEADERS.get(config.device_header, config.device_header)
+    target = f"{base}/" if settings.upstream else f"{base}/whoami"
+    if settings.token_path is None or not (config.api_keys and config.jwt_secrets):
+        lines.append("  token endpoint: off (needs --token-path, an api_key and a jwt_secret)")
+        return "\n".join(lines) + "\n"
+    api_key_header = _PRETTY_HEADERS.get(config.api_key_header, config.api_key_header)
+    body = json.dumps({"instance_id": DEMO_INSTANCE_ID})
+    read_token = 'import json,sys; print(json.load(sys.stdin)["access_token"])'  # noqa: S105
+    lines += [
+        f"  token endpoint: POST {base}{settings.token_path} (server API key only)",
+        "",
+        f"Mint a token for the device {DEMO_INSTANCE_ID!r} (the API key is read from the "
+        "secrets file, never printed):",
+        f"  API_KEY={_api_key_expression(settings, environ)}",
+        f'  TOKEN="$(curl -fsS -X POST -H "{api_key_header}: $API_KEY" '
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)} "
+        f'{base}{settings.token_path} | python3 -c {shlex.quote(read_token)})"',
+        "Call the app as that device:",
+        f'  curl -fsS -H "Authorization: Bearer $TOKEN" '
+        f"-H {shlex.quote(f'{device_header}: {DEMO_INSTANCE_ID}')} {target}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
+    settings = ServeSettings.from_env(environ)
+    flags: dict[str, Any] = {
+        "secrets_file": args.secrets,
+        "upstream": args.upstream,
+        "upstream_secrets_file": args.upstream_secrets,
+        "forward_auth_path": args.forward_auth_path,
+        "forward_auth_secret_env": args.forward_auth_secret_env,
+    }
+    changes = {name: value for name, value in flags.items() if value is not None}
+    if args.public is not None:
+        changes["public"] = tuple(args.public)
+    if args.token_path is not None:
+        changes["token_path"] = None if args.token_path.lower() == "none" else args.token_path
+    settings = dataclasses.replace(settings, **changes)
+    if settings.secrets_file is None and not has_env_credentials(environ):
+        path = Path(DEFAULT_SECRETS_FILE).absolute()
+        try:
+            write_secrets_file(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise CommandError(f"cannot create {path}: {exc.strerror or exc}") from None
+        else:
+            print(f"devicegate: created {path} with fresh random keys (mode 0600)", file=sys.stderr)
+        settings = dataclasses.replace(settings, secrets_file=str(path))
+    elif settings.secrets_file is not None:
+        # Absolute, so that the printed command works from any directory.
+        settings = dataclasses.replace(
+            settings, secrets_file=os.path.abspath(settings.secrets_file)
+        )
+    return settings
+
+
+def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise CommandError(f"serve needs uvicorn: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
+    host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
+    port = args.port or _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
+    workers = args.workers or _env_int(environ, "DEVICEGATE_WORKERS", 1, 1024) or 1
+    log_level = args.log_level or environ.get("DEVICEGATE_LOG_LEVEL", "").strip().lower() or "info"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("DEVICEGATE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
+    settings = _serve_settings(args, environ)
+    config = settings.load_config(environ)
+    try:
+        app = settings.build(environ, config)
+    except ImportError as exc:
+        if exc.name == "httpx":
+            raise CommandError(f"--upstream needs httpx: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
+        raise CommandError(f"cannot load {exc.name}: {exc}", EXIT_USAGE) from None
+    worker_env = settings.to_env() if workers > 1 else {}
+    _check_port(host, port)
+    sys.stderr.write(serve_banner(settings, config, environ, host=host, port=port, workers=workers))
+    sys.stderr.flush()
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": log_level,
+        "lifespan": "on",
+        "server_header": False,
+    }
+    if workers > 1:
+        # Workers are fresh processes that import the app by name; they read the same
+        # settings from the environment (paths and variable names only, never secrets).
+        os.environ.update(worker_env)
+        uvicorn.run(WORKER_FACTORY, factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(app, **options)
+    return EXIT_OK
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse's own format (usage, then "prog: error: ..."), with our exit status.
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _secrets_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secrets",
+        metavar="FILE",
+        help="the secrets.json to use (env DEVICEGATE_SECRETS_FILE; default ./secrets.json, or "
+        "DEVICEGATE_API_KEYS / DEVICEGATE_JWT_SECRET when set)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``devicegate`` argument parser."""
+    parser = _Parser(
+        prog="devicegate",
+        description="Device-bound JWT and API-key authentication for ASGI apps.",
+        epilog="Exit status: 0 success, 1 failure (verify: invalid token), 2 usage or "
+        "configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"devicegate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    init = commands.add_parser(
+        "init",
+        help="write a secrets.json with fresh random keys",
+        description="Write a SenseCrypt-format secrets.json (api_key, mobile_api_key, "
+        "jwt_secret: 32 random bytes each, base64) with file mode 0600. Never overwrites.",
+    )
+    init.add_argument(
+        "--path", default=DEFAULT_SECRETS_FILE, help="where to write it (default: %(default)s)"
+    )
+    init.set_defaults(handler=_init)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway (the token endpoint plus the demo app or an upstream)",
+        description="Run the gateway with uvicorn: the token endpoint, and behind the "
+        "middleware the built-in demo app or, with --upstream, a reverse proxy. Every option "
+        "can also come from the environment variable named in its help; flags win. Without "
+        "--secrets or credentials in the environment, ./secrets.json is used and created with "
+        "fresh keys when missing.",
+    )
+    _secrets_argument(serve)
+    serve.add_argument(
+        "--host", help=f"address to listen on (env DEVICEGATE_HOST; default {DEFAULT_HOST})"
+    )
+    serve.add_argument(
+        "--port",
+        type=_int_arg(1, 65535),
+        help=f"port (env DEVICEGATE_PORT; default {DEFAULT_PORT})",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_int_arg(1, 1024),
+        help="worker processes (env DEVICEGATE_WORKERS; default 1)",
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="forward admitted requests to this URL instead of serving the demo app "
+        "(env DEVICEGATE_UPSTREAM)",
+    )
+    serve.add_argument(
+        "--upstream-secrets",
+        metavar="FILE",
+        help="the upstream's secrets.json: its api_key and mobile_api_key are injected into "
+        "forwarded requests (env DEVICEGATE_UPSTREAM_SECRETS_FILE)",
+    )
+    serve.add_argument(
+        "--public",
+        metavar="PATH",
+        nargs="+",
+        action="extend",
+        help="route paths that need no credential, exact or ending in /* (env DEVICEGATE_PUBLIC, "
+        "comma-separated; /health is always public)",
+    )
+    serve.add_argument(
+        "--forward-auth-path",
+        metavar="PATH",
+        nargs="?",
+        const=DEFAULT_FORWARD_AUTH_PATH,
+        help="answer forward-auth requests (nginx auth_request, Traefik, Caddy) on this path "
+        f"(env DEVICEGATE_FORWARD_AUTH_PATH; without a value: {DEFAULT_FORWARD_AUTH_PATH})",
+    )
+    serve.add_argument(
+        "--forward-auth-secret-env",
+        metavar="NAME",
+        help="the name of an environment variable holding a secret the proxy must send to the "
+        "forward-auth endpoint (env DEVICEGATE_FORWARD_AUTH_SECRET_ENV)",
+    )
+    serve.add_argument(
+        "--token-path",
+        metavar="PATH",
+        help=f"path of the token endpoint, or 'none' (env DEVICEGATE_TOKEN_PATH; default "
+        f"{DEFAULT_TOKEN_PATH})",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="uvicorn's log level (env DEVICEGATE_LOG_LEVEL; default info)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    token = commands.add_parser(
+        "token",
+        help="print a fresh access token",
+        description="Print a fresh access token, and nothing else, on one line.",
+    )
+    token.add_argument("--instance-id", metavar="ID", help="bind the token to this device id")
+    _secrets_argument(token)
+    token.set_defaults(handler=_token)
+
+    verify = commands.add_parser(
+        "verify",
+        help="say whether a token is valid, and if not why",
+        description="Say whether TOKEN is valid for this configuration. Valid: print its kind, "
+        "device and expiry, exit 0. Invalid: print why, exit 1.",
+    )
+    verify.add_argument("token", metavar="TOKEN", help="the token, or '-' to read it from stdin")
+    verify.add_argument("--instance-id", metavar="ID", help="the device id the request would carry")
+    _secrets_argument(verify)
+    verify.set_defaults(handler=_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.handler
+    try:
+        return handler(args, os.environ)
+    except CommandError as exc:
+        print(f"devicegate: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:
+        print(f"devicegate: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,720 @@
+"""GateConfig: validation at construction, loading secrets.json and the environment, and
+keeping secrets out of every message, repr and pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devicegate import ConfigError, GateConfig
+from tests.helpers import Keys
+
+# The two key values printed in the SenseCrypt documentation (../shared/SENSECRYPT.md).
+VENDOR_API_KEY = "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0="
+VENDOR_MOBILE_API_KEY = "S+ILGn9HOYKvgbt6MbqwJHknYajIeVn/bJJBjyLffFQ="
+
+
+def secret_of(length: int) -> str:
+    """A random visible-ASCII secret of exactly ``length`` bytes."""
+    return secrets.token_hex(length)[:length]
+
+
+def assert_error(error: ConfigError, field: str, *secret_values: str) -> None:
+    """The error names ``field`` and none of ``secret_values`` leaks into it."""
+    assert error.field == field
+    message = str(error)
+    assert message.startswith(f"{field}: ")
+    assert len(message) > len(f"{field}: ") + 10  # says what to do, not just the field
+    for value in secret_values:
+        assert value, "an empty secret proves nothing"
+        assert value not in message
+        assert value not in repr(error)
+        assert all(value not in str(arg) for arg in error.args)
+
+
+# --- construction -------------------------------------------------------------------------
+
+
+def test_defaults(keys: Keys) -> None:
+    config = GateConfig(jwt_secret=keys.jwt_secret)
+    assert config.api_keys == ()
+    assert config.mobile_api_keys == ()
+    assert config.jwt_secret == keys.jwt_secret
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    assert config.jwt_expire_seconds == 300
+    assert config.device_header == "x-instance-id"
+    assert config.api_key_header == "x-api-key"
+    assert config.leeway_seconds == 0
+    assert config.require_device_binding is False
+    assert config.issuer is None
+    assert config.audience is None
+
+
+def test_constructor_is_keyword_only(keys: Keys) -> None:
+    with pytest.raises(TypeError):
+        GateConfig(keys.api_key)  # type: ignore[call-arg]
+
+
+def test_single_strings_and_sequences(keys: Keys) -> None:
+    second = secret_of(40)
+    config = GateConfig(
+        api_keys=[keys.api_key, second],
+        mobile_api_keys=keys.mobile_api_key,
+        jwt_secret=(keys.jwt_secret,),
+    )
+    assert config.api_keys == (keys.api_key, second)
+    assert config.mobile_api_keys == (keys.mobile_api_key,)
+    assert config.jwt_secrets == (keys.jwt_secret,)
+
+
+def test_jwt_secret_rotation_first_signs(keys: Keys) -> None:
+    old = secret_of(32)
+    config = GateConfig(jwt_secret=[keys.jwt_secret, old])
+    assert config.jwt_secret == keys.jwt_secret
+    assert config.jwt_secrets == (keys.jwt_secret, old)
+
+
+def test_no_jwt_secret_means_none(keys: Keys) -> None:
+    config = GateConfig(api_keys=keys.api_key)
+    assert config.jwt_secret is None
+    assert config.jwt_secrets == ()
+
+
+def test_header_names_are_lower_cased(keys: Keys) -> None:
+    config = keys.config(device_header="X-Device-ID", api_key_header="X-Server-Key")
+    assert config.device_header == "x-device-id"
+    assert config.api_key_header == "x-server-key"
+
+
+@pytest.mark.parametrize(
+    ("options", "check"),
+    [
+        # RFC 7518 §3.2: 32 bytes is exactly enough for HS256.
+        pytest.param({"jwt_secret": secret_of(32)}, "jwt_secret", id="jwt-secret-32-bytes"),
+        pytest.param({"api_keys": secret_of(16)}, "api_keys", id="api-key-16-bytes"),
+        pytest.param({"mobile_api_keys": secret_of(16)}, "mobile_api_keys", id="mobile-16-bytes"),
+        pytest.param({"leeway_seconds": 60}, "leeway_seconds", id="leeway-60"),
+        pytest.param({"jwt_expire_seconds": 1}, "jwt_expire_seconds", id="lifetime-1"),
+        pytest.param({"token_cache_size": 0}, "token_cache_size", id="cache-disabled"),
+    ],
+)
+def test_boundary_values_are_accepted(keys: Keys, options: dict[str, Any], check: str) -> None:
+    base: dict[str, Any] = {"api_keys": keys.api_key}
+    config = GateConfig(**{**base, **options})
+    value = getattr(config, "jwt_secrets" if check == "jwt_secret" else check)
+    expected = options[check]
+    assert value == ((expected,) if isinstance(expected, str) else expected)
+
+
+# Each row: options built from fresh keys, the field the error must name, and the secret
+# values that must not appear in the message.
+Case = Callable[[Keys], tuple[dict[str, Any], str, tuple[str, ...]]]
+
+
+def _short_jwt_secret(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    short = secret_of(31)
+    return {"api_keys": keys.api_key, "jwt_secret": short}, "jwt_secret", (short, keys.api_key)
+
+
+def _short_rotated_jwt_secret(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    short = secret_of(20)
+    return {"jwt_secret": [keys.jwt_secret, short]}, "jwt_secret", (short, keys.jwt_secret)
+
+
+def _short_api_key(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    short = secret_of(15)
+    return {"api_keys": short, "jwt_secret": keys.jwt_secret}, "api_keys", (short,)
+
+
+def _short_mobile_key(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    short = secret_of(15)
+    return {"mobile_api_keys": [short]}, "mobile_api_keys", (short,)
+
+
+def _api_equals_mobile(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    return (
+        {"api_keys": keys.api_key, "mobile_api_keys": keys.api_key},
+        "mobile_api_keys",
+        (keys.api_key,),
+    )
+
+
+def _api_equals_jwt(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    shared = secret_of(40)
+    return {"api_keys": shared, "jwt_secret": shared}, "jwt_secret", (shared,)
+
+
+def _mobile_equals_jwt(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    shared = secret_of(40)
+    return (
+        {
+            "api_keys": keys.api_key,
+            "mobile_api_keys": shared,
+            "jwt_secret": [keys.jwt_secret, shared],
+        },
+        "jwt_secret",
+        (shared, keys.api_key, keys.jwt_secret),
+    )
+
+
+def _api_key_twice(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    return {"api_keys": [keys.api_key, keys.api_key]}, "api_keys", (keys.api_key,)
+
+
+def _key_with_space(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    spaced = secret_of(10) + " " + secret_of(10)
+    return {"mobile_api_keys": spaced}, "mobile_api_keys", (spaced,)
+
+
+def _non_ascii_key(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    accented = secret_of(20) + "é"
+    return {"api_keys": accented}, "api_keys", (accented,)
+
+
+def _fixed(
+    options: dict[str, Any], field: str
+) -> Callable[[Keys], tuple[dict[str, Any], str, tuple[str, ...]]]:
+    def build(keys: Keys) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+        full = {"api_keys": keys.api_key, "jwt_secret": keys.jwt_secret, **options}
+        return full, field, (keys.api_key, keys.jwt_secret)
+
+    return build
+
+
+CASES: list[Any] = [
+    # Key strength (RFC 7518 §3.2 for HS256; 128 bits for API keys).
+    pytest.param(_short_jwt_secret, id="jwt-secret-31-bytes"),
+    pytest.param(_short_rotated_jwt_secret, id="rotated-jwt-secret-too-short"),
+    pytest.param(_short_api_key, id="api-key-15-bytes"),
+    pytest.param(_short_mobile_key, id="mobile-key-15-bytes"),
+    # Key separation: one leaked value must not open two doors.
+    pytest.param(_api_equals_mobile, id="api-key-equals-mobile-key"),
+    pytest.param(_api_equals_jwt, id="api-key-equals-jwt-secret"),
+    pytest.param(_mobile_equals_jwt, id="mobile-key-equals-rotated-jwt-secret"),
+    pytest.param(_api_key_twice, id="api-key-listed-twice"),
+    # Keys travel in headers: visible ASCII only.
+    pytest.param(_key_with_space, id="key-with-space"),
+    pytest.param(_non_ascii_key, id="non-ascii-key"),
+    # Empty keys.
+    pytest.param(_fixed({"api_keys": ""}, "api_keys"), id="empty-api-key"),
+    pytest.param(_fixed({"mobile_api_keys": [""]}, "mobile_api_keys"), id="empty-mobile-key"),
+    pytest.param(_fixed({"jwt_secret": ""}, "jwt_secret"), id="empty-jwt-secret"),
+    pytest.param(_fixed({"jwt_secret": ["", "x" * 40]}, "jwt_secret"), id="empty-rotated"),
+    # The vendor's published example keys, wherever they are used.
+    pytest.param(_fixed({"api_keys": VENDOR_API_KEY}, "api_keys"), id="vendor-api-key"),
+    pytest.param(
+        _fixed({"mobile_api_keys": VENDOR_MOBILE_API_KEY}, "mobile_api_keys"),
+        id="vendor-mobile-key",
+    ),
+    pytest.param(
+        _fixed({"mobile_api_keys": VENDOR_API_KEY}, "mobile_api_keys"),
+        id="vendor-api-key-as-mobile-key",
+    ),
+    pytest.param(_fixed({"jwt_secret": VENDOR_MOBILE_API_KEY}, "jwt_secret"), id="vendor-as-jwt"),
+    # Numbers.
+    pytest.param(_fixed({"jwt_expire_seconds": 0}, "jwt_expire_seconds"), id="lifetime-0"),
+    pytest.param(_fixed({"jwt_expire_seconds": -300}, "jwt_expire_seconds"), id="lifetime-neg"),
+    pytest.param(_fixed({"leeway_seconds": 61}, "leeway_seconds"), id="leeway-61"),
+    pytest.param(_fixed({"leeway_seconds": -1}, "leeway_seconds"), id="leeway-negative"),
+    pytest.param(_fixed({"token_cache_size": -1}, "token_cache_size"), id="cache-negative"),
+    # Wrong value types.
+    pytest.param(_fixed({"api_keys": 12345}, "api_keys"), id="api-keys-int"),
+    pytest.param(_fixed({"api_keys": b"x" * 32}, "api_keys"), id="api-keys-bytes"),
+    pytest.param(_fixed({"mobile_api_keys": ["a" * 32, 7]}, "mobile_api_keys"), id="list-int"),
+    pytest.param(_fixed({"jwt_secret": [b"y" * 40]}, "jwt_secret"), id="jwt-secret-bytes"),
+    pytest.param(_fixed({"jwt_expire_seconds": "300"}, "jwt_expire_seconds"), id="lifetime-str"),
+    pytest.param(_fixed({"jwt_expire_seconds": 300.0}, "jwt_expire_seconds"), id="lifetime-float"),
+    pytest.param(_fixed({"jwt_expire_seconds": True}, "jwt_expire_seconds"), id="lifetime-bool"),
+    pytest.param(_fixed({"leeway_seconds": None}, "leeway_seconds"), id="leeway-none"),
+    pytest.param(_fixed({"leeway_seconds": False}, "leeway_seconds"), id="leeway-bool"),
+    pytest.param(
+        _fixed({"require_device_binding": "yes"}, "require_device_binding"), id="binding-str"
+    ),
+    pytest.param(_fixed({"require_device_binding": 1}, "require_device_binding"), id="binding-1"),
+    pytest.param(_fixed({"issuer": ""}, "issuer"), id="issuer-empty"),
+    pytest.param(_fixed({"issuer": 42}, "issuer"), id="issuer-int"),
+    pytest.param(_fixed({"audience": ""}, "audience"), id="audience-empty"),
+    pytest.param(_fixed({"audience": ["a", "b"]}, "audience"), id="audience-list"),
+    # Header names.
+    pytest.param(_fixed({"device_header": "x device"}, "device_header"), id="header-space"),
+    pytest.param(_fixed({"device_header": ""}, "device_header"), id="header-empty"),
+    pytest.param(_fixed({"device_header": "x-dévice"}, "device_header"), id="header-non-ascii"),
+    pytest.param(_fixed({"device_header": 5}, "device_header"), id="header-int"),
+    pytest.param(_fixed({"device_header": "Authorization"}, "device_header"), id="header-auth"),
+    pytest.param(_fixed({"api_key_header": "cookie"}, "api_key_header"), id="header-cookie"),
+    pytest.param(_fixed({"api_key_header": "x-instance-id"}, "device_header"), id="same-headers"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_invalid_configuration(keys: Keys, case: Case) -> None:
+    options, field, secret_values = case(keys)
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig(**options)
+    assert_error(excinfo.value, field, *secret_values)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="nothing"),
+        pytest.param({"api_keys": (), "mobile_api_keys": [], "jwt_secret": None}, id="all-empty"),
+        pytest.param({"jwt_expire_seconds": 60, "leeway_seconds": 5}, id="only-numbers"),
+    ],
+)
+def test_no_credential_kind_configured(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig(**options)
+    assert_error(excinfo.value, "api_keys")
+    for field in ("api_keys", "mobile_api_keys", "jwt_secret"):
+        assert field in str(excinfo.value)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="no credential"):
+        GateConfig()
+
+
+def test_error_for_vendor_key_says_why(keys: Keys) -> None:
+    with pytest.raises(ConfigError, match="SenseCrypt documentation"):
+        GateConfig(api_keys=VENDOR_API_KEY)
+
+
+def test_error_for_short_secret_says_how_long(keys: Keys) -> None:
+    with pytest.raises(ConfigError, match=r"at least 32 bytes .*this one is 31"):
+        GateConfig(jwt_secret=secret_of(31))
+
+
+# --- secrets stay secret --------------------------------------------------------------------
+
+
+def test_repr_and_str_hide_secrets(keys: Keys) -> None:
+    old = secret_of(32)
+    config = GateConfig(
+        api_keys=keys.api_key,
+        mobile_api_keys=keys.mobile_api_key,
+        jwt_secret=[keys.jwt_secret, old],
+        issuer="https://issuer.example",
+    )
+    for text in (repr(config), str(config), f"{config}", f"{config!r}"):
+        for value in (keys.api_key, keys.mobile_api_key, keys.jwt_secret, old):
+            assert value not in text
+        assert "jwt_secret=<2 hidden>" in text
+        assert "api_keys=<1 hidden>" in text
+        assert "issuer='https://issuer.example'" in text
+
+
+def test_pickling_is_refused(keys: Keys) -> None:
+    config = keys.config()
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(config, protocol=protocol)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["jwt_expire_seconds", "leeway_seconds", "issuer", "_jwt_secrets", "_api_keys", "jwt_secret"],
+)
+def test_immutable(keys: Keys, name: str) -> None:
+    config = keys.config()
+    before = repr(config), config.jwt_secrets, config.api_keys
+    with pytest.raises(AttributeError):
+        setattr(config, name, 1)
+    with pytest.raises(AttributeError):
+        delattr(config, name)
+    assert (repr(config), config.jwt_secrets, config.api_keys) == before
+
+
+def test_no_new_attributes(keys: Keys) -> None:
+    config = keys.config()
+    with pytest.raises(AttributeError):
+        config.extra = True
+    assert not hasattr(config, "extra")
+
+
+# --- replace --------------------------------------------------------------------------------
+
+
+def test_replace_returns_a_new_validated_copy(keys: Keys) -> None:
+    config = keys.config(issuer="https://a.example")
+    changed = config.replace(leeway_seconds=30, require_device_binding=True)
+    assert changed is not config
+    assert changed.leeway_seconds == 30
+    assert changed.require_device_binding is True
+    assert changed.issuer == "https://a.example"
+    assert changed.api_keys == config.api_keys
+    assert changed.mobile_api_keys == config.mobile_api_keys
+    assert changed.jwt_secrets == config.jwt_secrets
+    assert config.leeway_seconds == 0
+    assert config.require_device_binding is False
+
+
+def test_replace_validates_again(keys: Keys) -> None:
+    config = keys.config()
+    with pytest.raises(ConfigError) as excinfo:
+        config.replace(leeway_seconds=61)
+    assert_error(excinfo.value, "leeway_seconds", keys.api_key, keys.jwt_secret)
+    with pytest.raises(ConfigError) as excinfo:
+        config.replace(jwt_secret=keys.api_key)
+    assert_error(excinfo.value, "jwt_secret", keys.api_key)
+
+
+def test_replace_can_drop_tokens(keys: Keys) -> None:
+    config = keys.config().replace(jwt_secret=None)
+    assert config.jwt_secret is None
+    assert config.api_keys == (keys.api_key,)
+
+
+def test_replace_rejects_unknown_fields(keys: Keys) -> None:
+    with pytest.raises(TypeError):
+        keys.config().replace(jwt_algorithm="none")
+
+
+# --- secrets.json ---------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_secrets_file_with_strings(tmp_path: Path, keys: Keys) -> None:
+    path = write_json(
+        tmp_path / "secrets.json",
+        {
+            "api_key": keys.api_key,
+            "mobile_api_key": keys.mobile_api_key,
+            "jwt_secret": keys.jwt_secret,
+            "jwt_expire_seconds": 120,
+            # Unrelated SenseCrypt settings are ignored.
+            "issuers_private_key": "-----BEGIN PRIVATE KEY-----",
+            "database_url": "postgres://",
+        },
+    )
+    config = GateConfig.from_secrets_file(path)
+    assert config.api_keys == (keys.api_key,)
+    assert config.mobile_api_keys == (keys.mobile_api_key,)
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    assert config.jwt_expire_seconds == 120
+
+
+def test_secrets_file_with_lists_for_rotation(tmp_path: Path, keys: Keys) -> None:
+    old_api, old_mobile, old_jwt = secret_of(32), secret_of(32), secret_of(32)
+    path = write_json(
+        tmp_path / "secrets.json",
+        {
+            "api_key": [keys.api_key, old_api],
+            "mobile_api_key": [keys.mobile_api_key, old_mobile],
+            "jwt_secret": [keys.jwt_secret, old_jwt],
+        },
+    )
+    config = GateConfig.from_secrets_file(str(path))
+    assert config.api_keys == (keys.api_key, old_api)
+    assert config.mobile_api_keys == (keys.mobile_api_key, old_mobile)
+    assert config.jwt_secrets == (keys.jwt_secret, old_jwt)
+    assert config.jwt_secret == keys.jwt_secret
+    assert config.jwt_expire_seconds == 300
+
+
+def test_secrets_file_null_and_missing_keys(tmp_path: Path, keys: Keys) -> None:
+    path = write_json(tmp_path / "secrets.json", {"api_key": keys.api_key, "jwt_secret": None})
+    config = GateConfig.from_secrets_file(path)
+    assert config.api_keys == (keys.api_key,)
+    assert config.mobile_api_keys == ()
+    assert config.jwt_secret is None
+
+
+def test_secrets_file_options_override(tmp_path: Path, keys: Keys) -> None:
+    path = write_json(
+        tmp_path / "secrets.json", {"jwt_secret": keys.jwt_secret, "jwt_expire_seconds": 120}
+    )
+    config = GateConfig.from_secrets_file(
+        path, jwt_expire_seconds=60, leeway_seconds=5, issuer="https://i.example"
+    )
+    assert config.jwt_expire_seconds == 60
+    assert config.leeway_seconds == 5
+    assert config.issuer == "https://i.example"
+
+
+def test_documentation_sample_file_is_refused(tmp_path: Path) -> None:
+    # The file exactly as the vendor prints it: public keys, placeholder secret.
+    path = write_json(
+        tmp_path / "secrets.json",
+        {
+            "api_key": VENDOR_API_KEY,
+            "mobile_api_key": VENDOR_MOBILE_API_KEY,
+            "jwt_secret": "<a value only you know>",
+            "jwt_expire_seconds": 300,
+        },
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "api_keys", VENDOR_API_KEY)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "secrets.json"
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file")
+    assert str(path) in str(excinfo.value)
+    assert "does not exist" in str(excinfo.value)
+
+
+def test_unreadable_file_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(tmp_path)
+    assert_error(excinfo.value, "secrets_file")
+    assert "cannot read" in str(excinfo.value)
+
+
+def test_unreadable_file_not_utf8(tmp_path: Path, keys: Keys) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_bytes(b'{"api_key": "' + keys.api_key.encode() + b'\xff"}')
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key)
+    assert "cannot read" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param('{"api_key": "SECRET",', id="truncated"),
+        pytest.param('{"api_key": "SECRET"} trailing', id="trailing-data"),
+        pytest.param("{'api_key': 'SECRET'}", id="single-quotes"),
+        pytest.param('{"api_key": SECRET}', id="unquoted"),
+        pytest.param("", id="empty-file"),
+    ],
+)
+def test_invalid_json(tmp_path: Path, keys: Keys, template: str) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_text(template.replace("SECRET", keys.api_key), encoding="utf-8")
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key)
+    assert "not valid JSON" in str(excinfo.value)
+    # The parser's message, which may quote the document, is not chained into tracebacks.
+    assert excinfo.value.__cause__ is None
+    assert excinfo.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param(lambda k: [k.api_key, k.jwt_secret], id="list"),
+        pytest.param(lambda k: k.jwt_secret, id="string"),
+        pytest.param(lambda k: None, id="null"),
+        pytest.param(lambda k: 42, id="number"),
+    ],
+)
+def test_json_that_is_not_an_object(
+    tmp_path: Path, keys: Keys, document: Callable[[Keys], object]
+) -> None:
+    path = write_json(tmp_path / "secrets.json", document(keys))
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key, keys.jwt_secret)
+    assert "JSON object" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        pytest.param(lambda k: {"api_key": 12345}, "api_key", id="api-key-int"),
+        pytest.param(lambda k: {"api_key": {"value": k.api_key}}, "api_key", id="api-key-object"),
+        pytest.param(lambda k: {"api_key": True}, "api_key", id="api-key-bool"),
+        pytest.param(
+            lambda k: {"mobile_api_key": [k.mobile_api_key, 5]}, "mobile_api_key", id="list-int"
+        ),
+        pytest.param(lambda k: {"jwt_secret": [k.jwt_secret, None]}, "jwt_secret", id="list-null"),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": "300"},
+            "jwt_expire_seconds",
+            id="lifetime-string",
+        ),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": 1.5},
+            "jwt_expire_seconds",
+            id="lifetime-float",
+        ),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": None},
+            "jwt_expire_seconds",
+            id="lifetime-null",
+        ),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": 0},
+            "jwt_expire_seconds",
+            id="lifetime-zero",
+        ),
+        pytest.param(lambda k: {"jwt_secret": "short"}, "jwt_secret", id="weak-jwt-secret"),
+        pytest.param(
+            lambda k: {"api_key": k.api_key, "mobile_api_key": k.api_key},
+            "mobile_api_keys",
+            id="same-key-twice",
+        ),
+        pytest.param(lambda k: {"issuers_private_key": "x"}, "api_keys", id="no-credential"),
+    ],
+)
+def test_secrets_file_with_bad_values(
+    tmp_path: Path, keys: Keys, build: Callable[[Keys], dict[str, Any]], field: str
+) -> None:
+    path = write_json(tmp_path / "secrets.json", build(keys))
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, field, keys.api_key, keys.mobile_api_key, keys.jwt_secret)
+
+
+# --- the environment ------------------------------------------------------------------------
+
+
+def test_from_env_reads_every_field(keys: Keys) -> None:
+    old_api, old_jwt = secret_of(32), secret_of(32)
+    environ = {
+        "DEVICEGATE_API_KEYS": f"{keys.api_key}, {old_api}",
+        "DEVICEGATE_MOBILE_API_KEYS": keys.mobile_api_key,
+        "DEVICEGATE_JWT_SECRET": f"{keys.jwt_secret},{old_jwt}",
+        "DEVICEGATE_JWT_EXPIRE_SECONDS": " 120 ",
+        "DEVICEGATE_DEVICE_HEADER": "X-Device-ID",
+        "DEVICEGATE_API_KEY_HEADER": "x-server-key",
+        "DEVICEGATE_LEEWAY_SECONDS": "5",
+        "DEVICEGATE_REQUIRE_DEVICE_BINDING": "true",
+        "DEVICEGATE_ISSUER": "https://issuer.example",
+        "DEVICEGATE_AUDIENCE": "mobile",
+        "DEVICEGATE_TOKEN_CACHE_SIZE": "0",
+        "DEVICEGATE_SOMETHING_ELSE": "ignored",
+        "API_KEYS": "ignored-without-prefix",
+    }
+    config = GateConfig.from_env(environ)
+    assert config.api_keys == (keys.api_key, old_api)
+    assert config.mobile_api_keys == (keys.mobile_api_key,)
+    assert config.jwt_secrets == (keys.jwt_secret, old_jwt)
+    assert config.jwt_expire_seconds == 120
+    assert config.device_header == "x-device-id"
+    assert config.api_key_header == "x-server-key"
+    assert config.leeway_seconds == 5
+    assert config.require_device_binding is True
+    assert config.issuer == "https://issuer.example"
+    assert config.audience == "mobile"
+    assert config.token_cache_size == 0
+
+
+def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> None:
+    for name in list(os.environ):
+        if name.startswith("DEVICEGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DEVICEGATE_JWT_SECRET", keys.jwt_secret)
+    config = GateConfig.from_env()
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    assert config.api_keys == ()
+
+
+def test_from_env_empty_values(keys: Keys) -> None:
+    config = GateConfig.from_env(
+        {
+            "DEVICEGATE_API_KEYS": keys.api_key,
+            "DEVICEGATE_MOBILE_API_KEYS": " , ",
+            "DEVICEGATE_ISSUER": "",
+            "DEVICEGATE_AUDIENCE": "  ",
+            "DEVICEGATE_SECRETS_FILE": "",
+        }
+    )
+    assert config.mobile_api_keys == ()
+    assert config.issuer is None
+    assert config.audience is None
+
+
+def test_from_env_secrets_file(tmp_path: Path, keys: Keys) -> None:
+    path = write_json(
+        tmp_path / "secrets.json",
+        {"api_key": keys.api_key, "jwt_secret": keys.jwt_secret, "jwt_expire_seconds": 120},
+    )
+    config = GateConfig.from_env(
+        {
+            "DEVICEGATE_SECRETS_FILE": str(path),
+            "DEVICEGATE_JWT_EXPIRE_SECONDS": "60",
+            "DEVICEGATE_REQUIRE_DEVICE_BINDING": "yes",
+        }
+    )
+    assert config.api_keys == (keys.api_key,)
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    # Variables override the file.
+    assert config.jwt_expire_seconds == 60
+    assert config.require_device_binding is True
+
+
+def test_from_env_secrets_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_env({"DEVICEGATE_SECRETS_FILE": str(tmp_path / "missing.json")})
+    assert_error(excinfo.value, "secrets_file")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+def test_from_env_booleans(keys: Keys, raw: str, expected: bool) -> None:
+    config = GateConfig.from_env(
+        {"DEVICEGATE_JWT_SECRET": keys.jwt_secret, "DEVICEGATE_REQUIRE_DEVICE_BINDING": raw}
+    )
+    assert config.require_device_binding is expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "field"),
+    [
+        ("DEVICEGATE_JWT_EXPIRE_SECONDS", "five", "jwt_expire_seconds"),
+        ("DEVICEGATE_JWT_EXPIRE_SECONDS", "1.5", "jwt_expire_seconds"),
+        ("DEVICEGATE_JWT_EXPIRE_SECONDS", "", "jwt_expire_seconds"),
+        ("DEVICEGATE_JWT_EXPIRE_SECONDS", "0", "jwt_expire_seconds"),
+        ("DEVICEGATE_LEEWAY_SECONDS", "1m", "leeway_seconds"),
+        ("DEVICEGATE_LEEWAY_SECONDS", "120", "leeway_seconds"),
+        ("DEVICEGATE_TOKEN_CACHE_SIZE", "lots", "token_cache_size"),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "maybe", "require_device_binding"),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "2", "require_device_binding"),
+        ("DEVICEGATE_DEVICE_HEADER", "", "device_header"),
+        ("DEVICEGATE_API_KEY_HEADER", "x api key", "api_key_header"),
+    ],
+)
+def test_from_env_bad_values(keys: Keys, variable: str, raw: str, field: str) -> None:
+    environ = {
+        "DEVICEGATE_API_KEYS": keys.api_key,
+        "DEVICEGATE_JWT_SECRET": keys.jwt_secret,
+        variable: raw,
+    }
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_env(environ)
+    assert_error(excinfo.value, field, keys.api_key, keys.jwt_secret)
+
+
+def test_from_env_weak_secret_not_echoed(keys: Keys) -> None:
+    weak = secret_of(24)
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_env({"DEVICEGATE_JWT_SECRET": weak})
+    assert_error(excinfo.value, "jwt_secret", weak)
+
+
+def test_from_env_nothing_configured() -> None:
+    environ: Mapping[str, str] = {}
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_env(environ)
+    assert_error(excinfo.value, "api_keys")
