@@ -365,6 +365,13 @@ def test_unknown_crit(verifier: TokenVerifier, secret: str, crit: object) -> Non
     assert refused(verifier, token) is InvalidReason.BAD_HEADER
 
 
+@pytest.mark.parametrize("b64", [False, 0, "false", None], ids=["false", "zero", "string", "null"])
+def test_unencoded_payload_option(verifier: TokenVerifier, secret: str, b64: object) -> None:
+    # RFC 7797: "b64": false changes what the signature covers; only the default is understood.
+    token = make_token(secret, valid_claims(), header={**HS256, "b64": b64})
+    assert refused(verifier, token) is InvalidReason.BAD_HEADER
+
+
 @pytest.mark.parametrize(
     "typ",
     ["at+jwt", "JWE", "JOSE+JSON", "", "JWT ", 5, ["JWT"], None],

@@ -577,11 +577,11 @@ def test_secrets_file_with_bad_values(
 
 
 def test_from_env_reads_every_field(keys: Keys) -> None:
-    old_api, old_jwt = secret_of(32), secret_of(32)
+    old_api = secret_of(32)
     environ = {
         "DEVICEGATE_API_KEYS": f"{keys.api_key}, {old_api}",
         "DEVICEGATE_MOBILE_API_KEYS": keys.mobile_api_key,
-        "DEVICEGATE_JWT_SECRET": f"{keys.jwt_secret},{old_jwt}",
+        "DEVICEGATE_JWT_SECRET": f" {keys.jwt_secret} ",
         "DEVICEGATE_JWT_EXPIRE_SECONDS": " 120 ",
         "DEVICEGATE_DEVICE_HEADER": "X-Device-ID",
         "DEVICEGATE_API_KEY_HEADER": "x-server-key",
@@ -596,7 +596,7 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     config = GateConfig.from_env(environ)
     assert config.api_keys == (keys.api_key, old_api)
     assert config.mobile_api_keys == (keys.mobile_api_key,)
-    assert config.jwt_secrets == (keys.jwt_secret, old_jwt)
+    assert config.jwt_secrets == (keys.jwt_secret,)
     assert config.jwt_expire_seconds == 120
     assert config.device_header == "x-device-id"
     assert config.api_key_header == "x-server-key"
@@ -605,6 +605,36 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     assert config.issuer == "https://issuer.example"
     assert config.audience == "mobile"
     assert config.token_cache_size == 0
+
+
+def test_jwt_secret_from_env_is_one_secret_even_with_a_comma(keys: Keys) -> None:
+    secret = "first-half-of-the-secret,second-half-of-it"
+    config = GateConfig.from_env({"DEVICEGATE_JWT_SECRET": secret})
+    assert config.jwt_secrets == (secret,)
+
+
+def test_empty_variables_are_unset_and_do_not_wipe_the_file(keys: Keys, tmp_path: Path) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps({"api_key": keys.api_key, "jwt_secret": keys.jwt_secret}))
+    config = GateConfig.from_env(
+        {
+            "DEVICEGATE_SECRETS_FILE": str(path),
+            "DEVICEGATE_API_KEYS": "",
+            "DEVICEGATE_JWT_SECRET": "  ",
+            "DEVICEGATE_JWT_EXPIRE_SECONDS": "",
+        }
+    )
+    assert config.api_keys == (keys.api_key,)
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    assert config.jwt_expire_seconds == 300
+
+
+def test_jwt_secret_may_hold_any_characters_but_keys_may_not(keys: Keys) -> None:
+    secret = "a jwt secret with spaces and \u00fcml\u00e4uts, long enough"
+    assert GateConfig(jwt_secret=secret).jwt_secret == secret
+    with pytest.raises(ConfigError) as info:
+        GateConfig(api_keys="an api key with spaces in it")
+    assert info.value.field == "api_keys"
 
 
 def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> None:
@@ -684,14 +714,13 @@ def test_from_env_booleans(keys: Keys, raw: str, expected: bool) -> None:
     [
         ("DEVICEGATE_JWT_EXPIRE_SECONDS", "five", "jwt_expire_seconds"),
         ("DEVICEGATE_JWT_EXPIRE_SECONDS", "1.5", "jwt_expire_seconds"),
-        ("DEVICEGATE_JWT_EXPIRE_SECONDS", "", "jwt_expire_seconds"),
         ("DEVICEGATE_JWT_EXPIRE_SECONDS", "0", "jwt_expire_seconds"),
         ("DEVICEGATE_LEEWAY_SECONDS", "1m", "leeway_seconds"),
         ("DEVICEGATE_LEEWAY_SECONDS", "120", "leeway_seconds"),
         ("DEVICEGATE_TOKEN_CACHE_SIZE", "lots", "token_cache_size"),
         ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "maybe", "require_device_binding"),
         ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "2", "require_device_binding"),
-        ("DEVICEGATE_DEVICE_HEADER", "", "device_header"),
+        ("DEVICEGATE_DEVICE_HEADER", "x instance", "device_header"),
         ("DEVICEGATE_API_KEY_HEADER", "x api key", "api_key_header"),
     ],
 )

@@ -47,7 +47,6 @@ if not settings.configured:
 
 from django.core.asgi import get_asgi_application  # noqa: E402 - needs settings first
 
-
 # asgiref runs Django's handler on asyncio; direct parametrisation replaces conftest's backends.
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

@@ -680,3 +680,12 @@ def test_minted_token_refused_by_pyjwt_with_another_secret(keys: Keys) -> None:
     issued = TokenIssuer(keys.config()).issue(DEVICE)
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(issued.access_token, "w" * 40, algorithms=["HS256"])
+
+
+def test_device_id_may_be_given_as_str(keys: Keys) -> None:
+    verifier = TokenVerifier(keys.config())
+    token = make_token(keys.jwt_secret, instance_id="device-\u00e9")
+    assert verifier.verify(token, "device-\u00e9").instance_id == "device-\u00e9"
+    with pytest.raises(InvalidToken) as excinfo:
+        verifier.verify(token, "device-e")
+    assert excinfo.value.reason is InvalidReason.WRONG_DEVICE

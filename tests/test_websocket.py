@@ -235,9 +235,9 @@ DENIALS = [
     pytest.param(
         "/ws",
         "basic",
-        400,
-        "invalid_request",
-        "The Authorization scheme is not supported.",
+        401,
+        None,
+        "Authentication is required.",
         id="basic",
     ),
     pytest.param("/ws/server", "mobile_api_key", *FORBIDDEN, id="mobile-on-server"),

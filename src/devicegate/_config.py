@@ -53,7 +53,7 @@ def _as_tuple(field: str, value: object) -> tuple[str, ...]:
     return items
 
 
-def _check_key(field: str, key: str, min_bytes: int) -> None:
+def _check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True) -> None:
     if not key:
         raise ConfigError(field, "an empty key is not allowed; generate one with `devicegate init`")
     if key in VENDOR_EXAMPLE_KEYS:
@@ -62,7 +62,7 @@ def _check_key(field: str, key: str, min_bytes: int) -> None:
             "this is the example key from the SenseCrypt documentation, known to everyone; "
             "generate a fresh one with `devicegate init`",
         )
-    if not _VISIBLE_ASCII.fullmatch(key):
+    if header_value and not _VISIBLE_ASCII.fullmatch(key):
         raise ConfigError(
             field, "keys must be visible ASCII without spaces (they travel in HTTP headers)"
         )
@@ -166,7 +166,8 @@ class GateConfig:
         for key in mobile:
             _check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
         for key in secrets:
-            _check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES)
+            # The JWT secret never travels, so any characters will do; keys are header values.
+            _check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES, header_value=False)
         if not (api or mobile or secrets):
             raise ConfigError(
                 "api_keys",
@@ -344,7 +345,9 @@ class GateConfig:
         secrets_file = env.get("DEVICEGATE_SECRETS_FILE")
         for name, parse in _ENV_FIELDS.items():
             raw = env.get(f"DEVICEGATE_{name.upper()}")
-            if raw is not None:
+            # An empty variable is unset (a blank line in an env file must not wipe the file's
+            # keys).
+            if raw is not None and raw.strip():
                 options[name] = parse(name, raw)
         if secrets_file:
             return cls.from_secrets_file(secrets_file, **options)
@@ -400,7 +403,8 @@ def _env_header(name: str, raw: str) -> str:
 _ENV_FIELDS = {
     "api_keys": _env_list,
     "mobile_api_keys": _env_list,
-    "jwt_secret": _env_list,
+    # One secret, taken whole: a secret may contain a comma. Rotate through a secrets file.
+    "jwt_secret": _env_header,
     "jwt_expire_seconds": _env_int,
     "device_header": _env_header,
     "api_key_header": _env_header,

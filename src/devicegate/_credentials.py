@@ -42,7 +42,6 @@ _DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
 _DUPLICATE = "The request carries a credential header more than once."
 _SEVERAL = "The request carries more than one credential."
 _MALFORMED = "The Authorization header is malformed."
-_UNKNOWN_SCHEME = "The Authorization scheme is not supported."
 _BAD_API_KEY_HEADER = "The API key header is malformed."
 _DUPLICATE_DEVICE = "The request carries the device header more than once."
 
@@ -98,10 +97,12 @@ def read_credential(
         return _MOBILE_API_KEY, authorization, device
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
-    if scheme.lower() != _BEARER:
-        raise InvalidRequest(_UNKNOWN_SCHEME)
-    if not token or _SPACE in token:
+    if not scheme or not token or _SPACE in token:
         raise InvalidRequest(_MALFORMED)
+    if scheme.lower() != _BEARER:
+        # RFC 6750 §3.1: a client that "attempted using an unsupported authentication method"
+        # gets the bare challenge (401, no error code), as if it had sent nothing.
+        raise MissingCredentials()
     return _DEVICE_TOKEN, token, device
 
 

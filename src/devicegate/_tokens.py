@@ -154,7 +154,7 @@ class TokenVerifier:
         """
         self._cache.clear()
 
-    def verify(self, token: bytes | str, device_id: bytes | None = None) -> Principal:
+    def verify(self, token: bytes | str, device_id: bytes | str | None = None) -> Principal:
         """Verify ``token`` for a request whose device header is ``device_id``.
 
         Returns:
@@ -169,6 +169,8 @@ class TokenVerifier:
                 token = token.encode("ascii")
             except UnicodeEncodeError:
                 raise InvalidToken(InvalidReason.MALFORMED) from None
+        if isinstance(device_id, str):
+            device_id = device_id.encode()
         cache = self._cache
         entry = cache.get(token)
         if entry is not None:
@@ -219,8 +221,9 @@ class TokenVerifier:
         # RFC 8725 §3.1: the algorithm is ours; the header must merely agree with it.
         if header.get("alg") != ALGORITHM:
             raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
-        if "crit" in header:
-            # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown.
+        if "crit" in header or header.get("b64", True) is not True:
+            # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown; an unencoded
+            # payload (RFC 7797 "b64": false) would change what the signature covers.
             raise InvalidToken(InvalidReason.BAD_HEADER)
         # RFC 7515 §4.1.4, §4.1.9: typ and kid, when present, are strings; a null is refused too
         # (PyJWT refuses a null kid, and a token accepted here must verify there).
