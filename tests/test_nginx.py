@@ -1,0 +1,480 @@
+"""A real nginx (``auth_request``) asking a real devicegate about every request.
+
+nginx runs with ``docs/nginx.conf.example`` itself (only its addresses and shared secret are
+replaced), so the documented configuration is the tested one. devicegate runs two ways: the
+library (``ForwardAuth`` with path rules, ``tests/servers/forward_auth_app.py``) and the command
+line (``devicegate serve --forward-auth-path``). Each request's outcome through nginx is compared
+with what DeviceAuthMiddleware decides for the same request in-process.
+
+nginx is required: the test fails, never skips, when the binary is missing (``.ci/run`` and the
+README's test command install Debian's ``nginx`` package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from starlette.types import ASGIApp, Message, Scope
+
+from devicegate import DeviceAuthMiddleware, Rule
+from tests.helpers import Keys, RecordingApp, fresh_keys, make_token
+from tests.servers.forward_auth_app import FORWARD_AUTH_PATH, RULES, SECRET_ENV
+from tests.servers.process import HOST, ROOT, Server, serve, uvicorn_command
+
+EXAMPLE = ROOT / "docs" / "nginx.conf.example"
+# What the example says, and what the test puts in its place.
+DEVICEGATE_ADDRESS = "server 127.0.0.1:8000;"
+API_ADDRESS = "server 127.0.0.1:9000;"
+LISTEN = "listen 127.0.0.1:8080;"
+SECRET_PLACEHOLDER = "REPLACE-WITH-THE-SHARED-SECRET"
+CLI_RULES = (Rule("/health", public=True),)
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None:
+        pytest.fail(
+            "nginx is not installed; install it (Debian/Ubuntu: apt-get install -y nginx). "
+            "These tests must run, never skip."
+        )
+    return found
+
+
+def nginx_site(devicegate_port: int, api_port: int, listen_port: int, secret: str) -> str:
+    """docs/nginx.conf.example with the test's addresses and secret."""
+    text = EXAMPLE.read_text()
+    for placeholder in (DEVICEGATE_ADDRESS, API_ADDRESS, LISTEN):
+        assert text.count(placeholder) == 1, f"docs/nginx.conf.example lost {placeholder!r}"
+    assert SECRET_PLACEHOLDER in text
+    return (
+        text.replace(DEVICEGATE_ADDRESS, f"server {HOST}:{devicegate_port};")
+        .replace(API_ADDRESS, f"server {HOST}:{api_port};")
+        .replace(LISTEN, f"listen {HOST}:{listen_port};")
+        .replace(SECRET_PLACEHOLDER, secret)
+    )
+
+
+def nginx_main(directory: Path) -> str:
+    """The main nginx.conf: everything nginx writes stays inside ``directory``."""
+    temp = {name: directory / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir(exist_ok=True)
+    return f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    include {directory}/devicegate.conf;
+}}
+"""
+
+
+@contextlib.contextmanager
+def running_nginx(
+    directory: Path, *, devicegate_port: int, api_port: int, secret: str
+) -> Iterator[Server]:
+    binary = nginx_binary()
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def command(port: int) -> list[str]:
+        site = nginx_site(devicegate_port, api_port, port, secret)
+        (directory / "devicegate.conf").write_text(site)
+        (directory / "nginx.conf").write_text(nginx_main(directory))
+        return [
+            binary,
+            "-p", str(directory),
+            "-c", str(directory / "nginx.conf"),
+            "-e", str(directory / "error.log"),
+        ]  # fmt: skip
+
+    with serve(command, directory / "nginx.out") as server:
+        yield server
+
+
+@dataclass
+class Stack:
+    """nginx in front of the echo API, asking a devicegate run with ``rules``."""
+
+    nginx: Server
+    devicegate: Server
+    upstream: Server
+    keys: Keys
+    secret: str
+    rules: Sequence[Rule]
+
+    async def expected(self, raw_target: str, headers: Sequence[tuple[str, str]]) -> Answer:
+        """What DeviceAuthMiddleware, in-process with the same rules, answers."""
+        app = RecordingApp()
+        gate = DeviceAuthMiddleware(
+            app, config=self.keys.config(), rules=self.rules, token_path=None
+        )
+        raw_path = raw_target.split("?", 1)[0]
+        answer = await call_asgi(gate, _scope(unquote(raw_path), raw_path, headers))
+        assert app.ran == (answer.status == 200)
+        return answer
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _scope(path: str, raw_path: str, headers: Sequence[tuple[str, str]]) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": raw_path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in headers],
+        "client": (HOST, 40000),
+        "server": (HOST, 80),
+    }
+
+
+async def call_asgi(app: ASGIApp, scope: Scope) -> Answer:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    headers = {name.decode(): value.decode() for name, value in sent[0]["headers"]}
+    body = b"".join(message.get("body", b"") for message in sent[1:])
+    return Answer(sent[0]["status"], headers, body)
+
+
+@pytest.fixture(scope="module")
+def keys_for_stack() -> Keys:
+    return fresh_keys()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("api") / "echo.log"
+    with serve(uvicorn_command("tests.servers.echo:app"), log) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["library", "cli"])
+def stack(
+    request: pytest.FixtureRequest,
+    api: Server,
+    keys_for_stack: Keys,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    keys = keys_for_stack
+    secret = secrets.token_urlsafe(32)
+    directory = tmp_path_factory.mktemp(f"nginx-{request.param}")
+    env = {SECRET_ENV: secret}
+    command: Any
+    if request.param == "library":
+        env.update(
+            DEVICEGATE_API_KEYS=keys.api_key,
+            DEVICEGATE_MOBILE_API_KEYS=keys.mobile_api_key,
+            DEVICEGATE_JWT_SECRET=keys.jwt_secret,
+        )
+        command = uvicorn_command(
+            "tests.servers.forward_auth_app:create_app", "--factory", "--lifespan", "off"
+        )
+        rules: Sequence[Rule] = RULES
+    else:
+        secrets_file = directory / "secrets.json"
+        secrets_file.write_text(
+            json.dumps(
+                {
+                    "api_key": keys.api_key,
+                    "mobile_api_key": keys.mobile_api_key,
+                    "jwt_secret": keys.jwt_secret,
+                }
+            )
+        )
+        secrets_file.chmod(0o600)
+
+        def command(port: int) -> list[str]:
+            return [
+                sys.executable, "-m", "devicegate", "serve",
+                "--secrets", str(secrets_file),
+                "--host", HOST,
+                "--port", str(port),
+                "--forward-auth-path", FORWARD_AUTH_PATH,
+                "--forward-auth-secret-env", SECRET_ENV,
+                "--public", "/health",
+                "--log-level", "warning",
+            ]  # fmt: skip
+
+        rules = CLI_RULES
+    with (
+        serve(command, directory / "devicegate.log", env=env) as devicegate,
+        running_nginx(
+            directory / "nginx", devicegate_port=devicegate.port, api_port=api.port, secret=secret
+        ) as nginx,
+    ):
+        yield Stack(nginx, devicegate, api, keys, secret, rules)
+
+
+def client(base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=30)
+
+
+async def fetch(
+    http: httpx.AsyncClient,
+    target: str,
+    headers: Sequence[tuple[str, str]] = (),
+    *,
+    method: str = "GET",
+    content: bytes | None = None,
+) -> httpx.Response:
+    """Send ``target`` byte for byte (httpx would otherwise normalise dot segments)."""
+    request = http.build_request(
+        method, "/", headers=list(headers), content=content,
+        extensions={"target": target.encode()},
+    )  # fmt: skip
+    return await http.send(request)
+
+
+async def seen_by(api: Server) -> list[str]:
+    async with client(api.url) as http:
+        seen: list[str] = (await http.get("/__seen")).json()
+    return seen
+
+
+def received(response: httpx.Response) -> dict[str, list[str]]:
+    """The headers the API received, from its echo."""
+    assert response.status_code == 200, response.text
+    headers: dict[str, list[str]] = {}
+    for name, value in response.json()["headers"]:
+        headers.setdefault(name, []).append(value)
+    return headers
+
+
+# -- nginx behaves as the middleware -------------------------------------------------------------
+
+
+def _cases(keys: Keys) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    bound = make_token(keys.jwt_secret, instance_id="device-1")
+    generic = make_token(keys.jwt_secret)
+    expired = make_token(keys.jwt_secret, {"iat": 1_000_000, "exp": 1_000_300})
+    server = ("x-api-key", keys.api_key)
+    mobile = ("authorization", keys.mobile_api_key)
+    device_1 = ("x-instance-id", "device-1")
+    token = ("authorization", f"Bearer {bound}")
+    return [
+        ("no credential", "/orders", []),
+        ("server key", "/orders/7", [server]),
+        ("mobile key", "/orders/7", [mobile]),
+        ("bound token, right device", "/mobile/verify", [token, device_1]),
+        ("generic token", "/", [("authorization", f"Bearer {generic}")]),
+        ("wrong device", "/mobile/verify", [token, ("x-instance-id", "device-2")]),
+        ("bound token, no device header", "/mobile/verify", [token]),
+        ("expired token", "/orders", [("authorization", f"Bearer {expired}")]),
+        ("unknown mobile key", "/orders", [("authorization", "k" * 40)]),
+        ("unknown scheme", "/orders", [("authorization", "Basic dXNlcjpwYXNz")]),
+        ("two credentials", "/orders", [server, mobile]),
+        ("server key on server-only path", "/admin/users", [server]),
+        ("mobile key on server-only path", "/admin/users", [mobile]),
+        ("server key on mobile path", "/mobile/verify", [server]),
+        ("public path", "/health", []),
+        ("public path, query", "/health?next=/admin/users", []),
+        ("dot-dot segment", "/mobile/../admin/users", [server]),
+        ("double slash", "//admin/users", [mobile]),
+        ("encoded dot-dot", "/mobile/%2e%2e/admin/users", [server]),
+        ("encoded letter meets the rule", "/adm%69n/users", [mobile]),
+    ]
+
+
+def _case_ids() -> list[str]:
+    return [case for case, _, _ in _cases(Keys("a" * 32, "b" * 32, "c" * 32))]
+
+
+@pytest.mark.parametrize("case", _case_ids())
+async def test_nginx_decides_as_the_middleware(stack: Stack, case: str) -> None:
+    _, target, headers = next(c for c in _cases(stack.keys) if c[0] == case)
+    marker = secrets.token_hex(8)
+    target += ("&" if "?" in target else "?") + f"probe={marker}"
+    expected = await stack.expected(target, headers)
+    async with client(stack.nginx.url) as http:
+        response = await fetch(http, target, headers)
+    if expected.status == 200:
+        seen = expected.json()
+        got = received(response)
+        assert got.get("x-devicegate-kind", [None]) == [seen["kind"]]
+        assert got.get("x-devicegate-instance-id", [None]) == [seen["instance_id"]]
+        for credential in ("authorization", "x-api-key", "x-instance-id"):
+            assert credential not in got
+    else:
+        assert response.status_code == expected.status
+        assert response.headers.get("www-authenticate") == expected.headers["www-authenticate"]
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == expected.json()
+        # A refused request never reaches the API.
+        assert not [t for t in await seen_by(stack.upstream) if marker in t]
+
+
+async def test_parity_table_covers_every_outcome(stack: Stack) -> None:
+    statuses = set()
+    for _, target, headers in _cases(stack.keys):
+        statuses.add((await stack.expected(target, headers)).status)
+    wanted = {200, 400, 401, 403} if stack.rules is RULES else {200, 400, 401}
+    assert statuses == wanted
+
+
+# -- the rest of the documented behaviour --------------------------------------------------------
+
+
+async def test_minted_token_works_through_nginx(stack: Stack) -> None:
+    async with client(stack.nginx.url) as http:
+        minted = await http.post(
+            "/gen-jwt", headers={"x-api-key": stack.keys.api_key}, json={"instance_id": "phone-5"}
+        )
+        assert minted.status_code == 200, minted.text
+        token = minted.json()["access_token"]
+        allowed = await http.get(
+            "/mobile/verify",
+            headers={"authorization": f"Bearer {token}", "x-instance-id": "phone-5"},
+        )
+        other_phone = await http.get(
+            "/mobile/verify",
+            headers={"authorization": f"Bearer {token}", "x-instance-id": "phone-6"},
+        )
+        mobile_mints = await http.post(
+            "/gen-jwt", headers={"authorization": stack.keys.mobile_api_key}, json={}
+        )
+    got = received(allowed)
+    assert got["x-devicegate-kind"] == ["device_token"]
+    assert got["x-devicegate-instance-id"] == ["phone-5"]
+    assert other_phone.status_code == 401
+    assert 'error="invalid_token"' in other_phone.headers["www-authenticate"]
+    assert mobile_mints.status_code == 403
+    assert mobile_mints.json()["error"] == "insufficient_scope"
+
+
+async def test_client_cannot_name_another_uri(stack: Stack) -> None:
+    spoofed = [
+        ("x-original-uri", "/health"),
+        ("x-original-method", "GET"),
+        ("x-forwarded-uri", "/health"),
+        ("x-forwarded-method", "GET"),
+    ]
+    async with client(stack.nginx.url) as http:
+        response = await fetch(http, "/orders", spoofed)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Bearer realm="devicegate"'
+
+
+async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None:
+    headers = [
+        ("x-api-key", stack.keys.api_key),
+        ("x-devicegate-kind", "device_token"),
+        ("x-devicegate-instance-id", "victim-phone"),
+        ("x-devicegate-forward-secret", "guess"),
+    ]
+    async with client(stack.nginx.url) as http:
+        got = received(await fetch(http, "/orders", headers))
+    assert got["x-devicegate-kind"] == ["api_key"]
+    assert "x-devicegate-instance-id" not in got
+    assert "x-devicegate-forward-secret" not in got
+
+
+async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
+    async with client(stack.nginx.url) as http:
+        unauthorized = await http.get("/status/401", headers={"x-api-key": stack.keys.api_key})
+        failed = await http.get("/status/500", headers={"x-api-key": stack.keys.api_key})
+    # The API's own 401 and 500 are its answers, not devicegate's: nginx must not re-ask.
+    assert unauthorized.status_code == 401
+    assert unauthorized.json()["path"] == "/status/401"
+    assert "www-authenticate" not in unauthorized.headers
+    assert failed.status_code == 500
+    assert failed.json()["path"] == "/status/500"
+
+
+async def test_request_bodies_reach_the_api(stack: Stack) -> None:
+    payload = secrets.token_bytes(256 * 1024)
+    async with client(stack.nginx.url) as http:
+        allowed = await http.post(
+            "/orders", content=payload, headers={"x-api-key": stack.keys.api_key}
+        )
+        refused = await http.post("/orders", content=payload)
+    assert allowed.json()["body_length"] == len(payload)
+    assert allowed.json()["method"] == "POST"
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "unauthorized"
+
+
+async def test_forward_auth_endpoint_is_internal(stack: Stack) -> None:
+    headers = {"x-original-uri": "/orders", "x-api-key": stack.keys.api_key}
+    async with client(stack.nginx.url) as http:
+        through_nginx = await http.get(FORWARD_AUTH_PATH, headers=headers)
+    async with client(stack.devicegate.url) as http:
+        without_secret = await http.get(FORWARD_AUTH_PATH, headers=headers)
+        with_secret = await http.get(
+            FORWARD_AUTH_PATH, headers={**headers, "x-devicegate-forward-secret": stack.secret}
+        )
+    assert through_nginx.status_code == 404  # `internal`: clients cannot reach it via nginx
+    assert without_secret.status_code == 403
+    assert without_secret.json()["error"] == "forbidden"
+    assert with_secret.status_code == 204
+    assert with_secret.headers["x-devicegate-kind"] == "api_key"
+
+
+async def test_devicegate_down_fails_closed(
+    api: Server, keys_for_stack: Keys, tmp_path: Path
+) -> None:
+    # A bound socket that never listens stands for a stopped devicegate.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as dead:
+        dead.bind((HOST, 0))
+        with running_nginx(
+            tmp_path / "nginx",
+            devicegate_port=dead.getsockname()[1],
+            api_port=api.port,
+            secret=secrets.token_urlsafe(32),
+        ) as nginx:
+            marker = secrets.token_hex(8)
+            async with client(nginx.url) as http:
+                response = await http.get(
+                    f"/orders?probe={marker}", headers={"x-api-key": keys_for_stack.api_key}
+                )
+    assert response.status_code == 502
+    assert not [t for t in await seen_by(api) if marker in t]
+
+
+def test_deployment_guide_shows_the_tested_configuration() -> None:
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    blocks = guide.split("```nginx\n")[1:]
+    shown = [block.split("```", 1)[0] for block in blocks]
+    assert EXAMPLE.read_text() in shown, "docs/deployment.md must show docs/nginx.conf.example"
