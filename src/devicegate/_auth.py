@@ -55,7 +55,7 @@ class Authenticator:
         """
         kind, value, device = read_credential(headers, self._api_key_header, self._device_header)
         if kind is _DEVICE_TOKEN:
-            return self.verifier.verify(value, device)
+            return self.verifier.check(value, device)
         if kind is _API_KEY:
             keys, principal = self._api_keys, _API_KEY_PRINCIPAL
         else:

@@ -26,6 +26,7 @@ MAX_CREDENTIAL_BYTES = 8192
 
 _AUTHORIZATION = b"authorization"
 _BEARER = b"bearer"
+_BEARER_PREFIX = b"Bearer "
 # Single bytes tested as ints: ``b"\t" in value`` first tries the needle as an int, fails, and
 # clears a TypeError, which costs several times the search itself.
 _TAB = ord("\t")
@@ -88,6 +89,12 @@ def read_credential(
         raise MissingCredentials()
     if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or _TAB in authorization:
         raise InvalidRequest(_MALFORMED)
+    if authorization.startswith(_BEARER_PREFIX):
+        # The spelling every client sends, decided without splitting or case folding.
+        token = authorization[len(_BEARER_PREFIX) :]
+        if not token or _SPACE in token:
+            raise InvalidRequest(_MALFORMED)
+        return _DEVICE_TOKEN, token, device
     scheme, space, token = authorization.partition(b" ")
     if not space:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a

@@ -25,6 +25,13 @@ class CredentialKind(str, enum.Enum):
     DEVICE_TOKEN = "device_token"  # noqa: S105 - a kind name, not a secret
     """A short-lived JWT, sent as ``Authorization: Bearer <jwt>``."""
 
+    # As enum.StrEnum (3.11+): str() and format() give the value, on every supported Python.
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, format_spec: str) -> str:
+        return format(str(self.value), format_spec)
+
 
 ALL_KINDS: frozenset[CredentialKind] = frozenset(CredentialKind)
 

@@ -171,10 +171,15 @@ class TokenVerifier:
                 raise InvalidToken(InvalidReason.MALFORMED) from None
         if isinstance(device_id, str):
             device_id = device_id.encode()
+        return self.check(token, device_id)
+
+    def check(self, token: bytes, device_id: bytes | None) -> Principal:
+        """:meth:`verify` for raw header bytes, as the middleware has them (the hot path)."""
         cache = self._cache
         entry = cache.get(token)
         if entry is not None:
-            if entry.valid_from <= self._clock() < entry.expires_at:
+            expires_at, valid_from, bound, principal = entry
+            if valid_from <= self._clock() < expires_at:
                 # try/except, not contextlib.suppress: free when nothing is raised.
                 try:  # noqa: SIM105
                     cache.move_to_end(token)  # most recently used
@@ -191,13 +196,13 @@ class TokenVerifier:
                 # Verified against time and claims but not yet against the device: the device
                 # check below runs on every request, cached or not.
                 self._remember(token, entry)
-        bound = entry.bound
+            expires_at, valid_from, bound, principal = entry
         if bound is not None:
             if device_id is None:
                 raise InvalidRequest(_MISSING_DEVICE)
             if not hmac.compare_digest(bound, device_id):
                 raise InvalidToken(InvalidReason.WRONG_DEVICE)
-        return entry.principal
+        return principal
 
     def _remember(self, token: bytes, entry: _Entry) -> None:
         cache = self._cache
