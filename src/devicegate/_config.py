@@ -334,8 +334,9 @@ class GateConfig:
         """Build a configuration from ``DEVICEGATE_*`` environment variables.
 
         ``DEVICEGATE_SECRETS_FILE`` loads a ``secrets.json`` first; ``DEVICEGATE_API_KEYS`` and
-        ``DEVICEGATE_MOBILE_API_KEYS`` (comma-separated), ``DEVICEGATE_JWT_SECRET`` (comma-separated
-        for rotation) and ``DEVICEGATE_<FIELD>`` for every other field override it.
+        ``DEVICEGATE_MOBILE_API_KEYS`` (comma-separated), ``DEVICEGATE_JWT_SECRET`` (one secret,
+        taken whole but for surrounding spaces) and ``DEVICEGATE_<FIELD>`` for every other field
+        override it. An empty variable counts as unset.
 
         Raises:
             ConfigError: as the constructor, or for a value that does not parse.

@@ -118,7 +118,11 @@ class DeviceAuthMiddleware:
         )
 
     def clear_token_cache(self) -> None:
-        """Forget every verified token (after rotating ``jwt_secret`` or revoking tokens)."""
+        """Forget every verified token, so that each is verified again in full on its next use.
+
+        This middleware keeps the secrets it was built with: clearing revokes nothing by
+        itself. To rotate ``jwt_secret``, build a new middleware from the new configuration.
+        """
         self._authenticator.verifier.clear_cache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

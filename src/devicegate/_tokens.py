@@ -150,7 +150,8 @@ class TokenVerifier:
     def clear_cache(self) -> None:
         """Forget every remembered token; the next request for each verifies it in full.
 
-        Call after rotating secrets or revoking tokens.
+        For whatever changes what a full verification decides (a revocation list, say); the
+        secrets themselves are fixed for the life of a verifier.
         """
         self._cache.clear()
 
