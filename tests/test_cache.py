@@ -563,3 +563,33 @@ def test_cached_and_uncached_verification_always_agree(
         clock.now = NOW + offset
         assert outcome(cached, tokens[name], device) == outcome(uncached, tokens[name], device)
         assert cached.cache_size <= size
+
+
+async def test_nested_claims_cannot_be_changed_by_one_request_for_the_next(keys: Keys) -> None:
+    # A cached principal is shared by every request with that token: its claims must be
+    # read-only all the way down, or one request's app could grant the next one a role.
+    seen: list[list[str]] = []
+
+    async def meddling_app(scope: Scope, receive: Receive, send: Send) -> None:
+        claims: Any = scope["user"].claims
+        seen.append(list(claims["roles"]))
+        with pytest.raises(TypeError):
+            claims["roles"].append("admin")
+        with pytest.raises(TypeError):
+            claims["profile"].update(admin=True)
+        with pytest.raises(TypeError):
+            claims["roles"] = ["admin"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send(
+            {"type": "http.response.body", "body": json.dumps(scope["user"].claims).encode()}
+        )
+
+    gate = DeviceAuthMiddleware(meddling_app, config=keys.config())
+    token = make_token(
+        keys.jwt_secret,
+        claims(instance_id=DEVICE_A, iat=None, exp=2**40, roles=["user"], profile={"tier": 1}),
+    )
+    async with client(gate) as http:
+        bodies = [(await http.get("/", headers=bearer(token))).json() for _ in range(3)]
+    assert seen == [["user"]] * 3
+    assert all(body["roles"] == ["user"] and body["profile"] == {"tier": 1} for body in bodies)

@@ -581,7 +581,7 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     environ = {
         "DEVICEGATE_API_KEYS": f"{keys.api_key}, {old_api}",
         "DEVICEGATE_MOBILE_API_KEYS": keys.mobile_api_key,
-        "DEVICEGATE_JWT_SECRET": f" {keys.jwt_secret} ",
+        "DEVICEGATE_JWT_SECRET": keys.jwt_secret,
         "DEVICEGATE_JWT_EXPIRE_SECONDS": " 120 ",
         "DEVICEGATE_DEVICE_HEADER": "X-Device-ID",
         "DEVICEGATE_API_KEY_HEADER": "x-server-key",
@@ -747,3 +747,25 @@ def test_from_env_nothing_configured() -> None:
     with pytest.raises(ConfigError) as excinfo:
         GateConfig.from_env(environ)
     assert_error(excinfo.value, "api_keys")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("api_keys", "a" * 40),
+        ("mobile_api_keys", "ab" * 20),
+        ("jwt_secret", "0123456" * 6),
+    ],
+)
+def test_keys_with_too_few_distinct_characters_are_refused(field: str, value: str) -> None:
+    options: dict[str, Any] = {field: value}
+    with pytest.raises(ConfigError) as info:
+        GateConfig(**options)
+    assert info.value.field == field
+    assert "distinct characters" in str(info.value)
+    assert value not in str(info.value)
+
+
+def test_jwt_secret_from_env_keeps_its_spaces(keys: Keys) -> None:
+    secret = f" {keys.jwt_secret} "
+    assert GateConfig.from_env({"DEVICEGATE_JWT_SECRET": secret}).jwt_secrets == (secret,)

@@ -922,6 +922,36 @@ async def test_on_error_response_that_raises_before_sending_falls_back(
     assert all(keys.api_key not in r.getMessage() for r in caplog.records)
 
 
+async def test_on_error_response_that_sends_nothing_falls_back(
+    keys: Keys, app: RecordingApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def silent_response(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    gate = DeviceAuthMiddleware(app, config=keys.config(), on_error=lambda s, e: silent_response)
+    with caplog.at_level(logging.INFO, logger="devicegate"):
+        async with client(gate) as http:
+            missing = await http.get("/")
+    assert_denied(missing, MISSING)
+    assert not app.ran
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["devicegate on_error response sent nothing"]
+
+
+def test_settings_are_read_only(keys: Keys, app: RecordingApp) -> None:
+    # The keys and rules are compiled at construction: rebinding them later would change what
+    # the attributes claim but not what the middleware does.
+    gate = DeviceAuthMiddleware(app, config=keys.config(), rules=[Rule("/health", public=True)])
+    for name, value in (("config", keys.config()), ("rules", ()), ("token_path", None)):
+        with pytest.raises(AttributeError):
+            setattr(gate, name, value)
+    assert gate.rules == (Rule("/health", public=True),)
+    assert gate.token_path == "/gen-jwt"
+    assert (
+        DeviceAuthMiddleware(app, config=GateConfig(jwt_secret=keys.jwt_secret)).token_path is None
+    )
+
+
 async def test_on_error_response_that_raises_after_starting_propagates(
     keys: Keys, app: RecordingApp
 ) -> None:

@@ -247,7 +247,8 @@ DENIALS = [
         "mobile_api_key",
         400,
         "invalid_request",
-        "The request path has '.', '..' or empty segments, or a backslash.",
+        "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
+        "control character.",
         id="dot-segments",
     ),
 ]

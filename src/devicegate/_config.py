@@ -17,6 +17,7 @@ __all__ = ["ConfigError", "GateConfig"]
 MIN_JWT_SECRET_BYTES = 32
 # API keys are bearer secrets too; 128 bits is the floor for anything guessable online.
 MIN_API_KEY_BYTES = 16
+MIN_DISTINCT_CHARACTERS = 8
 MAX_LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 
@@ -71,6 +72,14 @@ def _check_key(field: str, key: str, min_bytes: int, *, header_value: bool = Tru
             field,
             f"a key must be at least {min_bytes} bytes long (this one is {len(key.encode())}); "
             "generate one with `devicegate init`",
+        )
+    if len(set(key)) < MIN_DISTINCT_CHARACTERS:
+        # Length alone lets "aaaa..." through. Random keys of this length use far more
+        # distinct characters; this catches placeholders, not every weak choice.
+        raise ConfigError(
+            field,
+            f"this key uses fewer than {MIN_DISTINCT_CHARACTERS} distinct characters, so it is "
+            "not random; generate one with `devicegate init`",
         )
 
 
@@ -335,7 +344,7 @@ class GateConfig:
 
         ``DEVICEGATE_SECRETS_FILE`` loads a ``secrets.json`` first; ``DEVICEGATE_API_KEYS`` and
         ``DEVICEGATE_MOBILE_API_KEYS`` (comma-separated), ``DEVICEGATE_JWT_SECRET`` (one secret,
-        taken whole but for surrounding spaces) and ``DEVICEGATE_<FIELD>`` for every other field
+        taken whole) and ``DEVICEGATE_<FIELD>`` for every other field
         override it. An empty variable counts as unset.
 
         Raises:
@@ -397,6 +406,10 @@ def _env_str(name: str, raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _env_secret(name: str, raw: str) -> str:
+    return raw
+
+
 def _env_header(name: str, raw: str) -> str:
     return raw.strip()
 
@@ -404,8 +417,9 @@ def _env_header(name: str, raw: str) -> str:
 _ENV_FIELDS = {
     "api_keys": _env_list,
     "mobile_api_keys": _env_list,
-    # One secret, taken whole: a secret may contain a comma. Rotate through a secrets file.
-    "jwt_secret": _env_header,
+    # One secret, taken whole: a secret may contain a comma or spaces. Rotate through a
+    # secrets file.
+    "jwt_secret": _env_secret,
     "jwt_expire_seconds": _env_int,
     "device_header": _env_header,
     "api_key_header": _env_header,

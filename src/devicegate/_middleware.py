@@ -35,7 +35,10 @@ _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
 
 
 _new_credentials = AuthCredentials.__new__
-_UNSAFE_PATH = "The request path has '.', '..' or empty segments, or a backslash."
+_UNSAFE_PATH = (
+    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a control "
+    "character."
+)
 _UNREADABLE = "The request could not be read."
 
 
@@ -84,12 +87,14 @@ class DeviceAuthMiddleware:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
         self.app = app
-        self.config = config
-        self.rules = tuple(rules)
+        # Read-only: the secrets and rules are compiled below, so rebinding these later would
+        # change nothing but what they claim. Build a new middleware to change them.
+        self._config = config
+        self._rules = tuple(rules)
         self._authenticator = Authenticator(config)
         self._authenticate = self._authenticator.authenticate
         configured = self._authenticator.configured_kinds
-        for rule in self.rules:
+        for rule in self._rules:
             if not isinstance(rule, Rule):
                 raise ConfigError("rules", f"every rule must be a Rule, got {rule!r}")
             if not rule.public and not rule.accept & configured:
@@ -104,7 +109,7 @@ class DeviceAuthMiddleware:
             raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
         check_realm(realm)
         self._endpoint: TokenEndpoint | None = None
-        self.token_path = token_path
+        self._token_path = token_path
         if token_path is not None and config.api_keys and config.jwt_secrets:
             self._endpoint = TokenEndpoint(config, realm=realm)
         self._on_error = on_error
@@ -116,6 +121,21 @@ class DeviceAuthMiddleware:
             f"{type(self).__name__}(app={self.app!r}, config={self.config!r}, "
             f"rules={list(self.rules)!r}, token_path={self.token_path!r})"
         )
+
+    @property
+    def config(self) -> GateConfig:
+        """The configuration this middleware was built with."""
+        return self._config
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules, in the order they are tried."""
+        return self._rules
+
+    @property
+    def token_path(self) -> str | None:
+        """The route path of the built-in token endpoint, or ``None``."""
+        return self._token_path if self._endpoint is not None else None
 
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
@@ -139,20 +159,16 @@ class DeviceAuthMiddleware:
         principal: Principal | None
         try:
             path = scope["path"]
-            # The common clean path is told apart with three substring scans; anything that
-            # might hold a dot segment, an empty segment or a backslash gets the full check.
-            if (
-                "//" in path or "/." in path or "\\" in path or not path.startswith("/")
-            ) and has_unsafe_segments(path):
+            if has_unsafe_segments(path):
                 raise InvalidRequest(_UNSAFE_PATH)
             if scope.get("root_path"):  # without a mount point the route path is the path
                 path = route_path(scope)
-            if path == self.token_path and self._endpoint is not None:
+            if path == self._token_path and self._endpoint is not None:
                 accepted = _TOKEN_PATH_KINDS
                 endpoint = self._endpoint
             else:
                 accepted = self._default_kinds
-                for rule in self.rules:
+                for rule in self._rules:
                     if rule.matches(path):
                         accepted = rule.accept
                         public = rule.public
@@ -222,5 +238,7 @@ class DeviceAuthMiddleware:
                         raise
                     logger.error("devicegate on_error response raised %s", type(exc).__name__)
                 else:
-                    return
+                    if started:
+                        return
+                    logger.error("devicegate on_error response sent nothing")
         await send_error(scope, send, error, self._realm)

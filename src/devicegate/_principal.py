@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from starlette.authentication import BaseUser
 
@@ -35,7 +35,56 @@ class CredentialKind(str, enum.Enum):
 
 ALL_KINDS: frozenset[CredentialKind] = frozenset(CredentialKind)
 
-_EMPTY_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+
+def _refuse(self: object, *args: object, **kwargs: object) -> NoReturn:
+    raise TypeError("token claims are read-only")
+
+
+class _ReadOnlyDict(dict):  # type: ignore[type-arg]
+    """A dict nobody can change: cached principals are shared by every request that presents
+    the same token, so one request's app must not be able to alter what the next one sees.
+    A dict subclass rather than a mappingproxy so that ``json.dumps`` still takes it."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return dict, (dict(self),)
+
+
+class _ReadOnlyList(list):  # type: ignore[type-arg]
+    """A list nobody can change; still equal to a list and taken by ``json.dumps``."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return copy.deepcopy(list(self), memo)
+
+    def __reduce__(self) -> tuple[type[list[Any]], tuple[list[Any]]]:
+        return list, (list(self),)
+
+
+def _read_only(value: Any) -> Any:
+    """``value`` with every nested dict and list made read-only."""
+    if isinstance(value, dict):
+        return _ReadOnlyDict({key: _read_only(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return _ReadOnlyList(_read_only(item) for item in value)
+    return value
+
+
+_EMPTY_CLAIMS: Mapping[str, Any] = _ReadOnlyDict()
 
 
 class Principal(BaseUser):
@@ -44,7 +93,8 @@ class Principal(BaseUser):
     Attributes:
         kind: which credential authenticated the request.
         instance_id: the device the token is bound to (``None`` for keys and generic tokens).
-        claims: the verified JWT claims, read-only (empty for keys).
+        claims: the verified JWT claims, read-only all the way down (nested objects are
+            read-only dicts and lists; empty for keys).
     """
 
     __slots__ = ("claims", "instance_id", "kind")
@@ -63,7 +113,7 @@ class Principal(BaseUser):
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "instance_id", instance_id)
         object.__setattr__(
-            self, "claims", _EMPTY_CLAIMS if not claims else MappingProxyType(dict(claims))
+            self, "claims", _EMPTY_CLAIMS if not claims else _read_only(dict(claims))
         )
 
     def __setattr__(self, name: str, value: object) -> None:

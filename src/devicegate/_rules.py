@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -9,6 +10,9 @@ from ._errors import ConfigError
 from ._principal import ALL_KINDS, CredentialKind
 
 __all__ = ["Rule", "has_unsafe_segments", "route_path"]
+
+_ALWAYS_UNSAFE = re.compile(r"[\\;\x00-\x1f\x7f]")
+_SUSPICIOUS = re.compile(r"//|/\.|[\\;\x00-\x1f\x7f]")
 
 
 class Rule:
@@ -19,7 +23,8 @@ class Rule:
             prefix ending in ``/*`` (``"/mobile/*"`` matches ``/mobile``, ``/mobile/`` and
             everything below it, but not ``/mobilex``).
         accept: the credential kinds admitted (default: all of them).
-        public: admit requests without any credential. Nothing is checked on a public path.
+        public: admit requests without any credential. Nothing is checked on a public path,
+            so ``accept`` cannot be given with it.
 
     Raises:
         ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments or a
@@ -39,7 +44,7 @@ class Rule:
         self,
         path: str,
         *,
-        accept: Iterable[CredentialKind | str] = ALL_KINDS,
+        accept: Iterable[CredentialKind | str] | None = None,
         public: bool = False,
     ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
@@ -52,6 +57,12 @@ class Rule:
             raise ConfigError(
                 "Rule.path", f"{path!r} has '.', '..' or empty segments, or a backslash"
             )
+        if public and accept is not None:
+            raise ConfigError(
+                "Rule.accept", "a public rule checks no credential; drop accept or public=True"
+            )
+        if accept is None:
+            accept = ALL_KINDS
         try:
             kinds = frozenset(CredentialKind(kind) for kind in accept)
         except ValueError:
@@ -116,18 +127,21 @@ def route_path(scope: Mapping[str, Any]) -> str:
 
 
 def has_unsafe_segments(path: str) -> bool:
-    """Whether ``path`` has ``.``, ``..`` or empty segments (a final ``/`` is fine), or a
-    backslash.
+    """Whether ``path`` could mean another path to a server further on.
 
-    Such a path may be rewritten further on (RFC 3986 §5.2.4 dot removal, nginx's
-    ``merge_slashes``) into one that no rule here saw. Some servers and frameworks treat a
-    backslash as a separator, so ``/admin\\x`` may reach ``/admin/x`` although no
-    ``/admin/*`` rule matched it here: a backslash is refused wherever it stands.
+    Refused: ``.``, ``..`` and empty segments (a final ``/`` is fine), which dot removal
+    (RFC 3986 §5.2.4) or nginx's ``merge_slashes`` rewrite into a path no rule here saw; a
+    backslash, which some servers treat as a separator (``/admin\\x`` as ``/admin/x``); a
+    semicolon, which Servlet containers and Spring strip as a path parameter
+    (``/docs/..;/admin`` is ``/admin`` to Tomcat); and control characters, NUL included, which
+    some servers cut the path at.
     """
-    if not path.startswith("/") or "\\" in path:
+    if not path.startswith("/"):
         return True
-    if "//" not in path and "/." not in path:
-        return False  # the common case, decided without splitting
+    if _SUSPICIOUS.search(path) is None:
+        return False  # the common case, decided with one scan
+    if _ALWAYS_UNSAFE.search(path) is not None:
+        return True
     segments = path[1:].split("/")
     if segments and segments[-1] == "":
         segments.pop()

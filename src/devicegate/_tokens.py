@@ -81,7 +81,14 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-loads_strict_json = json.JSONDecoder(object_pairs_hook=_unique_object).decode
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259 §6); Python's parser accepts them by default.
+    raise ValueError(f"{name} is not JSON")
+
+
+loads_strict_json = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_constant=_no_constant
+).decode
 """``json.loads`` that refuses duplicate member names."""
 
 
@@ -298,14 +305,20 @@ class TokenVerifier:
             instance_id = claims["instance_id"]
             if not isinstance(instance_id, str) or not instance_id:
                 raise InvalidToken(InvalidReason.BAD_CLAIMS)
-            bound = instance_id.encode()
+            try:
+                bound = instance_id.encode()
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800") has no bytes
+                raise InvalidToken(InvalidReason.BAD_CLAIMS) from None
         elif self._require_binding:
             raise InvalidToken(InvalidReason.UNBOUND)
-        principal = Principal(
-            CredentialKind.DEVICE_TOKEN,
-            instance_id=claims.get("instance_id"),
-            claims=claims,
-        )
+        try:
+            principal = Principal(
+                CredentialKind.DEVICE_TOKEN,
+                instance_id=claims.get("instance_id"),
+                claims=claims,
+            )
+        except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
+            raise InvalidToken(InvalidReason.MALFORMED) from None
         return _Entry(expires_at, valid_from, bound, principal)
 
 
