@@ -5,9 +5,9 @@ verification would end it. So most tests here run the same story with the cache 
 it, or before and after a hit, and compare outcomes (status, reason, whether the app ran).
 Time comes from an injected clock; nothing here measures time.
 
-Full verifications are counted by a :class:`TokenVerifier` subclass that wraps the private
-``_verify_uncached``: that count is the only way to see, from outside, whether a request was
-answered from the cache.
+Full verifications are counted by :class:`tests.helpers.CountingVerifier`, which wraps the
+private ``_verify_uncached``: that count is the only way to see, from outside, whether a request
+was answered from the cache.
 """
 
 from __future__ import annotations
@@ -36,41 +36,25 @@ from devicegate import (
     TokenIssuer,
     TokenVerifier,
 )
-from devicegate._tokens import MAX_CACHED_TOKEN_BYTES, _Entry
-from tests.helpers import Keys, RecordingApp, b64url, client, make_token
+from devicegate._tokens import MAX_CACHED_TOKEN_BYTES
+from tests.helpers import (
+    NOW,
+    Clock,
+    CountingVerifier,
+    Keys,
+    RecordingApp,
+    b64url,
+    bearer,
+    claims_at,
+    client,
+    count_verifications,
+    make_token,
+)
 
 pytestmark = pytest.mark.anyio
 
-NOW = 1_700_000_000
 DEVICE_A = "device-a"
 DEVICE_B = "device-b"
-
-
-class Clock:
-    """A settable clock."""
-
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class CountingVerifier(TokenVerifier):
-    """A TokenVerifier that counts its full verifications (signature, claims, everything)."""
-
-    full_verifications = 0
-
-    def _verify_uncached(self, token: bytes) -> _Entry:
-        self.full_verifications += 1
-        return super()._verify_uncached(token)
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    """A valid claim set at ``NOW``; ``None`` removes a claim."""
-    base: dict[str, Any] = {"iat": NOW, "exp": NOW + 300, "jti": secrets.token_hex(8)}
-    base.update(overrides)
-    return {name: value for name, value in base.items() if value is not None}
 
 
 def outcome(verifier: TokenVerifier, token: str, device: str | None) -> object:
@@ -87,22 +71,9 @@ def outcome(verifier: TokenVerifier, token: str, device: str | None) -> object:
 def gate_with_clock(
     app: RecordingApp, config: GateConfig, clock: Clock, **options: Any
 ) -> tuple[DeviceAuthMiddleware, CountingVerifier]:
-    """A middleware whose verifier reads ``clock`` and counts full verifications.
-
-    The middleware has no clock parameter (production code reads the system clock); the
-    verifier is swapped in through the private attribute that holds it.
-    """
+    """A middleware whose verifier reads ``clock`` and counts full verifications."""
     gate = DeviceAuthMiddleware(app, config=config, **options)
-    verifier = CountingVerifier(config, clock=clock)
-    gate._authenticator.verifier = verifier
-    return gate, verifier
-
-
-def bearer(token: str, device: str | None = DEVICE_A) -> dict[str, str]:
-    headers = {"authorization": f"Bearer {token}"}
-    if device is not None:
-        headers["x-instance-id"] = device
-    return headers
+    return gate, count_verifications(gate, config, clock)
 
 
 # --- device binding ---------------------------------------------------------------------------
@@ -110,7 +81,7 @@ def bearer(token: str, device: str | None = DEVICE_A) -> dict[str, str]:
 
 def test_token_cached_for_device_a_is_refused_for_device_b(keys: Keys) -> None:
     verifier = CountingVerifier(keys.config(), clock=Clock())
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     assert verifier.verify(token, DEVICE_A.encode()).instance_id == DEVICE_A
     for other in (DEVICE_B, "DEVICE-A", "device-a ", "device-", DEVICE_A + "\x00"):
         with pytest.raises(InvalidToken) as excinfo:
@@ -128,11 +99,11 @@ async def test_token_cached_for_device_a_is_refused_for_device_b_through_the_mid
     keys: Keys, app: RecordingApp
 ) -> None:
     gate, verifier = gate_with_clock(app, keys.config(), Clock(NOW))
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
         first = await http.get("/", headers=bearer(token, DEVICE_A))
         stolen = await http.get("/", headers=bearer(token, DEVICE_B))
-        no_device = await http.get("/", headers=bearer(token, None))
+        no_device = await http.get("/", headers=bearer(token))
         again = await http.get("/", headers=bearer(token, DEVICE_A))
     assert first.status_code == 200
     assert stolen.status_code == 401
@@ -148,7 +119,7 @@ async def test_device_b_first_does_not_poison_the_cache(keys: Keys, app: Recordi
     # A genuine token seen first with the wrong device is cached (it is genuine), but the
     # device is compared on every request, so the cache never learns "device B is fine".
     gate, verifier = gate_with_clock(app, keys.config(), Clock(NOW))
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
         stolen = [await http.get("/", headers=bearer(token, DEVICE_B)) for _ in range(3)]
         owner = await http.get("/", headers=bearer(token, DEVICE_A))
@@ -161,13 +132,13 @@ async def test_device_b_first_does_not_poison_the_cache(keys: Keys, app: Recordi
 async def test_require_device_binding_holds_with_the_cache(keys: Keys, app: RecordingApp) -> None:
     config = keys.config(require_device_binding=True)
     gate, verifier = gate_with_clock(app, config, Clock(NOW))
-    generic = make_token(keys.jwt_secret, claims())
-    bound = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    generic = make_token(keys.jwt_secret, claims_at())
+    bound = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
         generic_responses = [
             await http.get("/", headers=bearer(generic, device)) for device in (None, DEVICE_A)
         ]
-        bound_responses = [await http.get("/", headers=bearer(bound)) for _ in range(2)]
+        bound_responses = [await http.get("/", headers=bearer(bound, DEVICE_A)) for _ in range(2)]
     assert [response.status_code for response in generic_responses] == [401, 401]
     assert [response.status_code for response in bound_responses] == [200, 200]
     assert verifier.cache_size == 1  # only the bound token; the refused generic one is not kept
@@ -179,10 +150,10 @@ async def test_cached_token_is_refused_where_device_tokens_are_not_accepted(
 ) -> None:
     rules = [Rule("/server/*", accept=[CredentialKind.API_KEY])]
     gate, _ = gate_with_clock(app, keys.config(), Clock(NOW), rules=rules)
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
-        warm = await http.get("/items", headers=bearer(token))
-        elsewhere = await http.get("/server/jobs", headers=bearer(token))
+        warm = await http.get("/items", headers=bearer(token, DEVICE_A))
+        elsewhere = await http.get("/server/jobs", headers=bearer(token, DEVICE_A))
     assert warm.status_code == 200
     assert elsewhere.status_code == 403
     assert len(app.calls) == 1
@@ -193,10 +164,12 @@ async def test_cached_token_still_goes_through_header_parsing(
 ) -> None:
     # The cache sits behind the parser: a known token in an ambiguous request is still refused.
     gate, _ = gate_with_clock(app, keys.config(), Clock(NOW))
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
-        warm = await http.get("/", headers=bearer(token))
-        with_api_key = await http.get("/", headers={**bearer(token), "x-api-key": keys.api_key})
+        warm = await http.get("/", headers=bearer(token, DEVICE_A))
+        with_api_key = await http.get(
+            "/", headers={**bearer(token, DEVICE_A), "x-api-key": keys.api_key}
+        )
         twice = await http.get(
             "/",
             headers=[
@@ -234,10 +207,10 @@ async def test_every_request_gets_its_own_auth_credentials(keys: Keys) -> None:
         await send({"type": "http.response.body", "body": b""})
 
     gate = DeviceAuthMiddleware(granting_app, config=keys.config())
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A, iat=None, exp=2**40))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A, iat=None, exp=2**40))
     async with client(gate) as http:
         for _ in range(3):
-            assert (await http.get("/", headers=bearer(token))).status_code == 200
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
     assert [scope["auth"].scopes for scope in seen] == [["device_token", "admin"]] * 3
     assert seen[0]["user"] is seen[1]["user"]
     assert isinstance(seen[0]["user"], Principal)
@@ -251,7 +224,7 @@ def test_token_that_expires_while_cached(keys: Keys, leeway: int) -> None:
     clock = Clock(NOW)
     verifier = CountingVerifier(keys.config(leeway_seconds=leeway), clock=clock)
     exp = NOW + 300
-    token = make_token(keys.jwt_secret, claims(exp=exp, instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(exp=exp, instance_id=DEVICE_A))
     for now in (NOW, exp - 1, exp + leeway - 0.001):
         clock.now = now
         assert outcome(verifier, token, DEVICE_A) == json.loads(_payload(token))
@@ -267,12 +240,12 @@ async def test_token_that_expires_while_cached_through_the_middleware(
 ) -> None:
     clock = Clock(NOW)
     gate, verifier = gate_with_clock(app, keys.config(), clock)
-    token = make_token(keys.jwt_secret, claims(exp=NOW + 300, instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(exp=NOW + 300, instance_id=DEVICE_A))
     statuses = []
     async with client(gate) as http:
         for now in (NOW, NOW + 299, NOW + 299.999, NOW + 300, NOW + 301):
             clock.now = now
-            statuses.append((await http.get("/", headers=bearer(token))).status_code)
+            statuses.append((await http.get("/", headers=bearer(token, DEVICE_A))).status_code)
     assert statuses == [200, 200, 200, 401, 401]
     assert len(app.calls) == 3
     assert verifier.cache_size == 0
@@ -288,7 +261,7 @@ def test_clock_going_backwards_is_checked_on_hits(
 ) -> None:
     clock = Clock(NOW)
     verifier = CountingVerifier(keys.config(leeway_seconds=leeway), clock=clock)
-    token = make_token(keys.jwt_secret, claims(**{claim: NOW}, exp=NOW + 300))
+    token = make_token(keys.jwt_secret, {**claims_at(), claim: NOW})
     assert isinstance(outcome(verifier, token, None), dict)  # cached at NOW
     clock.now = NOW - leeway  # still inside the leeway: a hit
     assert isinstance(outcome(verifier, token, None), dict)
@@ -314,7 +287,7 @@ def _payload(token: str) -> bytes:
 
 def test_lru_eviction_order(keys: Keys) -> None:
     verifier = CountingVerifier(keys.config(token_cache_size=3), clock=Clock())
-    t1, t2, t3, t4 = (make_token(keys.jwt_secret, claims()) for _ in range(4))
+    t1, t2, t3, t4 = (make_token(keys.jwt_secret, claims_at()) for _ in range(4))
     for token in (t1, t2, t3):
         verifier.verify(token)
     verifier.verify(t1)  # t1 is now the most recently used; t2 the least
@@ -334,7 +307,7 @@ def test_lru_eviction_order(keys: Keys) -> None:
 def test_cache_size_is_bounded(keys: Keys, size: int) -> None:
     verifier = TokenVerifier(keys.config(token_cache_size=size), clock=Clock())
     for _ in range(3 * size + 1):
-        verifier.verify(make_token(keys.jwt_secret, claims()))
+        verifier.verify(make_token(keys.jwt_secret, claims_at()))
         assert verifier.cache_size <= size
     assert verifier.cache_size == size
 
@@ -345,7 +318,7 @@ def token_of_length(secret: str, length: int) -> str:
     Unpadded base64url cannot have every length, so a few header spellings are tried.
     """
     for header in ({"alg": "HS256", "typ": "JWT"}, {"alg": "HS256"}, {"alg": "HS256", "x": 1}):
-        base = claims(pad="")
+        base = claims_at(pad="")
         unpadded = len(make_token(secret, base, header=header))
         start = max(0, (length - unpadded) * 3 // 4 - 4)
         for padding in range(start, start + 12):
@@ -381,22 +354,22 @@ def invalid_tokens(keys: Keys, count: int) -> Iterator[str]:
     for index in range(count):
         kind = index % 6
         if kind == 0:
-            yield make_token(wrong_secret, claims())  # bad signature
+            yield make_token(wrong_secret, claims_at())  # bad signature
         elif kind == 1:
-            yield make_token(keys.jwt_secret, claims(iat=NOW - 900, exp=NOW - 600))  # expired
+            yield make_token(keys.jwt_secret, claims_at(iat=NOW - 900, exp=NOW - 600))  # expired
         elif kind == 2:
-            yield make_token(keys.jwt_secret, claims(nbf=NOW + 600))  # not yet valid
+            yield make_token(keys.jwt_secret, claims_at(nbf=NOW + 600))  # not yet valid
         elif kind == 3:
-            yield make_token(keys.jwt_secret, claims(exp=str(NOW + 300)))  # exp a string
+            yield make_token(keys.jwt_secret, claims_at(exp=str(NOW + 300)))  # exp a string
         elif kind == 4:
-            yield make_token(keys.jwt_secret, claims(), header={"alg": "HS512"})
+            yield make_token(keys.jwt_secret, claims_at(), header={"alg": "HS512"})
         else:
             yield f"{b64url(b'junk')}.{b64url(secrets.token_bytes(12))}.{'A' * 43}"
 
 
 def test_invalid_tokens_are_never_cached(keys: Keys) -> None:
     verifier = TokenVerifier(keys.config(require_device_binding=True), clock=Clock())
-    tokens = [*invalid_tokens(keys, 12), make_token(keys.jwt_secret, claims())]  # + unbound
+    tokens = [*invalid_tokens(keys, 12), make_token(keys.jwt_secret, claims_at())]  # + unbound
     for token in tokens:
         for _ in range(2):
             with pytest.raises(InvalidToken):
@@ -407,7 +380,7 @@ def test_invalid_tokens_are_never_cached(keys: Keys) -> None:
 def test_a_flood_of_invalid_tokens_evicts_nothing(keys: Keys) -> None:
     size = 50
     verifier = CountingVerifier(keys.config(token_cache_size=size), clock=Clock())
-    good = [make_token(keys.jwt_secret, claims(instance_id=f"device-{n}")) for n in range(size)]
+    good = [make_token(keys.jwt_secret, claims_at(instance_id=f"device-{n}")) for n in range(size)]
     for number, token in enumerate(good):
         verifier.verify(token, f"device-{number}".encode())
     assert verifier.cache_size == size
@@ -426,22 +399,22 @@ def test_a_flood_of_invalid_tokens_evicts_nothing(keys: Keys) -> None:
 
 async def test_a_flood_through_the_middleware_evicts_nothing(keys: Keys, app: RecordingApp) -> None:
     gate, verifier = gate_with_clock(app, keys.config(token_cache_size=5), Clock(NOW))
-    good = [make_token(keys.jwt_secret, claims(instance_id=DEVICE_A)) for _ in range(5)]
+    good = [make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A)) for _ in range(5)]
     async with client(gate) as http:
         for token in good:
-            assert (await http.get("/", headers=bearer(token))).status_code == 200
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
         for token in invalid_tokens(keys, 60):
-            assert (await http.get("/", headers=bearer(token))).status_code == 401
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 401
         full = verifier.full_verifications
         for token in good:
-            assert (await http.get("/", headers=bearer(token))).status_code == 200
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
     assert verifier.full_verifications == full
     assert len(app.calls) == 10
 
 
 def test_token_cache_size_zero_disables_the_cache(keys: Keys) -> None:
     verifier = CountingVerifier(keys.config(token_cache_size=0), clock=Clock())
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     for _ in range(3):
         assert verifier.verify(token, DEVICE_A.encode()).instance_id == DEVICE_A
         assert verifier.cache_size == 0
@@ -452,7 +425,7 @@ def test_token_cache_size_zero_disables_the_cache(keys: Keys) -> None:
 
 async def test_token_cache_size_zero_through_the_middleware(keys: Keys, app: RecordingApp) -> None:
     gate, verifier = gate_with_clock(app, keys.config(token_cache_size=0), Clock(NOW))
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
         statuses = [
             (await http.get("/", headers=bearer(token, device))).status_code
@@ -468,7 +441,7 @@ async def test_token_cache_size_zero_through_the_middleware(keys: Keys, app: Rec
 
 def test_clear_cache_forces_a_full_verification(keys: Keys) -> None:
     verifier = CountingVerifier(keys.config(), clock=Clock())
-    tokens = [make_token(keys.jwt_secret, claims()) for _ in range(3)]
+    tokens = [make_token(keys.jwt_secret, claims_at()) for _ in range(3)]
     for token in tokens * 2:
         verifier.verify(token)
     assert verifier.full_verifications == 3
@@ -481,14 +454,14 @@ def test_clear_cache_forces_a_full_verification(keys: Keys) -> None:
 
 async def test_clear_token_cache_forces_a_full_verification(keys: Keys, app: RecordingApp) -> None:
     gate, verifier = gate_with_clock(app, keys.config(), Clock(NOW))
-    token = make_token(keys.jwt_secret, claims(instance_id=DEVICE_A))
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
     async with client(gate) as http:
         for _ in range(2):
-            assert (await http.get("/", headers=bearer(token))).status_code == 200
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
         gate.clear_token_cache()
         assert verifier.cache_size == 0
         for _ in range(2):
-            assert (await http.get("/", headers=bearer(token))).status_code == 200
+            assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
     assert verifier.full_verifications == 2
 
 
@@ -511,7 +484,7 @@ async def test_rotation_a_token_signed_with_a_removed_secret_is_refused(
         async with client(gate) as http:
             statuses.append(
                 [
-                    (await http.get("/", headers=bearer(token))).status_code
+                    (await http.get("/", headers=bearer(token, DEVICE_A))).status_code
                     for token in (old_token, old_token, new_token)
                 ]
             )
@@ -521,18 +494,18 @@ async def test_rotation_a_token_signed_with_a_removed_secret_is_refused(
     # after changing what a verifier trusts), it does not by itself revoke anything.
     gates[1].clear_token_cache()
     async with client(gates[1]) as http:
-        assert (await http.get("/", headers=bearer(old_token))).status_code == 200
+        assert (await http.get("/", headers=bearer(old_token, DEVICE_A))).status_code == 200
 
 
 # --- the cache never changes an outcome --------------------------------------------------------
 
 TOKEN_KINDS = {
-    "bound-a": claims(instance_id=DEVICE_A),
-    "generic": claims(),
-    "short-lived": claims(exp=NOW + 5, instance_id=DEVICE_A),
-    "starts-later": claims(nbf=NOW + 20, exp=NOW + 300),
-    "issued-later": claims(iat=NOW + 20, exp=NOW + 300, instance_id=DEVICE_B),
-    "no-iat": claims(iat=None, exp=NOW + 60),
+    "bound-a": claims_at(instance_id=DEVICE_A),
+    "generic": claims_at(),
+    "short-lived": claims_at(exp=NOW + 5, instance_id=DEVICE_A),
+    "starts-later": claims_at(nbf=NOW + 20, exp=NOW + 300),
+    "issued-later": claims_at(iat=NOW + 20, exp=NOW + 300, instance_id=DEVICE_B),
+    "no-iat": claims_at(iat=None, exp=NOW + 60),
 }
 STEPS = st.lists(
     st.tuples(
@@ -587,9 +560,9 @@ async def test_nested_claims_cannot_be_changed_by_one_request_for_the_next(keys:
     gate = DeviceAuthMiddleware(meddling_app, config=keys.config())
     token = make_token(
         keys.jwt_secret,
-        claims(instance_id=DEVICE_A, iat=None, exp=2**40, roles=["user"], profile={"tier": 1}),
+        claims_at(instance_id=DEVICE_A, iat=None, exp=2**40, roles=["user"], profile={"tier": 1}),
     )
     async with client(gate) as http:
-        bodies = [(await http.get("/", headers=bearer(token))).json() for _ in range(3)]
+        bodies = [(await http.get("/", headers=bearer(token, DEVICE_A))).json() for _ in range(3)]
     assert seen == [["user"]] * 3
     assert all(body["roles"] == ["user"] and body["profile"] == {"tier": 1} for body in bodies)

@@ -10,7 +10,9 @@ demo. Every server process is terminated at the end of its test (bounded waits, 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
+import http.client
 import importlib
 import io
 import json
@@ -23,12 +25,11 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import uvicorn
 from websockets.exceptions import InvalidStatus
@@ -38,61 +39,49 @@ import devicegate
 import devicegate._app
 from devicegate import InvalidReason, TokenVerifier, cli
 from devicegate._app import ServeSettings, app_from_env
-from tests.helpers import Keys, client, fresh_keys, make_token
+from tests.helpers import (
+    VENDOR_API_KEY,
+    Keys,
+    bearer,
+    claims_at,
+    client,
+    fresh_keys,
+    make_token,
+    scrub_devicegate_env,
+    write_json,
+    write_secrets,
+)
+from tests.servers.process import (
+    HOST,
+    START_SECONDS,
+    Server,
+    alive,
+    answers,
+    bound_port,
+    child_env,
+    children,
+    connection_owner,
+    devicegate_command,
+    serve,
+    sync_client,
+)
 
 DEVICE = "device-A"
 OTHER_DEVICE = "device-B"
-HOST = "127.0.0.1"
 RUN_TIMEOUT = 60.0  # seconds for one short command
-STARTUP_TIMEOUT = 30.0  # seconds for `serve` to answer /health
 IO_TIMEOUT = 10.0  # seconds for one request
-STOP_TIMEOUT = 10.0  # seconds for `serve` to exit after SIGTERM before it is killed
 WILDCARD = "0.0.0.0"  # noqa: S104 - shown in banners, never bound by these tests
-VENDOR_EXAMPLE_KEY = "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0="
-
-# Every variable the command line reads; tests start without any of them.
-ENV_NAMES = (
-    "DEVICEGATE_SECRETS_FILE",
-    "DEVICEGATE_API_KEYS",
-    "DEVICEGATE_MOBILE_API_KEYS",
-    "DEVICEGATE_JWT_SECRET",
-    "DEVICEGATE_JWT_EXPIRE_SECONDS",
-    "DEVICEGATE_DEVICE_HEADER",
-    "DEVICEGATE_API_KEY_HEADER",
-    "DEVICEGATE_REQUIRE_DEVICE_BINDING",
-    "DEVICEGATE_ISSUER",
-    "DEVICEGATE_AUDIENCE",
-    "DEVICEGATE_HOST",
-    "DEVICEGATE_PORT",
-    "DEVICEGATE_WORKERS",
-    "DEVICEGATE_LOG_LEVEL",
-    "DEVICEGATE_UPSTREAM",
-    "DEVICEGATE_UPSTREAM_SECRETS_FILE",
-    "DEVICEGATE_PUBLIC",
-    "DEVICEGATE_FORWARD_AUTH_PATH",
-    "DEVICEGATE_FORWARD_AUTH_SECRET_ENV",
-    "DEVICEGATE_TOKEN_PATH",
-)
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # setenv first so that teardown also removes what the command itself adds to os.environ.
-    for name in ENV_NAMES:
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    # Every test starts without DEVICEGATE_* variables, and ends without any that the command
+    # itself exported into os.environ (``serve --workers`` does); monkeypatch then restores ours.
+    scrub_devicegate_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
-
-
-def write_secrets(path: Path, keys: Keys, **extra: Any) -> Path:
-    document = {
-        "api_key": keys.api_key,
-        "mobile_api_key": keys.mobile_api_key,
-        "jwt_secret": keys.jwt_secret,
-        **extra,
-    }
-    path.write_text(json.dumps(document))
-    return path
+    yield
+    for name in [name for name in os.environ if name.startswith("DEVICEGATE_")]:
+        del os.environ[name]
 
 
 @pytest.fixture
@@ -100,11 +89,12 @@ def secrets_file(tmp_path: Path, keys: Keys) -> Path:
     return write_secrets(tmp_path / "secrets.json", keys)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
+@pytest.fixture
+def port() -> Iterator[int]:
+    """A port for in-process ``serve`` (uvicorn is a recorder there): held bound, so that no
+    one else can take it, yet free to ``serve``'s own check."""
+    with bound_port(reuse_address=True) as number:
+        yield number
 
 
 def one_line(text: str) -> str:
@@ -285,13 +275,13 @@ def test_verify_a_generic_token_from_stdin_as_a_header_value(
 
 
 def past_claims(**extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {"iat": now - 600, "exp": now - 300, **extra}
+    """Claims of a token that expired five minutes ago."""
+    return claims_at(now=int(time.time()) - 600, **extra)
 
 
 def future_claims(**extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {"iat": now, "exp": now + 300, **extra}
+    """Claims of a token valid for five more minutes."""
+    return claims_at(now=int(time.time()), **extra)
 
 
 @pytest.mark.parametrize(
@@ -488,7 +478,7 @@ def test_unverified_claims(token: str, expected: dict[str, Any]) -> None:
             "with `devicegate init`",
         ),
         (
-            json.dumps({"api_key": VENDOR_EXAMPLE_KEY}),
+            json.dumps({"api_key": VENDOR_API_KEY}),
             "api_keys: this is the example key from the SenseCrypt documentation, known to "
             "everyone; generate a fresh one with `devicegate init`",
         ),
@@ -578,9 +568,8 @@ def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
 
 
 async def test_serve_creates_secrets_and_runs_the_gate(
-    tmp_path: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], port: int
 ) -> None:
-    port = free_port()
     assert cli.main(["serve", "--port", str(port)]) == 0
     path = tmp_path / "secrets.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -611,10 +600,10 @@ async def test_serve_creates_secrets_and_runs_the_gate(
 
 
 def test_serve_never_overwrites_an_existing_secrets_file(
-    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
+    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], port: int
 ) -> None:
     before = secrets_file.read_text()
-    assert cli.main(["serve", "--port", str(free_port())]) == 0
+    assert cli.main(["serve", "--port", str(port)]) == 0
     assert secrets_file.read_text() == before
     assert "created" not in capsys.readouterr().err
 
@@ -636,8 +625,8 @@ def test_serve_settings_from_the_environment(
     fake_run: FakeRun,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    port: int,
 ) -> None:
-    port = free_port()
     monkeypatch.setenv("DEVICEGATE_HOST", "127.0.0.1")
     monkeypatch.setenv("DEVICEGATE_PORT", str(port))
     monkeypatch.setenv("DEVICEGATE_LOG_LEVEL", "WARNING")
@@ -656,8 +645,8 @@ def test_serve_flags_win_over_the_environment(
     fake_run: FakeRun,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    port: int,
 ) -> None:
-    port = free_port()
     monkeypatch.setenv("DEVICEGATE_PORT", "1")
     monkeypatch.setenv("DEVICEGATE_PUBLIC", "/from-env")
     monkeypatch.setenv("DEVICEGATE_TOKEN_PATH", "/mint")
@@ -674,9 +663,8 @@ def test_serve_flags_win_over_the_environment(
 
 
 async def test_serve_with_workers_exports_settings_for_the_factory(
-    secrets_file: Path, keys: Keys, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
+    secrets_file: Path, keys: Keys, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], port: int
 ) -> None:
-    port = free_port()
     argv = ["serve", "--port", str(port), "--workers", "3", "--public", "/"]
     argv += ["--secrets", "secrets.json"]
     assert cli.main(argv) == 0
@@ -706,11 +694,13 @@ async def test_serve_with_an_upstream_and_forward_auth(
     fake_run: FakeRun,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    port: int,
 ) -> None:
-    upstream_secrets = tmp_path / "upstream.json"
-    upstream_secrets.write_text(json.dumps({"api_key": "upstream-key-0123456789"}))
+    upstream_secrets = write_json(
+        tmp_path / "upstream.json", {"api_key": "upstream-key-0123456789"}
+    )
     monkeypatch.setenv("PROXY_SECRET", "proxy-shared-secret-0123456789")
-    argv = ["serve", "--port", str(free_port()), "--upstream", "http://127.0.0.1:9"]
+    argv = ["serve", "--port", str(port), "--upstream", "http://127.0.0.1:9"]
     argv += ["--upstream-secrets", str(upstream_secrets), "--forward-auth-secret-env"]
     argv += ["PROXY_SECRET", "--forward-auth-path"]  # without a value: the default path
     assert cli.main(argv) == 0
@@ -741,10 +731,11 @@ def test_serve_with_keys_from_the_environment_needs_no_file(
     fake_run: FakeRun,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    port: int,
 ) -> None:
     monkeypatch.setenv("DEVICEGATE_API_KEYS", keys.api_key)
     monkeypatch.setenv("DEVICEGATE_JWT_SECRET", keys.jwt_secret)
-    assert cli.main(["serve", "--port", str(free_port())]) == 0
+    assert cli.main(["serve", "--port", str(port)]) == 0
     assert not (tmp_path / "secrets.json").exists()
     err = capsys.readouterr().err
     assert "  secrets: from DEVICEGATE_* environment variables\n" in err
@@ -840,22 +831,34 @@ def test_serve_on_a_port_in_use(
     assert fake_run.calls == []
 
 
-@pytest.mark.parametrize(
-    ("host", "message"),
-    [
-        ("host.invalid", "devicegate: cannot resolve --host 'host.invalid': "),
-        ("192.0.2.1", "devicegate: cannot listen on 192.0.2.1:"),  # TEST-NET-1, not ours
-    ],
-)
-def test_serve_on_an_unusable_host(
+def test_serve_on_a_host_that_does_not_resolve(
     secrets_file: Path,
     fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    host: str,
-    message: str,
 ) -> None:
-    assert cli.main(["serve", "--host", host]) == 1
-    assert one_line(capsys.readouterr().err).startswith(message)
+    # Name resolution is replaced in process (socket.bind resolves in C, so bind is replaced
+    # too): the outcome cannot depend on this machine's resolver or network.
+    def unknown(host: object, *args: object, **kwargs: object) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def bind(self: socket.socket, address: tuple[str, int]) -> None:
+        unknown(address[0])
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    assert cli.main(["serve", "--host", "host.invalid"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        "devicegate: cannot resolve --host 'host.invalid': Name or service not known"
+    )
+    assert fake_run.calls == []
+
+
+def test_serve_on_an_address_that_is_not_ours(
+    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--host", "192.0.2.1"]) == 1  # TEST-NET-1, on no interface
+    assert one_line(capsys.readouterr().err).startswith("devicegate: cannot listen on 192.0.2.1:")
     assert fake_run.calls == []
 
 
@@ -877,13 +880,16 @@ def test_serve_on_a_privileged_port(
 
 
 def test_serve_interrupted(
-    secrets_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    secrets_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
 ) -> None:
     def interrupted(app: object, **options: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(uvicorn, "run", interrupted)
-    assert cli.main(["serve", "--port", str(free_port())]) == 130
+    assert cli.main(["serve", "--port", str(port)]) == 130
 
 
 @pytest.mark.parametrize(
@@ -946,12 +952,14 @@ def test_banner_without_a_token_endpoint(keys: Keys) -> None:
 
 
 def run_shell(line: str, environ: dict[str, str] | None = None) -> str:
+    """Run ``line`` with bash as a user would paste it, with ``environ`` added to a clean
+    environment (no ``DEVICEGATE_*`` variables, no proxy for curl to send 127.0.0.1 to)."""
     result = subprocess.run(  # noqa: S603 - a fixed interpreter running a printed line
         ["bash", "-c", line],  # noqa: S607 - bash from PATH, as a user would paste
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
-        env=environ,
+        env=child_env(environ),
         check=True,
     )
     return result.stdout
@@ -973,17 +981,11 @@ def test_printed_api_key_line_reads_the_file(tmp_path: Path, keys: Keys) -> None
 def test_printed_api_key_line_reads_the_environment(keys: Keys) -> None:
     text = banner(keys, ServeSettings(), DEVICEGATE_API_KEYS="k")
     (line,) = [line for line in text.splitlines() if line.startswith("  API_KEY=")]
-    environ = {"PATH": os.environ["PATH"], "DEVICEGATE_API_KEYS": f"{keys.api_key},older"}
+    environ = {"DEVICEGATE_API_KEYS": f"{keys.api_key},older"}
     assert run_shell(f'{line}; printf %s "$API_KEY"', environ) == keys.api_key
 
 
 # -- the real command, through subprocess -------------------------------------------------------
-
-
-def command_environment(**extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DEVICEGATE_")}
-    environ.update(extra)
-    return environ
 
 
 def run_cli(
@@ -996,7 +998,7 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
-        env=command_environment(**environ),
+        env=child_env(environ),
         check=False,
     )
 
@@ -1105,71 +1107,24 @@ def test_real_serve_on_a_port_in_use(secrets_file: Path, tmp_path: Path) -> None
     )
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    port: int
-    stderr_path: Path
+@contextlib.contextmanager
+def running_serve(cwd: Path, *args: str) -> Iterator[Server]:
+    """``devicegate serve ARGS`` for real in ``cwd``, once it answers ``/health``; stopped after,
+    with every process it started."""
 
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-
-def wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(
-                f"devicegate serve exited with {server.process.returncode}:\n{server.stderr}"
-            )
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=IO_TIMEOUT).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"devicegate serve did not answer within {STARTUP_TIMEOUT} s:\n{server.stderr}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
-
-
-def start_serve(cwd: Path, *args: str) -> Iterator[Server]:
-    port = free_port()
-    stderr_path = cwd / "serve.stderr"
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "devicegate", "serve", "--port", str(port), *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=command_environment(),
-        )
-    try:
-        server = Server(process, f"http://{HOST}:{port}", port, stderr_path)
-        wait_until_healthy(server)
+    command = devicegate_command(*args)
+    with serve(command, cwd / "serve.log", cwd=cwd, ready=answers("/health")) as server:
         yield server
-    finally:
-        stop(process)
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    yield from start_serve(tmp_path)
+    with running_serve(tmp_path) as running:
+        yield running
 
 
 def printed(server: Server, prefix: str) -> str:
-    (line,) = [line for line in server.stderr.splitlines() if line.startswith(f"  {prefix}")]
+    (line,) = [line for line in server.output().splitlines() if line.startswith(f"  {prefix}")]
     return line
 
 
@@ -1177,9 +1132,9 @@ def test_real_serve_prints_working_instructions(server: Server, tmp_path: Path) 
     path = tmp_path / "secrets.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     document = json.loads(path.read_text())
-    text = server.stderr
+    text = server.output()
     assert f"devicegate: created {path} with fresh random keys (mode 0600)" in text
-    assert f"serving the demo app on {server.base_url} (1 worker)" in text
+    assert f"serving the demo app on {server.url} (1 worker)" in text
     for secret in (document["api_key"], document["mobile_api_key"], document["jwt_secret"]):
         assert secret not in text
 
@@ -1194,31 +1149,31 @@ def test_real_serve_prints_working_instructions(server: Server, tmp_path: Path) 
     assert header
     assert body
     assert url
-    assert url.group(1) == f"{server.base_url}/gen-jwt"
-    minted = httpx.post(
-        url.group(1),
-        headers={header.group(1): api_key, "content-type": "application/json"},
-        content=body.group(1),
-        timeout=IO_TIMEOUT,
-    )
-    assert minted.status_code == 200
-    assert minted.headers["cache-control"] == "no-store"
-    token = minted.json()["access_token"]
+    assert url.group(1) == f"{server.url}/gen-jwt"
     # The call line names the device header and the demo's URL.
     call_line = printed(server, "curl ")
     device = re.search(r"-H '([\w-]+): ([\w-]+)'", call_line)
     target = re.search(r"(http://\S+)$", call_line)
     assert device
     assert target
-    response = httpx.get(
-        target.group(1),
-        headers={"authorization": f"Bearer {token}", device.group(1): device.group(2)},
-        timeout=IO_TIMEOUT,
-    )
+    with sync_client(server.url) as http:
+        minted = http.post(
+            url.group(1),
+            headers={header.group(1): api_key, "content-type": "application/json"},
+            content=body.group(1),
+        )
+        assert minted.status_code == 200
+        assert minted.headers["cache-control"] == "no-store"
+        token = minted.json()["access_token"]
+        response = http.get(
+            target.group(1),
+            headers={"authorization": f"Bearer {token}", device.group(1): device.group(2)},
+        )
+        anonymous = http.get(target.group(1))
     assert response.status_code == 200
     assert response.json()["kind"] == "device_token"
     assert response.json()["instance_id"] == device.group(2) == "demo-device"
-    assert httpx.get(target.group(1), timeout=IO_TIMEOUT).status_code == 401
+    assert anonymous.status_code == 401
 
 
 def test_real_serve_printed_lines_run_as_pasted(server: Server) -> None:
@@ -1233,52 +1188,127 @@ def test_real_serve_printed_lines_run_as_pasted(server: Server) -> None:
 
 def test_real_serve_websocket(server: Server, tmp_path: Path) -> None:
     document = json.loads((tmp_path / "secrets.json").read_text())
-    minted = httpx.post(
-        f"{server.base_url}/gen-jwt",
-        headers={"x-api-key": document["api_key"]},
-        json={"instance_id": DEVICE},
-        timeout=IO_TIMEOUT,
-    )
-    headers = {"Authorization": f"Bearer {minted.json()['access_token']}", "X-Instance-ID": DEVICE}
+    with sync_client(server.url) as http:
+        minted = http.post(
+            "/gen-jwt", headers={"x-api-key": document["api_key"]}, json={"instance_id": DEVICE}
+        )
+    headers = bearer(minted.json()["access_token"], DEVICE)
     url = f"ws://{HOST}:{server.port}/ws"
-    with connect(url, additional_headers=headers, open_timeout=IO_TIMEOUT) as websocket:
+    with connect(url, additional_headers=headers, open_timeout=IO_TIMEOUT, proxy=None) as websocket:
         message = websocket.recv(timeout=IO_TIMEOUT)
     assert json.loads(message)["instance_id"] == DEVICE
     with pytest.raises(InvalidStatus) as info:
-        connect(url, open_timeout=IO_TIMEOUT)
+        connect(url, open_timeout=IO_TIMEOUT, proxy=None)
     assert info.value.response.status_code == 401
 
 
 def test_real_serve_in_front_of_an_unreachable_upstream(
     secrets_file: Path, keys: Keys, tmp_path: Path
 ) -> None:
-    closed = f"http://{HOST}:{free_port()}"
-    for server in start_serve(tmp_path, "--upstream", closed):
-        assert f"forwarding to {closed} on {server.base_url}" in server.stderr
-        anonymous = httpx.get(f"{server.base_url}/api", timeout=IO_TIMEOUT)
-        admitted = httpx.get(
-            f"{server.base_url}/api", headers={"x-api-key": keys.api_key}, timeout=IO_TIMEOUT
-        )
-        assert anonymous.status_code == 401
-        assert admitted.status_code == 502
-        assert admitted.headers["content-type"] == "application/json"
+    with (
+        bound_port() as dead,  # bound, never listening: the upstream is down
+        running_serve(tmp_path, "--upstream", f"http://{HOST}:{dead}") as server,
+        sync_client(server.url) as http,
+    ):
+        assert f"forwarding to http://{HOST}:{dead} on {server.url}" in server.output()
+        anonymous = http.get("/api")
+        admitted = http.get("/api", headers={"x-api-key": keys.api_key})
+    assert anonymous.status_code == 401
+    assert admitted.status_code == 502
+    assert admitted.headers["content-type"] == "application/json"
+
+
+def get_from_a_worker(
+    server: Server, path: str, headers: dict[str, str]
+) -> tuple[int | None, int, Any]:
+    """``GET path`` on a connection of its own: the worker process that held the connection
+    (read from /proc while it is still open), the status and the JSON body."""
+    connection = http.client.HTTPConnection(HOST, server.port, timeout=IO_TIMEOUT)
+    try:
+        connection.connect()
+        assert connection.sock is not None
+        client_port: int = connection.sock.getsockname()[1]
+        connection.request("GET", path, headers=headers)
+        response = connection.getresponse()
+        body = json.loads(response.read())
+        workers = children(server.process.pid)
+        return connection_owner(server.port, client_port, workers), response.status, body
+    finally:
+        connection.close()
+
+
+def until_two_workers_answer(ask: Callable[[], int | None]) -> set[int]:
+    """Call ``ask`` (which returns the worker that answered) until two different workers
+    have answered; bounded by :data:`START_SECONDS`, as the second may still be starting."""
+    answered: set[int] = set()
+    deadline = time.monotonic() + START_SECONDS
+    while len(answered) < 2 and time.monotonic() < deadline:
+        worker = ask()
+        if worker is not None:
+            answered.add(worker)
+        time.sleep(0.02)
+    return answered
 
 
 def test_real_serve_with_workers(secrets_file: Path, keys: Keys, tmp_path: Path) -> None:
-    for server in start_serve(tmp_path, "--workers", "2", "--public", "/"):
-        assert "(2 workers)" in server.stderr
-        anonymous = httpx.get(f"{server.base_url}/", timeout=IO_TIMEOUT)
-        assert anonymous.json()["kind"] is None
-        for _ in range(4):  # whichever worker answers, the keys are the same
-            minted = httpx.post(
-                f"{server.base_url}/gen-jwt",
-                headers={"x-api-key": keys.api_key},
-                timeout=IO_TIMEOUT,
-            )
-            token = minted.json()["access_token"]
-            whoami = httpx.get(
-                f"{server.base_url}/whoami",
-                headers={"authorization": f"Bearer {token}"},
-                timeout=IO_TIMEOUT,
-            )
-            assert whoami.json()["kind"] == "device_token"
+    with running_serve(tmp_path, "--workers", "2", "--public", "/") as server:
+        assert "(2 workers)" in server.output()
+        with sync_client(server.url) as http:
+            assert http.get("/").json()["kind"] is None
+            minted = http.post("/gen-jwt", headers={"x-api-key": keys.api_key})
+        token = minted.json()["access_token"]
+        replies: list[tuple[int, Any]] = []
+
+        def ask() -> int | None:
+            worker, status, body = get_from_a_worker(server, "/whoami", bearer(token))
+            replies.append((status, body["kind"]))
+            return worker
+
+        workers = until_two_workers_answer(ask)
+        # Two worker processes answered (not the master), and whichever did, the token one of
+        # them minted was valid: every worker has the same keys.
+        assert len(workers) == 2, f"one worker answered all {len(replies)} requests"
+        assert server.process.pid not in workers
+        assert set(replies) == {(200, "device_token")}
+    # Stopping the server stopped its workers too.
+    assert not any(alive(pid) for pid in workers)
+
+
+# -- regressions: untrusted token values on the operator's terminal -----------------------------
+
+# A token's claims come from whoever signed it. An instance_id holding terminal escape
+# sequences (a title change, a screen clear, a bidi override) was printed raw by `verify`.
+ESCAPING_INSTANCE_ID = "\x1b]0;pwned\x07\x1b[2J\u202edevice"
+
+
+@pytest.mark.parametrize(
+    "instance_id",
+    [ESCAPING_INSTANCE_ID, "device-A", None],
+    ids=["matching", "wrong-device", "missing"],
+)
+def test_verify_never_prints_terminal_escapes_from_a_token(
+    secrets_file: Path,
+    keys: Keys,
+    capsys: pytest.CaptureFixture[str],
+    instance_id: str | None,
+) -> None:
+    token = make_token(keys.jwt_secret, instance_id=ESCAPING_INSTANCE_ID)
+    argv = ["verify", token]
+    if instance_id is not None:
+        argv += ["--instance-id", instance_id]
+    status = cli.main(argv)
+    output = capsys.readouterr()
+    assert status == (0 if instance_id == ESCAPING_INSTANCE_ID else 1)
+    for text in (output.out, output.err):
+        assert "\x1b" not in text
+        assert "\x07" not in text
+        assert "\u202e" not in text
+    assert "\\x1b]0;pwned\\x07" in output.out
+
+
+def test_verify_help_points_to_stdin(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "devicegate verify -" in text
+    assert "out of ps" in text

@@ -3,8 +3,6 @@ keeping secrets out of every message, repr and pickle."""
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import secrets
 from collections.abc import Callable, Mapping
@@ -14,11 +12,14 @@ from typing import Any
 import pytest
 
 from devicegate import ConfigError, GateConfig
-from tests.helpers import Keys
-
-# The two key values printed in the SenseCrypt documentation (../shared/SENSECRYPT.md).
-VENDOR_API_KEY = "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0="
-VENDOR_MOBILE_API_KEY = "S+ILGn9HOYKvgbt6MbqwJHknYajIeVn/bJJBjyLffFQ="
+from tests.helpers import (
+    VENDOR_API_KEY,
+    VENDOR_MOBILE_API_KEY,
+    Keys,
+    scrub_devicegate_env,
+    write_json,
+    write_secrets,
+)
 
 
 def secret_of(length: int) -> str:
@@ -380,23 +381,14 @@ def test_replace_rejects_unknown_fields(keys: Keys) -> None:
 # --- secrets.json ---------------------------------------------------------------------------
 
 
-def write_json(path: Path, data: object) -> Path:
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
 def test_secrets_file_with_strings(tmp_path: Path, keys: Keys) -> None:
-    path = write_json(
+    path = write_secrets(
         tmp_path / "secrets.json",
-        {
-            "api_key": keys.api_key,
-            "mobile_api_key": keys.mobile_api_key,
-            "jwt_secret": keys.jwt_secret,
-            "jwt_expire_seconds": 120,
-            # Unrelated SenseCrypt settings are ignored.
-            "issuers_private_key": "-----BEGIN PRIVATE KEY-----",
-            "database_url": "postgres://",
-        },
+        keys,
+        jwt_expire_seconds=120,
+        # Unrelated SenseCrypt settings are ignored.
+        issuers_private_key="-----BEGIN PRIVATE KEY-----",
+        database_url="postgres://",
     )
     config = GateConfig.from_secrets_file(path)
     assert config.api_keys == (keys.api_key,)
@@ -614,8 +606,9 @@ def test_jwt_secret_from_env_is_one_secret_even_with_a_comma(keys: Keys) -> None
 
 
 def test_empty_variables_are_unset_and_do_not_wipe_the_file(keys: Keys, tmp_path: Path) -> None:
-    path = tmp_path / "secrets.json"
-    path.write_text(json.dumps({"api_key": keys.api_key, "jwt_secret": keys.jwt_secret}))
+    path = write_json(
+        tmp_path / "secrets.json", {"api_key": keys.api_key, "jwt_secret": keys.jwt_secret}
+    )
     config = GateConfig.from_env(
         {
             "DEVICEGATE_SECRETS_FILE": str(path),
@@ -638,9 +631,7 @@ def test_jwt_secret_may_hold_any_characters_but_keys_may_not(keys: Keys) -> None
 
 
 def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch, keys: Keys) -> None:
-    for name in list(os.environ):
-        if name.startswith("DEVICEGATE_"):
-            monkeypatch.delenv(name)
+    scrub_devicegate_env(monkeypatch)
     monkeypatch.setenv("DEVICEGATE_JWT_SECRET", keys.jwt_secret)
     config = GateConfig.from_env()
     assert config.jwt_secrets == (keys.jwt_secret,)

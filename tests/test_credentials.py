@@ -10,6 +10,7 @@ import pytest
 
 from devicegate import CredentialKind, InvalidRequest, MissingCredentials
 from devicegate._credentials import MAX_CREDENTIAL_BYTES, match_key, read_credential
+from tests.helpers import BAD_API_KEY_HEADER, DUPLICATE, DUPLICATE_DEVICE, MALFORMED, SEVERAL
 
 API_KEY_HEADER = b"x-api-key"
 DEVICE_HEADER = b"x-instance-id"
@@ -19,13 +20,6 @@ MOBILE_KEY = b"S3cr3t-Mobile-Key-0123456789abcdef"
 API_KEY = b"S3cr3t-Server-Key-0123456789abcdef"
 
 Headers = list[tuple[bytes, bytes]]
-
-# Fixed descriptions (never anything from the request).
-DUPLICATE = "The request carries a credential header more than once."
-SEVERAL = "The request carries more than one credential."
-MALFORMED = "The Authorization header is malformed."
-BAD_API_KEY_HEADER = "The API key header is malformed."
-DUPLICATE_DEVICE = "The request carries the device header more than once."
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,19 @@ from devicegate._app import (
     read_upstream_secrets,
 )
 from devicegate._demo import demo_app, health_app, principal_summary
-from tests.helpers import Keys, client, make_token
+from tests.helpers import (
+    DENIAL_EXTENSION,
+    VENDOR_API_KEY,
+    Keys,
+    bearer,
+    call_asgi,
+    client,
+    lifespan_scope,
+    make_token,
+    write_json,
+    write_secrets,
+    ws_scope,
+)
 
 DEVICE = "device-A"
 
@@ -100,60 +112,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
 # -- raw ASGI drivers ---------------------------------------------------------------------------
 
 
-def http_scope(path: str, method: str = "GET", headers: Mapping[str, str] = {}) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 1234),
-    }
-
-
 async def run_websocket(
     app: ASGIApp, path: str, headers: Mapping[str, str] = {}, *, denial: bool = True
 ) -> list[Message]:
     """Drive a websocket handshake; return every message the app sent."""
-    scope = {
-        **http_scope(path, headers=headers),
-        "type": "websocket",
-        "scheme": "ws",
-        "subprotocols": [],
-        "extensions": {"websocket.http.response": {}} if denial else {},
-    }
-    del scope["method"]
-    inbox: list[Message] = [{"type": "websocket.connect"}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return inbox.pop(0) if inbox else {"type": "websocket.disconnect", "code": 1000}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
-async def run_lifespan(app: ASGIApp) -> list[Message]:
-    inbox: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return inbox.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
-    return sent
+    extensions = DENIAL_EXTENSION if denial else {}
+    return await call_asgi(app, ws_scope(path, headers, extensions=extensions))
 
 
 def secret_values(keys: Keys) -> tuple[str, ...]:
@@ -191,7 +155,7 @@ async def test_demo_routes_without_a_principal(
 
 
 async def test_demo_lifespan_completes() -> None:
-    assert await run_lifespan(demo_app) == [
+    assert await call_asgi(demo_app, lifespan_scope()) == [
         {"type": "lifespan.startup.complete"},
         {"type": "lifespan.shutdown.complete"},
     ]
@@ -255,12 +219,8 @@ async def test_minted_token_calls_the_demo_and_no_secret_is_shown(keys: Keys) ->
             "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
         )
         token = minted.json()["access_token"]
-        response = await http.get(
-            "/whoami", headers={"authorization": f"Bearer {token}", "x-instance-id": DEVICE}
-        )
-        other_device = await http.get(
-            "/whoami", headers={"authorization": f"Bearer {token}", "x-instance-id": "device-B"}
-        )
+        response = await http.get("/whoami", headers=bearer(token, DEVICE))
+        other_device = await http.get("/whoami", headers=bearer(token, "device-B"))
     assert minted.status_code == 200
     assert response.status_code == 200
     body = response.json()
@@ -301,9 +261,7 @@ async def test_gate_websocket_needs_a_credential(keys: Keys) -> None:
     app = build_app(keys.config())
     token = make_token(keys.jwt_secret, instance_id=DEVICE)
     denied = await run_websocket(app, "/ws")
-    admitted = await run_websocket(
-        app, "/ws", {"authorization": f"Bearer {token}", "x-instance-id": DEVICE}
-    )
+    admitted = await run_websocket(app, "/ws", bearer(token, DEVICE))
     assert denied[0] == {
         "type": "websocket.http.response.start",
         "status": 401,
@@ -315,7 +273,7 @@ async def test_gate_websocket_needs_a_credential(keys: Keys) -> None:
 
 
 async def test_gate_passes_lifespan_to_the_demo(keys: Keys) -> None:
-    sent = await run_lifespan(build_app(keys.config()))
+    sent = await call_asgi(build_app(keys.config()), lifespan_scope())
     assert sent[-1] == {"type": "lifespan.shutdown.complete"}
 
 
@@ -355,7 +313,7 @@ async def test_upstream_gets_admitted_requests_with_its_credentials(
 
 async def test_upstream_proxy_receives_lifespan(keys: Keys, fakes: Fakes) -> None:
     app = build_app(keys.config(), upstream="https://upstream.example")
-    await run_lifespan(app)
+    await call_asgi(app, lifespan_scope())
     assert [scope["type"] for scope in fakes.proxies[0].scopes] == ["lifespan"]
 
 
@@ -417,7 +375,7 @@ async def test_forward_auth_answers_its_path_and_the_gate_the_rest(
     assert below.status_code == 401
     assert health.status_code == 200
     assert [scope["path"] for scope in endpoint.scopes] == ["/_devicegate/auth"]
-    assert (await run_lifespan(app))[-1] == {"type": "lifespan.shutdown.complete"}
+    assert (await call_asgi(app, lifespan_scope()))[-1] == {"type": "lifespan.shutdown.complete"}
     assert endpoint.scopes[-1]["type"] == "http"
 
 
@@ -450,7 +408,7 @@ async def test_real_forward_auth_endpoint(keys: Keys) -> None:
     async with client(app) as http:
         admitted = await http.get(
             "/_devicegate/auth",
-            headers={**asked, "authorization": f"Bearer {token}", "x-instance-id": DEVICE},
+            headers={**asked, **bearer(token, DEVICE)},
         )
         anonymous = await http.get("/_devicegate/auth", headers=asked)
         public = await http.get(
@@ -489,20 +447,13 @@ def test_forward_auth_secret_needs_a_path(keys: Keys) -> None:
         ({"api_key": ["a1", "a2"]}, ("a1", None)),
         ({"mobile_api_key": "m", "issuers_private_key": "..."}, (None, "m")),
         # The vendor's published example keys are the upstream's business, not ours.
-        (
-            {"api_key": "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0="},
-            (
-                "wfMIgreFfMxDXySTU/MqNaFPJBIZcc40BQ62uQMwwd0=",
-                None,
-            ),
-        ),
+        ({"api_key": VENDOR_API_KEY}, (VENDOR_API_KEY, None)),
     ],
 )
 def test_read_upstream_secrets(
     tmp_path: Path, document: dict[str, Any], expected: tuple[str | None, str | None]
 ) -> None:
-    path = tmp_path / "upstream.json"
-    path.write_text(json.dumps(document))
+    path = write_json(tmp_path / "upstream.json", document)
     assert read_upstream_secrets(path) == expected
 
 
@@ -591,16 +542,6 @@ def test_settings_refuse_a_public_path_with_a_comma() -> None:
         ServeSettings(public=("/a,b",)).to_env()
 
 
-def write_secrets(path: Path, keys: Keys) -> Path:
-    document = {
-        "api_key": keys.api_key,
-        "mobile_api_key": keys.mobile_api_key,
-        "jwt_secret": keys.jwt_secret,
-    }
-    path.write_text(json.dumps(document))
-    return path
-
-
 def test_load_config_from_a_file_with_environment_overrides(tmp_path: Path, keys: Keys) -> None:
     path = write_secrets(tmp_path / "secrets.json", keys)
     config = load_config(path, {"DEVICEGATE_DEVICE_HEADER": "X-Device"})
@@ -629,8 +570,9 @@ def test_has_env_credentials(environ: dict[str, str], expected: bool) -> None:
 async def test_settings_build_reads_files_and_the_named_secret(
     tmp_path: Path, keys: Keys, fakes: Fakes
 ) -> None:
-    upstream_file = tmp_path / "upstream.json"
-    upstream_file.write_text(json.dumps({"api_key": "up-a", "mobile_api_key": "up-m"}))
+    upstream_file = write_json(
+        tmp_path / "upstream.json", {"api_key": "up-a", "mobile_api_key": "up-m"}
+    )
     settings = ServeSettings(
         secrets_file=str(write_secrets(tmp_path / "secrets.json", keys)),
         upstream="http://127.0.0.1:9",
@@ -661,3 +603,43 @@ async def test_app_from_env_builds_what_the_environment_says(
         whoami = await http.get("/whoami", headers={"x-api-key": keys.api_key})
     assert root.json()["kind"] is None
     assert whoami.json()["kind"] == "api_key"
+
+
+# -- regressions: the gateway's own paths ---------------------------------------------------------
+
+
+async def test_health_with_a_trailing_slash_does_not_reach_the_upstream(
+    keys: Keys, fakes: Fakes
+) -> None:
+    # Rule("/health") covers /health/ as well: public, so it must be answered here, never
+    # forwarded without a credential.
+    app = build_app(keys.config(), upstream="http://127.0.0.1:9")
+    (proxy,) = fakes.proxies
+    async with client(app) as http:
+        for path in ("/health", "/health/"):
+            assert (await http.get(path)).json() == {"status": "ok"}
+    assert proxy.scopes == []
+
+
+async def test_websocket_to_health_never_reaches_the_http_health_app(
+    keys: Keys, fakes: Fakes
+) -> None:
+    # health_app speaks HTTP only: given a websocket scope it sent http.response.start, and the
+    # server answered 500 with a traceback. The handshake goes on to the proxy, which refuses
+    # it (tests/test_proxy.py checks the real one).
+    app = build_app(keys.config(), upstream="http://127.0.0.1:9")
+    (proxy,) = fakes.proxies
+    for path in ("/health", "/health/"):
+        await run_websocket(app, path)
+    assert [(scope["type"], scope["path"]) for scope in proxy.scopes] == [
+        ("websocket", "/health"),
+        ("websocket", "/health/"),
+    ]
+
+
+async def test_forward_auth_path_matches_both_slash_spellings(keys: Keys, fakes: Fakes) -> None:
+    app = build_app(keys.config(), forward_auth_path="/_devicegate/auth")
+    (endpoint,) = fakes.forward_auths
+    async with client(app) as http:
+        assert (await http.get("/_devicegate/auth/")).status_code == 204
+    assert [scope["path"] for scope in endpoint.scopes] == ["/_devicegate/auth/"]

@@ -13,7 +13,7 @@ import jwt
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import ASGIApp, Message
 
 from devicegate import (
     ConfigError,
@@ -22,10 +22,32 @@ from devicegate import (
     GateConfig,
     InvalidReason,
     InvalidToken,
+    Rule,
     TokenEndpoint,
     TokenVerifier,
 )
-from tests.helpers import Keys, RecordingApp, client, make_token
+from tests.helpers import (
+    DUPLICATE,
+    FORBIDDEN,
+    INVALID,
+    INVALID_INSTANCE_IDS,
+    MISSING,
+    SEVERAL,
+    UNREADABLE,
+    Denied,
+    Keys,
+    RecordingApp,
+    assert_denied,
+    bad_request,
+    bearer,
+    call_asgi,
+    client,
+    http_scope,
+    lifespan_scope,
+    make_token,
+    message_types,
+    ws_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -52,16 +74,26 @@ TOO_LARGE = {
 USE_POST = {"error": "invalid_request", "error_description": "Use POST."}
 
 
-@pytest.fixture(params=["standalone", "middleware"])
+# Rules that try to open the token path to everyone, or to the mobile key and device tokens:
+# they cannot, the token path takes the server API key and nothing else.
+OPENING_RULES = (
+    Rule(PATH, public=True),
+    Rule("/*", accept=[CredentialKind.MOBILE_API_KEY, CredentialKind.DEVICE_TOKEN]),
+)
+
+
+@pytest.fixture(params=["standalone", "middleware", "middleware-with-opening-rules"])
 def mount(request: pytest.FixtureRequest) -> str:
-    """Where the endpoint runs: mounted alone, or at the middleware's token path."""
+    """Where the endpoint runs: mounted alone, or at the middleware's token path (with no
+    rules, or with :data:`OPENING_RULES`)."""
     return str(request.param)
 
 
 def build(mount: str, config: GateConfig, app: RecordingApp) -> ASGIApp:
     if mount == "standalone":
         return TokenEndpoint(config)
-    return DeviceAuthMiddleware(app, config=config)
+    rules = OPENING_RULES if mount == "middleware-with-opening-rules" else ()
+    return DeviceAuthMiddleware(app, config=config, rules=rules)
 
 
 async def mint(
@@ -139,9 +171,8 @@ async def test_minted_token_opens_the_app_on_its_device_only(keys: Keys, app: Re
             PATH, headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
         )
         token = assert_token_response(minted, DEVICE)
-        bearer = {"authorization": f"Bearer {token}"}
-        own = await http.get("/", headers={**bearer, "x-instance-id": DEVICE})
-        other = await http.get("/", headers={**bearer, "x-instance-id": "device-2"})
+        own = await http.get("/", headers=bearer(token, DEVICE))
+        other = await http.get("/", headers=bearer(token, "device-2"))
     assert own.json()["instance_id"] == DEVICE
     assert other.status_code == 401
     assert len(app.calls) == 1
@@ -244,6 +275,7 @@ async def test_other_methods_without_the_api_key_are_refused_first(
         response = await http.get(PATH, headers={"authorization": keys.mobile_api_key})
     assert response.status_code == 403
     assert "allow" not in response.headers
+    assert not app.ran
 
 
 # -- Bad bodies -------------------------------------------------------------------------------
@@ -284,31 +316,7 @@ async def test_body_that_is_not_a_json_object_is_400(
     assert not app.ran
 
 
-BAD_INSTANCE_IDS = [
-    pytest.param(None, id="null"),
-    pytest.param(1, id="int"),
-    pytest.param(1.5, id="float"),
-    pytest.param(True, id="bool"),
-    pytest.param([], id="empty-list"),
-    pytest.param(["device-1"], id="list"),
-    pytest.param({"id": "device-1"}, id="object"),
-    pytest.param("", id="empty"),
-    pytest.param("A" * 257, id="too-long"),
-    pytest.param("dev\x00ice", id="nul"),
-    pytest.param("dev\nice", id="newline"),
-    pytest.param("dev\r\nx-injected: 1", id="crlf"),
-    pytest.param("dev\tice", id="tab"),
-    pytest.param("dev\x7fice", id="del"),
-    pytest.param("d\u00e9vice", id="non-ascii"),
-    pytest.param("\u200bdevice", id="zero-width-space"),
-    pytest.param("\uff44evice", id="fullwidth"),
-    pytest.param(" device", id="leading-space"),
-    pytest.param("device ", id="trailing-space"),
-    pytest.param(" ", id="only-space"),
-]
-
-
-@pytest.mark.parametrize("instance_id", BAD_INSTANCE_IDS)
+@pytest.mark.parametrize("instance_id", [*INVALID_INSTANCE_IDS, pytest.param(None, id="null")])
 async def test_bad_instance_id_is_400(
     keys: Keys, app: RecordingApp, mount: str, instance_id: object
 ) -> None:
@@ -387,37 +395,6 @@ async def test_small_body_in_streamed_chunks_is_accepted(keys: Keys) -> None:
     assert_token_response(response, DEVICE)
 
 
-def http_scope(headers: Sequence[tuple[bytes, bytes]], *, method: str = "POST") -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": list(headers),
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-
-
-async def call_raw(asgi: ASGIApp, scope: Scope, messages: Sequence[Message]) -> list[Message]:
-    inbox = list(messages)
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await asgi(scope, receive, send)
-    return sent
-
-
 def as_chunks(body: bytes, size: int) -> list[Message]:
     parts = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
     return [
@@ -431,17 +408,20 @@ async def test_body_larger_than_its_content_length_is_413(
     keys: Keys, app: RecordingApp, mount: str, declared: bytes
 ) -> None:
     # A server that does not enforce Content-Length: the endpoint counts what it receives.
-    scope = http_scope([(b"x-api-key", keys.api_key.encode()), (b"content-length", declared)])
-    sent = await call_raw(build(mount, keys.config(), app), scope, as_chunks(padded(5000), 700))
+    headers = [(b"x-api-key", keys.api_key.encode()), (b"content-length", declared)]
+    scope = http_scope(PATH, headers, method="POST")
+    sent = await call_asgi(build(mount, keys.config(), app), scope, as_chunks(padded(5000), 700))
     assert sent[0]["status"] == 413
     assert json.loads(sent[1]["body"]) == TOO_LARGE
     assert not app.ran
 
 
 async def test_unparsable_content_length_with_a_small_body_is_fine(keys: Keys) -> None:
-    scope = http_scope([(b"x-api-key", keys.api_key.encode()), (b"content-length", b"abc")])
+    headers = [(b"x-api-key", keys.api_key.encode()), (b"content-length", b"abc")]
     body = json.dumps({"instance_id": DEVICE}).encode()
-    sent = await call_raw(TokenEndpoint(keys.config()), scope, as_chunks(body, 5))
+    sent = await call_asgi(
+        TokenEndpoint(keys.config()), http_scope(PATH, headers, method="POST"), as_chunks(body, 5)
+    )
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"])["instance_id"] == DEVICE
 
@@ -470,8 +450,8 @@ async def test_unparsable_content_length_with_a_small_body_is_fine(keys: Keys) -
 async def test_client_disconnect_sends_nothing(
     keys: Keys, app: RecordingApp, mount: str, received: list[Message]
 ) -> None:
-    scope = http_scope([(b"x-api-key", keys.api_key.encode())])
-    sent = await call_raw(build(mount, keys.config(), app), scope, received)
+    scope = http_scope(PATH, [(b"x-api-key", keys.api_key.encode())], method="POST")
+    sent = await call_asgi(build(mount, keys.config(), app), scope, received)
     assert sent == []
     assert not app.ran
 
@@ -513,97 +493,49 @@ async def test_client_cannot_choose_claims_or_header(keys: Keys) -> None:
 # -- Credentials ------------------------------------------------------------------------------
 
 
-def challenge(error: str | None, description: str) -> str:
-    if error is None:
-        return 'Bearer realm="devicegate"'
-    return f'Bearer realm="devicegate", error="{error}", error_description="{description}"'
-
-
 REFUSED_CREDENTIALS = [
-    # headers (templates), status, RFC 6750 error, description
-    pytest.param([], 401, None, "Authentication is required.", id="nothing"),
-    pytest.param(
-        [("authorization", "{mobile_api_key}")],
-        403,
-        "insufficient_scope",
-        "This credential is not accepted for this resource.",
-        id="mobile-key",
-    ),
-    pytest.param(
-        [("authorization", "Bearer {token}")],
-        403,
-        "insufficient_scope",
-        "This credential is not accepted for this resource.",
-        id="generic-device-token",
-    ),
+    # headers (templates), the refusal
+    pytest.param([], MISSING, id="nothing"),
+    pytest.param([("authorization", "{mobile_api_key}")], FORBIDDEN, id="mobile-key"),
+    pytest.param([("authorization", "Bearer {token}")], FORBIDDEN, id="generic-device-token"),
     pytest.param(
         [("authorization", "Bearer {bound}"), ("x-instance-id", DEVICE)],
-        403,
-        "insufficient_scope",
-        "This credential is not accepted for this resource.",
+        FORBIDDEN,
         id="bound-device-token",
     ),
-    pytest.param(
-        [("x-api-key", "{mobile_api_key}")],
-        401,
-        "invalid_token",
-        "The credential is invalid, expired or not valid for this device.",
-        id="mobile-key-as-api-key",
-    ),
-    pytest.param(
-        [("authorization", "{api_key}")],
-        401,
-        "invalid_token",
-        "The credential is invalid, expired or not valid for this device.",
-        id="api-key-in-authorization",
-    ),
-    pytest.param(
-        [("x-api-key", "{api_key}x")],
-        401,
-        "invalid_token",
-        "The credential is invalid, expired or not valid for this device.",
-        id="api-key-near-miss",
-    ),
+    pytest.param([("x-api-key", "{mobile_api_key}")], INVALID, id="mobile-key-as-api-key"),
+    pytest.param([("authorization", "{api_key}")], INVALID, id="api-key-in-authorization"),
+    pytest.param([("x-api-key", "{api_key}x")], INVALID, id="api-key-near-miss"),
+    pytest.param([("authorization", "Bearer {expired}")], INVALID, id="expired-token"),
     pytest.param(
         [("x-api-key", "{api_key}"), ("authorization", "Bearer {token}")],
-        400,
-        "invalid_request",
-        "The request carries more than one credential.",
+        bad_request(SEVERAL),
         id="api-key-and-token",
     ),
     pytest.param(
         [("x-api-key", "{api_key}"), ("x-api-key", "{api_key}")],
-        400,
-        "invalid_request",
-        "The request carries a credential header more than once.",
+        bad_request(DUPLICATE),
         id="api-key-twice",
     ),
 ]
 
 
-@pytest.mark.parametrize(("headers", "status", "error", "description"), REFUSED_CREDENTIALS)
+@pytest.mark.parametrize(("headers", "denied"), REFUSED_CREDENTIALS)
 async def test_only_the_server_api_key_can_mint(
-    keys: Keys,
-    app: RecordingApp,
-    mount: str,
-    headers: list[tuple[str, str]],
-    status: int,
-    error: str | None,
-    description: str,
+    keys: Keys, app: RecordingApp, mount: str, headers: list[tuple[str, str]], denied: Denied
 ) -> None:
     values = {
         "api_key": keys.api_key,
         "mobile_api_key": keys.mobile_api_key,
         "token": make_token(keys.jwt_secret),
         "bound": make_token(keys.jwt_secret, instance_id=DEVICE),
+        "expired": make_token(keys.jwt_secret, lifetime=-1),
     }
     raw = [(name.encode(), value.format(**values).encode()) for name, value in headers]
     async with client(build(mount, keys.config(), app)) as http:
         response = await http.post(PATH, headers=raw, json={"instance_id": DEVICE})
-    assert_refused(
-        response, status, {"error": error or "unauthorized", "error_description": description}
-    )
-    assert response.headers["www-authenticate"] == challenge(error, description)
+    assert_denied(response, denied)
+    assert "access_token" not in response.text
     assert not app.ran
 
 
@@ -624,13 +556,13 @@ def test_endpoint_refuses_a_realm_that_cannot_be_quoted(keys: Keys, realm: str) 
 
 
 async def test_standalone_endpoint_fails_closed_on_a_malformed_scope(keys: Keys) -> None:
-    scope = http_scope([(b"x-api-key", keys.api_key.encode())])
+    scope = http_scope(PATH, method="POST")
     del scope["headers"]
-    sent = await call_raw(TokenEndpoint(keys.config()), scope, [{"type": "http.request"}])
+    sent = await call_asgi(TokenEndpoint(keys.config()), scope)
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"]) == {
         "error": "invalid_request",
-        "error_description": "The request could not be read.",
+        "error_description": UNREADABLE,
     }
 
 
@@ -658,11 +590,7 @@ async def test_logs_never_contain_the_token(keys: Keys, caplog: pytest.LogCaptur
 
 
 async def test_lifespan_is_handled_when_mounted_alone(keys: Keys) -> None:
-    sent = await call_raw(
-        TokenEndpoint(keys.config()),
-        {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-        [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}],
-    )
+    sent = await call_asgi(TokenEndpoint(keys.config()), lifespan_scope())
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
 
 
@@ -681,21 +609,10 @@ async def test_mounted_as_a_starlette_route(keys: Keys) -> None:
 async def test_websocket_handshake_is_refused(
     keys: Keys, app: RecordingApp, mount: str, extensions: dict[str, Any]
 ) -> None:
-    scope: Scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "scheme": "ws",
-        "path": PATH,
-        "raw_path": PATH.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"x-api-key", keys.api_key.encode())],
-        "subprotocols": [],
-        "extensions": extensions,
-    }
-    sent = await call_raw(build(mount, keys.config(), app), scope, [{"type": "websocket.connect"}])
+    scope = ws_scope(PATH, [(b"x-api-key", keys.api_key.encode())], extensions=extensions)
+    sent = await call_asgi(build(mount, keys.config(), app), scope)
     if extensions:
-        assert [message["type"] for message in sent] == [
+        assert message_types(sent) == [
             "websocket.http.response.start",
             "websocket.http.response.body",
         ]

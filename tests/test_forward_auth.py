@@ -11,70 +11,33 @@ import json
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import Scope
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, Rule
 from devicegate.forward_auth import FORWARD_SECRET_HEADER, ForwardAuth
-from tests.helpers import Keys, RecordingApp, make_token
+from tests.helpers import (
+    DENIAL_EXTENSION,
+    Keys,
+    RecordingApp,
+    answer,
+    bearer,
+    call_asgi,
+    count_verifications,
+    http_scope,
+    make_token,
+    message_types,
+    no_receive,
+    no_send,
+)
 from tests.servers.forward_auth_app import RULES
 
 AUTH_PATH = "/_devicegate/auth"
 SECRET = "proxy-secret-" + secrets.token_urlsafe(24)
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        values = [v.decode() for n, v in self.headers if n == name.encode()]
-        assert len(values) <= 1
-        return values[0] if values else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def call(app: ASGIApp, scope: Scope) -> Answer:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    assert sent[0]["type"] == "http.response.start"
-    body = b"".join(message.get("body", b"") for message in sent[1:])
-    return Answer(sent[0]["status"], list(sent[0]["headers"]), body)
-
-
-def http_scope(
-    path: str, headers: Sequence[tuple[str, str]], *, raw_path: bytes | None = None
-) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": raw_path if raw_path is not None else path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(name.lower().encode(), value.encode("latin-1")) for name, value in headers],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-    }
 
 
 def ask(
@@ -111,7 +74,7 @@ def _cases(keys: Keys) -> list[tuple[str, str, list[tuple[str, str]]]]:
     mobile = ("authorization", keys.mobile_api_key)
     device_1 = ("x-instance-id", "device-1")
 
-    def bearer(token: str, scheme: str = "Bearer") -> tuple[str, str]:
+    def authorization(token: str, scheme: str = "Bearer") -> tuple[str, str]:
         return ("authorization", f"{scheme} {token}")
 
     return [
@@ -119,15 +82,15 @@ def _cases(keys: Keys) -> list[tuple[str, str, list[tuple[str, str]]]]:
         ("no credential", "/", []),
         ("server key", "/orders/7", [server]),
         ("mobile key", "/orders/7", [mobile]),
-        ("bound token", "/orders", [bearer(bound), device_1]),
-        ("bound token, lower-case scheme", "/", [bearer(bound, "bearer"), device_1]),
-        ("generic token", "/", [bearer(generic)]),
-        ("wrong device", "/", [bearer(bound), ("x-instance-id", "device-2")]),
-        ("device case change", "/", [bearer(bound), ("x-instance-id", "DEVICE-1")]),
-        ("bound token, no device header", "/", [bearer(bound)]),
-        ("expired token", "/", [bearer(expired)]),
-        ("wrong key", "/", [bearer(wrong_key), device_1]),
-        ("tampered signature", "/", [bearer(tampered), device_1]),
+        ("bound token", "/orders", [authorization(bound), device_1]),
+        ("bound token, lower-case scheme", "/", [authorization(bound, "bearer"), device_1]),
+        ("generic token", "/", [authorization(generic)]),
+        ("wrong device", "/", [authorization(bound), ("x-instance-id", "device-2")]),
+        ("device case change", "/", [authorization(bound), ("x-instance-id", "DEVICE-1")]),
+        ("bound token, no device header", "/", [authorization(bound)]),
+        ("expired token", "/", [authorization(expired)]),
+        ("wrong key", "/", [authorization(wrong_key), device_1]),
+        ("tampered signature", "/", [authorization(tampered), device_1]),
         ("unknown mobile key", "/", [("authorization", "x" * 40)]),
         ("server key in Authorization", "/", [("authorization", keys.api_key)]),
         ("mobile key in x-api-key", "/", [("x-api-key", keys.mobile_api_key)]),
@@ -137,13 +100,16 @@ def _cases(keys: Keys) -> list[tuple[str, str, list[tuple[str, str]]]]:
         ("empty bearer", "/", [("authorization", "Bearer ")]),
         ("server key on server-only path", "/admin/users", [server]),
         ("mobile key on server-only path", "/admin/users", [mobile]),
-        ("token on server-only path", "/admin/", [bearer(generic)]),
+        ("token on server-only path", "/admin/", [authorization(generic)]),
         ("server key on mobile path", "/mobile/verify", [server]),
-        ("token on mobile path", "/mobile/verify", [bearer(bound), device_1]),
+        ("token on mobile path", "/mobile/verify", [authorization(bound), device_1]),
         ("prefix look-alike is not the rule", "/administrator", [mobile]),
         ("public path", "/health", []),
         ("public path, garbage credential", "/health", [("authorization", "Bearer !!!")]),
-        ("public path, trailing slash is not public", "/health/", []),
+        # Rules cover both slash spellings: Rule("/health") matches /health/ too, and
+        # Rule("/admin/*") matches the bare /admin (routers serve one as the other).
+        ("public path, trailing slash is public too", "/health/", []),
+        ("prefix rule covers the bare directory", "/admin", [mobile]),
         ("dot-dot segment", "/mobile/../admin/users", [server]),
         ("dot segment", "/./admin", [mobile]),
         ("double slash", "//admin/users", [mobile]),
@@ -170,12 +136,12 @@ async def test_forward_auth_decides_as_the_middleware(keys: Keys, case: str, pro
 
     app = RecordingApp()
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES, token_path=None)
-    direct = await call(gate, http_scope(unquote(raw_path), headers, raw_path=raw_path.encode()))
+    direct = await answer(gate, http_scope(unquote(raw_path), headers, raw_path=raw_path.encode()))
 
     names = ("x-original-uri", "x-original-method")
     if proxy == "traefik":
         names = ("x-forwarded-uri", "x-forwarded-method")
-    asked = await call(
+    asked = await answer(
         forward_auth(keys), ask(uri, headers, uri_header=names[0], method_header=names[1])
     )
 
@@ -199,7 +165,7 @@ async def test_forward_auth_decides_as_the_middleware(keys: Keys, case: str, pro
 async def test_parity_table_covers_every_outcome(keys: Keys) -> None:
     statuses = set()
     for _, uri, headers in _cases(keys):
-        statuses.add((await call(forward_auth(keys), ask(uri, headers))).status)
+        statuses.add((await answer(forward_auth(keys), ask(uri, headers))).status)
     assert statuses == {204, 400, 401, 403}
 
 
@@ -209,42 +175,53 @@ async def test_parity_table_covers_every_outcome(keys: Keys) -> None:
 async def test_pass_answers_204_with_identity(keys: Keys) -> None:
     token = make_token(keys.jwt_secret, instance_id="phone-9")
     headers = [("authorization", f"Bearer {token}"), ("x-instance-id", "phone-9")]
-    answer = await call(forward_auth(keys), ask("/mobile/verify", headers))
-    assert answer.status == 204
-    assert answer.body == b""
-    assert answer.header("x-devicegate-kind") == "device_token"
-    assert answer.header("x-devicegate-instance-id") == "phone-9"
+    answered = await answer(forward_auth(keys), ask("/mobile/verify", headers))
+    assert answered.status == 204
+    assert answered.body == b""
+    assert answered.header("x-devicegate-kind") == "device_token"
+    assert answered.header("x-devicegate-instance-id") == "phone-9"
 
 
-async def test_public_path_passes_without_identity(keys: Keys) -> None:
-    answer = await call(forward_auth(keys), ask("/health"))
-    assert answer.status == 204
-    assert answer.header("x-devicegate-kind") is None
-    assert answer.header("x-devicegate-instance-id") is None
+@pytest.mark.parametrize("path", ["/health", "/health/"])
+async def test_public_path_passes_without_identity(keys: Keys, path: str) -> None:
+    answered = await answer(forward_auth(keys), ask(path))
+    assert answered.status == 204
+    assert answered.header("x-devicegate-kind") is None
+    assert answered.header("x-devicegate-instance-id") is None
+
+
+@pytest.mark.parametrize("path", ["/admin", "/admin/", "/admin/users"])
+async def test_prefix_rule_covers_the_bare_directory(keys: Keys, path: str) -> None:
+    mobile = [("authorization", keys.mobile_api_key)]
+    refused = await answer(forward_auth(keys), ask(path, mobile))
+    admitted = await answer(forward_auth(keys), ask(path, [("x-api-key", keys.api_key)]))
+    assert refused.status == 403
+    assert admitted.status == 204
+    assert admitted.header("x-devicegate-kind") == "api_key"
 
 
 async def test_no_credential_is_a_bare_challenge(keys: Keys) -> None:
-    answer = await call(forward_auth(keys), ask("/orders"))
-    assert answer.status == 401
-    assert answer.header("www-authenticate") == 'Bearer realm="devicegate"'
-    assert answer.json() == {
+    answered = await answer(forward_auth(keys), ask("/orders"))
+    assert answered.status == 401
+    assert answered.header("www-authenticate") == 'Bearer realm="devicegate"'
+    assert answered.json() == {
         "error": "unauthorized",
         "error_description": "Authentication is required.",
     }
 
 
 async def test_insufficient_scope_is_403_with_challenge(keys: Keys) -> None:
-    answer = await call(
+    answered = await answer(
         forward_auth(keys), ask("/admin/x", [("authorization", keys.mobile_api_key)])
     )
-    assert answer.status == 403
-    assert 'error="insufficient_scope"' in (answer.header("www-authenticate") or "")
-    assert answer.json()["error"] == "insufficient_scope"
+    assert answered.status == 403
+    assert 'error="insufficient_scope"' in (answered.header("www-authenticate") or "")
+    assert answered.json()["error"] == "insufficient_scope"
 
 
 async def test_realm_is_configurable(keys: Keys) -> None:
-    answer = await call(forward_auth(keys, realm="sensecrypt"), ask("/"))
-    assert answer.header("www-authenticate") == 'Bearer realm="sensecrypt"'
+    answered = await answer(forward_auth(keys, realm="sensecrypt"), ask("/"))
+    assert answered.header("www-authenticate") == 'Bearer realm="sensecrypt"'
 
 
 async def test_through_http_with_traefik_headers(keys: Keys) -> None:
@@ -296,23 +273,31 @@ async def test_bad_original_request_is_400(
     keys: Keys, proxy_headers: list[tuple[str, str]]
 ) -> None:
     scope = http_scope(AUTH_PATH, [("x-api-key", keys.api_key), *proxy_headers])
-    answer = await call(forward_auth(keys), scope)
-    assert answer.status == 400
-    assert answer.json()["error"] == "invalid_request"
-    assert 'error="invalid_request"' in (answer.header("www-authenticate") or "")
-    assert answer.header("x-devicegate-kind") is None
+    answered = await answer(forward_auth(keys), scope)
+    assert answered.status == 400
+    assert answered.json()["error"] == "invalid_request"
+    assert 'error="invalid_request"' in (answered.header("www-authenticate") or "")
+    assert answered.header("x-devicegate-kind") is None
 
 
 async def test_method_is_optional(keys: Keys) -> None:
     scope = http_scope(AUTH_PATH, [("x-api-key", keys.api_key), ("x-original-uri", "/a")])
-    assert (await call(forward_auth(keys), scope)).status == 204
+    assert (await answer(forward_auth(keys), scope)).status == 204
 
 
-async def test_descriptions_never_echo_the_request(keys: Keys) -> None:
-    evil = "/<q9marker>/%0d%0aSet-Cookie:x"
-    answer = await call(forward_auth(keys), ask(evil, [("authorization", "Bearer <q9marker>")]))
-    assert answer.status == 401
-    for text in (answer.body, *(value for _, value in answer.headers)):
+@pytest.mark.parametrize(
+    ("uri", "status"),
+    [
+        # A control character in the path is refused before any credential is looked at.
+        ("/<q9marker>/%0d%0aSet-Cookie:x", 400),
+        ("/<q9marker>/orders", 401),
+    ],
+)
+async def test_descriptions_never_echo_the_request(keys: Keys, uri: str, status: int) -> None:
+    evil_credential = [("authorization", "Bearer <q9marker>")]
+    answered = await answer(forward_auth(keys), ask(uri, evil_credential))
+    assert answered.status == status
+    for text in (answered.body, *(value for _, value in answered.headers)):
         assert b"q9marker" not in text
         assert b"Set-Cookie" not in text
 
@@ -341,20 +326,20 @@ async def test_without_the_shared_secret_credentials_are_not_looked_at(
     app = forward_auth(keys, shared_secret=SECRET)
     for credential in ([("authorization", "Bearer ")], [("x-api-key", keys.api_key)]):
         headers = [*credential, *((FORWARD_SECRET_HEADER, value) for value in sent)]
-        answer = await call(app, ask("/orders", headers))
-        assert answer.status == 403
-        assert answer.json() == {
+        answered = await answer(app, ask("/orders", headers))
+        assert answered.status == 403
+        assert answered.json() == {
             "error": "forbidden",
             "error_description": "This endpoint answers only the configured proxy.",
         }
-        assert answer.header("www-authenticate") is None
-        assert answer.header("x-devicegate-kind") is None
+        assert answered.header("www-authenticate") is None
+        assert answered.header("x-devicegate-kind") is None
 
 
 async def test_with_the_shared_secret_the_decision_is_made(keys: Keys) -> None:
     app = forward_auth(keys, shared_secret=SECRET)
-    allowed = await call(app, ask("/orders", [("x-api-key", keys.api_key)], secret=SECRET))
-    denied = await call(app, ask("/orders", [], secret=SECRET))
+    allowed = await answer(app, ask("/orders", [("x-api-key", keys.api_key)], secret=SECRET))
+    denied = await answer(app, ask("/orders", [], secret=SECRET))
     assert allowed.status == 204
     assert allowed.header("x-devicegate-kind") == "api_key"
     assert denied.status == 401
@@ -365,18 +350,10 @@ async def test_with_the_shared_secret_the_decision_is_made(keys: Keys) -> None:
 
 @pytest.mark.parametrize("denial_extension", [True, False])
 async def test_websocket_is_refused(keys: Keys, denial_extension: bool) -> None:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "websocket.connect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
     scope = {**ask("/orders", [("x-api-key", keys.api_key)]), "type": "websocket"}
     if denial_extension:
-        scope["extensions"] = {"websocket.http.response": {}}
-    await forward_auth(keys)(scope, receive, send)
+        scope["extensions"] = DENIAL_EXTENSION
+    sent = await call_asgi(forward_auth(keys), scope)
     if denial_extension:
         assert sent[0]["type"] == "websocket.http.response.start"
         assert sent[0]["status"] == 400
@@ -385,28 +362,13 @@ async def test_websocket_is_refused(keys: Keys, denial_extension: bool) -> None:
 
 
 async def test_lifespan_completes(keys: Keys) -> None:
-    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return incoming.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await forward_auth(keys)({"type": "lifespan"}, receive, send)
-    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    sent = await call_asgi(forward_auth(keys), {"type": "lifespan"})
+    assert message_types(sent) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
 async def test_unknown_scope_type_is_an_error(keys: Keys) -> None:
-    async def receive() -> Message:
-        raise AssertionError
-
-    async def send(message: Message) -> None:
-        raise AssertionError
-
     with pytest.raises(RuntimeError, match="scope type"):
-        await forward_auth(keys)({"type": "webtransport"}, receive, send)
+        await forward_auth(keys)({"type": "webtransport"}, no_receive, no_send)
 
 
 def test_repr_hides_the_shared_secret(keys: Keys) -> None:
@@ -418,8 +380,18 @@ def test_repr_hides_the_shared_secret(keys: Keys) -> None:
     assert "Rule('/health', public=True)" in text
 
 
-def test_clear_token_cache(keys: Keys) -> None:
-    forward_auth(keys).clear_token_cache()
+async def test_clear_token_cache_forces_a_full_verification(keys: Keys) -> None:
+    endpoint = forward_auth(keys)
+    verifier = count_verifications(endpoint._gate, endpoint.config)
+    token = make_token(keys.jwt_secret, instance_id="device-1")
+    scope = ask("/orders", list(bearer(token, "device-1").items()))
+    statuses = [(await answer(endpoint, scope)).status for _ in range(2)]
+    assert verifier.full_verifications == 1  # the second answer came from the cache
+    endpoint.clear_token_cache()
+    assert verifier.cache_size == 0
+    statuses += [(await answer(endpoint, scope)).status for _ in range(2)]
+    assert statuses == [204] * 4
+    assert verifier.full_verifications == 2  # verified in full once more, then cached again
 
 
 @pytest.mark.parametrize(
@@ -451,3 +423,21 @@ def test_rule_accepting_an_unconfigured_kind_is_refused(keys: Keys) -> None:
     config = keys.config().replace(mobile_api_keys=(), jwt_secret=None)
     with pytest.raises(ConfigError):
         ForwardAuth(config, rules=[Rule("/m/*", accept={CredentialKind.MOBILE_API_KEY})])
+
+
+# -- regressions: log flooding ------------------------------------------------------------------
+
+
+async def test_requests_without_the_proxy_secret_cannot_flood_the_log(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anyone who reaches the endpoint can send these: one WARNING line each let a client fill
+    # the disk. Logged at DEBUG, as the middleware logs its refusals.
+    endpoint = ForwardAuth(keys.config(), shared_secret=SECRET)
+    transport = httpx.ASGITransport(app=endpoint)
+    headers = {"x-original-uri": "/orders", "x-api-key": keys.api_key}
+    with caplog.at_level("DEBUG", logger="devicegate"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://auth") as http:
+            statuses = {(await http.get(AUTH_PATH, headers=headers)).status_code for _ in range(50)}
+    assert statuses == {403}
+    assert [record.levelname for record in caplog.records] == ["DEBUG"] * 50

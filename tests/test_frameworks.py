@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import anyio
-import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.requests import HTTPConnection
@@ -45,11 +43,28 @@ from devicegate import (
     TokenEndpoint,
     get_principal,
 )
-from tests.helpers import Keys, client, make_token
+from tests.helpers import (
+    DENIAL_EXTENSION,
+    FORBIDDEN,
+    INVALID,
+    MISSING,
+    REALM_ONLY,
+    UNSAFE_PATH,
+    Answer,
+    Keys,
+    assert_denied,
+    bad_request,
+    bearer,
+    call_asgi,
+    client,
+    make_token,
+    message_types,
+    mint,
+    ws_scope,
+)
 
 DEVICE = "device-A"
 OTHER_DEVICE = "device-B"
-REALM_ONLY = 'Bearer realm="devicegate"'
 
 # The same policy for every framework: /health is public, /device/* takes device tokens only,
 # everything else takes every configured kind.
@@ -221,41 +236,6 @@ every_framework = pytest.mark.parametrize(
 )
 
 
-# --- helpers ----------------------------------------------------------------------------------
-
-
-async def mint(http: httpx.AsyncClient, keys: Keys, instance_id: str | None = DEVICE) -> str:
-    """Mint a token over HTTP at the app's /gen-jwt with the server API key."""
-    body = {} if instance_id is None else {"instance_id": instance_id}
-    response = await http.post("/gen-jwt", headers={"x-api-key": keys.api_key}, json=body)
-    assert response.status_code == 200, response.text
-    assert response.headers["cache-control"] == "no-store"
-    payload = response.json()
-    assert payload["token_type"] == "Bearer"
-    assert payload.get("instance_id") == instance_id
-    token = payload["access_token"]
-    assert isinstance(token, str)
-    return token
-
-
-def bearer(token: str, device: str | None = DEVICE) -> dict[str, str]:
-    headers = {"authorization": f"Bearer {token}"}
-    if device is not None:
-        headers["x-instance-id"] = device
-    return headers
-
-
-def assert_denied(response: httpx.Response, status: int, error: str | None) -> None:
-    """An RFC 6750 refusal sent by devicegate (not by the framework)."""
-    assert response.status_code == status, response.text
-    challenge = response.headers["www-authenticate"]
-    if error is None:
-        assert challenge == REALM_ONLY
-    else:
-        assert challenge.startswith(f'{REALM_ONLY}, error="{error}"')
-    assert response.json()["error"] == (error or "unauthorized")
-
-
 # --- the same outcomes on every framework -----------------------------------------------------
 
 
@@ -266,7 +246,7 @@ async def test_no_credentials_is_401_and_app_not_called(
     built = BUILDERS[framework](keys.config())
     async with client(built.app) as http:
         for path in ("/whoami", "/device/whoami"):
-            assert_denied(await http.get(path), 401, None)
+            assert_denied(await http.get(path), MISSING)
     assert built.calls == []
 
 
@@ -300,10 +280,10 @@ async def test_token_minted_through_the_app_admits_its_device(
 ) -> None:
     built = BUILDERS[framework](keys.config())
     async with client(built.app) as http:
-        token = await mint(http, keys)
+        token = await mint(http, keys.api_key, DEVICE)
         assert built.calls == []  # the token endpoint answered; the app was not involved
         for path in ("/whoami", "/device/whoami"):
-            response = await http.get(path, headers=bearer(token))
+            response = await http.get(path, headers=bearer(token, DEVICE))
             assert response.status_code == 200, response.text
             assert response.json() == {
                 "kind": "device_token",
@@ -317,8 +297,8 @@ async def test_token_minted_through_the_app_admits_its_device(
 async def test_generic_token_admits(framework: str, anyio_backend: str, keys: Keys) -> None:
     built = BUILDERS[framework](keys.config())
     async with client(built.app) as http:
-        token = await mint(http, keys, instance_id=None)
-        response = await http.get("/whoami", headers=bearer(token, device=None))
+        token = await mint(http, keys.api_key)
+        response = await http.get("/whoami", headers=bearer(token))
     assert response.status_code == 200, response.text
     assert response.json() == {"kind": "device_token", "instance_id": None, "authenticated": True}
 
@@ -329,11 +309,11 @@ async def test_token_of_another_device_is_401(
 ) -> None:
     built = BUILDERS[framework](keys.config())
     async with client(built.app) as http:
-        token = await mint(http, keys, instance_id=OTHER_DEVICE)
-        assert_denied(await http.get("/whoami", headers=bearer(token)), 401, "invalid_token")
+        token = await mint(http, keys.api_key, OTHER_DEVICE)
+        assert_denied(await http.get("/whoami", headers=bearer(token, DEVICE)), INVALID)
         # A token signed with another secret, for the right device: refused just the same.
         forged = make_token("another-secret-of-at-least-32-bytes!", instance_id=DEVICE)
-        assert_denied(await http.get("/whoami", headers=bearer(forged)), 401, "invalid_token")
+        assert_denied(await http.get("/whoami", headers=bearer(forged, DEVICE)), INVALID)
     assert built.calls == []
 
 
@@ -345,11 +325,11 @@ async def test_kind_the_path_does_not_accept_is_403(
     async with client(built.app) as http:
         for headers in ({"x-api-key": keys.api_key}, {"authorization": keys.mobile_api_key}):
             response = await http.get("/device/whoami", headers=headers)
-            assert_denied(response, 403, "insufficient_scope")
+            assert_denied(response, FORBIDDEN)
         # A device token cannot mint tokens: /gen-jwt takes the server API key only.
-        token = await mint(http, keys)
-        response = await http.post("/gen-jwt", headers=bearer(token), json={})
-        assert_denied(response, 403, "insufficient_scope")
+        token = await mint(http, keys.api_key, DEVICE)
+        response = await http.post("/gen-jwt", headers=bearer(token, DEVICE), json={})
+        assert_denied(response, FORBIDDEN)
     assert built.calls == []
 
 
@@ -381,7 +361,7 @@ async def test_dot_segments_never_reach_the_app(
         # Litestar routes first and runs middleware on matched routes only: no route matches.
         assert response.status_code == 404
     else:
-        assert_denied(response, 400, "invalid_request")
+        assert_denied(response, bad_request(UNSAFE_PATH))
     assert built.calls == []
 
 
@@ -422,7 +402,7 @@ async def test_starlette_requires_sees_the_credential_kind(
         headers = {
             "api_key": {"x-api-key": keys.api_key},
             "mobile_api_key": {"authorization": keys.mobile_api_key},
-            "device_token": bearer(await mint(http, keys)),
+            "device_token": bearer(await mint(http, keys.api_key, DEVICE), DEVICE),
         }[credential]
         response = await http.get(path, headers=headers)
     assert response.status_code == status, response.text
@@ -452,9 +432,9 @@ async def test_starlette_mount_matches_rules_below_the_mount(keys: Keys) -> None
     calls: list[str] = []
     async with client(starlette_mounted_app(keys.config(), calls)) as http:
         assert (await http.get("/api/health")).status_code == 200
-        assert_denied(await http.get("/api/whoami"), 401, None)
+        assert_denied(await http.get("/api/whoami"), MISSING)
         response = await http.get("/api/device/whoami", headers={"x-api-key": keys.api_key})
-        assert_denied(response, 403, "insufficient_scope")
+        assert_denied(response, FORBIDDEN)
 
         # /gen-jwt below the mount is the token endpoint; at the top level it is not.
         assert (await http.post("/gen-jwt", headers={"x-api-key": keys.api_key})).status_code == 404
@@ -463,7 +443,7 @@ async def test_starlette_mount_matches_rules_below_the_mount(keys: Keys) -> None
         )
         assert response.status_code == 200, response.text
         token = response.json()["access_token"]
-        response = await http.get("/api/device/whoami", headers=bearer(token))
+        response = await http.get("/api/device/whoami", headers=bearer(token, DEVICE))
         assert response.status_code == 200, response.text
         assert response.json()["instance_id"] == DEVICE
 
@@ -491,7 +471,7 @@ async def test_starlette_principal_overwrites_an_earlier_user(keys: Keys) -> Non
         await inner(scope, receive, send)
 
     async with client(spoofing) as http:
-        assert_denied(await http.get("/whoami"), 401, None)
+        assert_denied(await http.get("/whoami"), MISSING)
         response = await http.get("/whoami", headers={"authorization": keys.mobile_api_key})
     assert response.json()["kind"] == "mobile_api_key"
     assert seen == [Principal(CredentialKind.MOBILE_API_KEY)]
@@ -508,72 +488,35 @@ async def websocket_session(
     The scope is what uvicorn and hypercorn send; ``denial_extension`` says whether the server
     offers the websocket denial response (both do; some servers do not).
     """
-    scope: Scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "scheme": "ws",
-        "server": ("testserver", 80),
-        "client": ("127.0.0.1", 50000),
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            *((name.encode(), value.encode()) for name, value in headers.items()),
-        ],
-        "subprotocols": [],
-        "extensions": {"websocket.http.response": {}} if denial_extension else {},
-        "state": {},
-    }
-    connected = False
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        nonlocal connected
-        if not connected:
-            connected = True
-            return {"type": "websocket.connect"}
-        return {"type": "websocket.disconnect", "code": 1000}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    with anyio.fail_after(10):
-        await app(scope, receive, send)
-    return sent
+    extensions = DENIAL_EXTENSION if denial_extension else {}
+    return await call_asgi(app, ws_scope(path, headers, extensions=extensions))
 
 
-def websocket_denial(messages: list[Message]) -> tuple[int, dict[bytes, bytes], Any]:
-    """The status, headers and JSON body of a websocket denial response."""
-    assert [message["type"] for message in messages] == [
+def websocket_denial(messages: list[Message]) -> Answer:
+    """The websocket denial response (an HTTP response, sent instead of ``websocket.accept``)."""
+    assert message_types(messages) == [
         "websocket.http.response.start",
         "websocket.http.response.body",
     ], messages
-    return (
-        messages[0]["status"],
-        dict(messages[0]["headers"]),
-        json.loads(messages[1]["body"]),
-    )
+    return Answer.of(messages)
 
 
 async def test_fastapi_websocket_denied_on_the_handshake(keys: Keys) -> None:
     built = build_fastapi(keys.config())
     async with client(built.app) as http:
-        token = await mint(http, keys, instance_id=OTHER_DEVICE)
+        token = await mint(http, keys.api_key, OTHER_DEVICE)
     no_credential = await websocket_session(built.app, "/ws", {})
-    other_device = await websocket_session(built.app, "/ws", bearer(token))
+    other_device = await websocket_session(built.app, "/ws", bearer(token, DEVICE))
 
     # A real HTTP refusal of the upgrade, sent before any websocket.accept.
-    status, headers, body = websocket_denial(no_credential)
-    assert status == 401
-    assert headers[b"www-authenticate"] == REALM_ONLY.encode()
-    assert body["error"] == "unauthorized"
-    status, headers, body = websocket_denial(other_device)
-    assert status == 401
-    assert b'error="invalid_token"' in headers[b"www-authenticate"]
-    assert body["error"] == "invalid_token"
+    refused = websocket_denial(no_credential)
+    assert refused.status == 401
+    assert refused.header("www-authenticate") == REALM_ONLY
+    assert refused.json()["error"] == "unauthorized"
+    refused = websocket_denial(other_device)
+    assert refused.status == 401
+    assert 'error="invalid_token"' in (refused.header("www-authenticate") or "")
+    assert refused.json()["error"] == "invalid_token"
     assert built.calls == []
 
 
@@ -587,9 +530,9 @@ async def test_fastapi_websocket_without_denial_extension_closes_1008(keys: Keys
 async def test_fastapi_websocket_with_device_token_connects(keys: Keys) -> None:
     built = build_fastapi(keys.config())
     async with client(built.app) as http:
-        token = await mint(http, keys)
-    messages = await websocket_session(built.app, "/ws", bearer(token))
-    assert [message["type"] for message in messages] == [
+        token = await mint(http, keys.api_key, DEVICE)
+    messages = await websocket_session(built.app, "/ws", bearer(token, DEVICE))
+    assert message_types(messages) == [
         "websocket.accept",
         "websocket.send",
         "websocket.close",
@@ -611,7 +554,7 @@ async def test_litestar_unknown_path(anyio_backend: str, keys: Keys) -> None:
     # Litestar's DefineMiddleware runs only on matched routes, so there Litestar answers 404
     # without devicegate having seen the request. Wrap the app to hide which routes exist.
     async with client(build_litestar_wrapped(keys.config()).app) as http:
-        assert_denied(await http.get("/no-such-route"), 401, None)
+        assert_denied(await http.get("/no-such-route"), MISSING)
     async with client(build_litestar_middleware(keys.config()).app) as http:
         response = await http.get("/no-such-route")
     assert response.status_code == 404

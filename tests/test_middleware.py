@@ -19,7 +19,7 @@ import pytest
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devicegate import (
     AuthError,
@@ -37,26 +37,41 @@ from devicegate import (
     TokenIssuer,
     get_principal,
 )
-from tests.helpers import Keys, RecordingApp, b64url, client, make_token
+from tests.helpers import (
+    AUTH_REQUIRED,
+    BAD_API_KEY_HEADER,
+    DUPLICATE,
+    DUPLICATE_DEVICE,
+    FORBIDDEN,
+    INVALID,
+    INVALID_CREDENTIAL,
+    MALFORMED,
+    MISSING,
+    MISSING_DEVICE,
+    NEAR_MISSES,
+    NOT_ACCEPTED,
+    SEVERAL,
+    UNREADABLE,
+    Denied,
+    Keys,
+    RecordingApp,
+    assert_denied,
+    b64url,
+    bad_request,
+    bearer,
+    call_asgi,
+    client,
+    http_scope,
+    lifespan_scope,
+    make_token,
+    near_misses,
+)
 
 # Marked here, not only by conftest: anyio's plugin parametrizes the backend at collection
 # time, which is the only way it composes with the parametrized tables below.
 pytestmark = pytest.mark.anyio
 
 DEVICE = "device-1"
-
-# The fixed descriptions the middleware answers with. Written out here, not imported: the
-# tests are the specification of what a client sees.
-AUTH_REQUIRED = "Authentication is required."
-INVALID_CREDENTIAL = "The credential is invalid, expired or not valid for this device."
-NOT_ACCEPTED = "This credential is not accepted for this resource."
-DUPLICATE = "The request carries a credential header more than once."
-SEVERAL = "The request carries more than one credential."
-MALFORMED = "The Authorization header is malformed."
-BAD_API_KEY_HEADER = "The API key header is malformed."
-DUPLICATE_DEVICE = "The request carries the device header more than once."
-MISSING_DEVICE = "The token is bound to a device; send the device header."
-UNREADABLE = "The request could not be read."
 
 
 @dataclass(frozen=True)
@@ -67,48 +82,11 @@ class Admitted:
     instance_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Denied:
-    """The middleware answered; the app never ran."""
-
-    status: int
-    error: str | None
-    description: str
-
-
-MISSING = Denied(401, None, AUTH_REQUIRED)
-INVALID = Denied(401, "invalid_token", INVALID_CREDENTIAL)
-FORBIDDEN = Denied(403, "insufficient_scope", NOT_ACCEPTED)
 PUBLIC = Admitted(None)
 API = Admitted("api_key")
 MOBILE = Admitted("mobile_api_key")
 TOKEN = Admitted("device_token")
 BOUND = Admitted("device_token", DEVICE)
-
-
-def bad_request(description: str) -> Denied:
-    return Denied(400, "invalid_request", description)
-
-
-def challenge(denied: Denied, realm: str = "devicegate") -> str:
-    """The RFC 6750 §3 challenge: no ``error`` attribute when no credential was sent."""
-    if denied.error is None:
-        return f'Bearer realm="{realm}"'
-    return (
-        f'Bearer realm="{realm}", error="{denied.error}", error_description="{denied.description}"'
-    )
-
-
-def assert_denied(response: httpx.Response, denied: Denied, realm: str = "devicegate") -> None:
-    assert response.status_code == denied.status
-    assert response.headers.get_list("www-authenticate") == [challenge(denied, realm)]
-    assert response.json() == {
-        "error": denied.error or "unauthorized",
-        "error_description": denied.description,
-    }
-    assert response.headers["content-type"] == "application/json"
-    assert response.headers["cache-control"] == "no-store"
-    assert response.headers["content-length"] == str(len(response.content))
 
 
 def assert_outcome(response: httpx.Response, outcome: Admitted | Denied, app: RecordingApp) -> None:
@@ -134,49 +112,6 @@ def encode_headers(
         (name.encode("latin-1"), value.format(**values).encode("latin-1"))
         for name, value in headers
     ]
-
-
-async def call_raw(
-    asgi: ASGIApp, scope: Scope, messages: Sequence[Message] | None = None
-) -> list[Message]:
-    """Drive ``asgi`` by hand with ``messages`` and return everything it sent."""
-    inbox: list[Message] = list(
-        messages if messages is not None else [{"type": "http.request", "body": b""}]
-    )
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(dict(message))
-
-    await asgi(scope, receive, send)
-    return sent
-
-
-def http_scope(
-    path: str = "/",
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    *,
-    method: str = "GET",
-    root_path: str = "",
-) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8"),
-        "query_string": b"",
-        "root_path": root_path,
-        "headers": list(headers),
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "state": {},
-    }
 
 
 @pytest.fixture
@@ -523,7 +458,7 @@ async def test_principal_is_written_into_the_scope(
     headers = {
         "api_key": {"x-api-key": credentials["api_key"]},
         "mobile_api_key": {"authorization": credentials["mobile_api_key"]},
-        "bound": {"authorization": f"Bearer {credentials['bound']}", "x-instance-id": DEVICE},
+        "bound": bearer(credentials["bound"], DEVICE),
     }[header]
     async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
         response = await http.get("/", headers=headers)
@@ -622,12 +557,8 @@ async def test_lifespan_passes_through(keys: Keys) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    sent = await call_raw(
-        DeviceAuthMiddleware(lifespan_app, config=keys.config()),
-        scope,
-        [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}],
-    )
+    scope = lifespan_scope()
+    sent = await call_asgi(DeviceAuthMiddleware(lifespan_app, config=keys.config()), scope)
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
     assert seen == [scope]
     assert "user" not in scope
@@ -641,44 +572,16 @@ async def test_unknown_scope_type_raises_and_never_reaches_the_app(
     scope = http_scope(headers=[(b"x-api-key", keys.api_key.encode())])
     scope["type"] = scope_type
     with pytest.raises(RuntimeError, match="cannot authenticate ASGI scope type"):
-        await call_raw(DeviceAuthMiddleware(app, config=keys.config()), scope)
+        await call_asgi(DeviceAuthMiddleware(app, config=keys.config()), scope)
     assert not app.ran
 
 
 # -- API keys: near misses and the wrong place ------------------------------------------------
 
 
-def near_miss(key: str, variant: str) -> str:
-    other_last = "B" if key[-1] == "A" else "A"
-    other_first = "B" if key[0] == "A" else "A"
-    return {
-        "one-char-off": key[:-1] + other_last,
-        "first-char-off": other_first + key[1:],
-        "prefix": key[:-1],
-        "suffix": key + "A",
-        "doubled": key + key,
-        "case": key.swapcase(),
-        "trailing-nul": key + "\x00",
-        "leading-nul": "\x00" + key,
-        "trailing-space": key + " ",
-    }[variant]
-
-
-NEAR_MISSES = [
-    "one-char-off",
-    "first-char-off",
-    "prefix",
-    "suffix",
-    "doubled",
-    "case",
-    "trailing-nul",
-    "leading-nul",
-]
-
-
 @pytest.mark.parametrize("variant", [*NEAR_MISSES, "trailing-space"])
 async def test_api_key_near_misses_are_invalid(keys: Keys, app: RecordingApp, variant: str) -> None:
-    candidate = near_miss(keys.api_key, variant)
+    candidate = {**near_misses(keys.api_key), "trailing-space": keys.api_key + " "}[variant]
     assert candidate != keys.api_key
     async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
         response = await http.get("/", headers=[(b"x-api-key", candidate.encode())])
@@ -690,7 +593,7 @@ async def test_api_key_near_misses_are_invalid(keys: Keys, app: RecordingApp, va
 async def test_mobile_key_near_misses_are_invalid(
     keys: Keys, app: RecordingApp, variant: str
 ) -> None:
-    candidate = near_miss(keys.mobile_api_key, variant)
+    candidate = near_misses(keys.mobile_api_key)[variant]
     assert candidate != keys.mobile_api_key
     async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
         response = await http.get("/", headers=[(b"authorization", candidate.encode())])
@@ -750,9 +653,7 @@ async def test_custom_device_header(keys: Keys, app: RecordingApp) -> None:
         custom = await http.get(
             "/", headers={"authorization": f"Bearer {token}", "x-device": DEVICE}
         )
-        default = await http.get(
-            "/", headers={"authorization": f"Bearer {token}", "x-instance-id": DEVICE}
-        )
+        default = await http.get("/", headers=bearer(token, DEVICE))
     assert custom.json()["instance_id"] == DEVICE
     assert_denied(default, bad_request(MISSING_DEVICE))
     assert len(app.calls) == 1
@@ -763,10 +664,8 @@ async def test_require_device_binding_refuses_generic_tokens(keys: Keys, app: Re
     generic = make_token(keys.jwt_secret)
     bound = make_token(keys.jwt_secret, instance_id=DEVICE)
     async with client(DeviceAuthMiddleware(app, config=config)) as http:
-        refused = await http.get("/", headers={"authorization": f"Bearer {generic}"})
-        admitted = await http.get(
-            "/", headers={"authorization": f"Bearer {bound}", "x-instance-id": DEVICE}
-        )
+        refused = await http.get("/", headers=bearer(generic))
+        admitted = await http.get("/", headers=bearer(bound, DEVICE))
     assert_denied(refused, INVALID)
     assert admitted.json()["instance_id"] == DEVICE
     assert len(app.calls) == 1
@@ -776,7 +675,7 @@ async def test_bound_token_cached_is_still_checked_against_the_device(
     keys: Keys, app: RecordingApp
 ) -> None:
     token = make_token(keys.jwt_secret, instance_id=DEVICE)
-    headers = {"authorization": f"Bearer {token}"}
+    headers = bearer(token)
     async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
         first = await http.get("/", headers={**headers, "x-instance-id": DEVICE})
         other = await http.get("/", headers={**headers, "x-instance-id": "device-2"})
@@ -962,11 +861,13 @@ async def test_on_error_response_that_raises_after_starting_propagates(
 
     gate = DeviceAuthMiddleware(app, config=keys.config(), on_error=lambda s, e: half_response)
     with pytest.raises(ZeroDivisionError):
-        await call_raw(gate, http_scope("/"))
+        await call_asgi(gate, http_scope("/"))
     assert not app.ran
 
 
 # -- The token path ---------------------------------------------------------------------------
+#
+# Who may mint, and that no rule opens the token path: tests/test_endpoint.py.
 
 
 async def test_token_path_mints_with_the_api_key_and_never_reaches_the_app(
@@ -978,56 +879,12 @@ async def test_token_path_mints_with_the_api_key_and_never_reaches_the_app(
             "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
         )
         token = response.json()["access_token"]
-        used = await http.get(
-            "/", headers={"authorization": f"Bearer {token}", "x-instance-id": DEVICE}
-        )
+        used = await http.get("/", headers=bearer(token, DEVICE))
     assert response.status_code == 200
     assert response.json()["instance_id"] == DEVICE
     assert used.json()["instance_id"] == DEVICE
     assert len(app.calls) == 1
     assert app.calls[0]["path"] == "/"
-
-
-@pytest.mark.parametrize(
-    ("headers", "denied"),
-    [
-        pytest.param([], MISSING, id="nothing"),
-        pytest.param([("authorization", "{mobile_api_key}")], FORBIDDEN, id="mobile-key"),
-        pytest.param([("authorization", "Bearer {token}")], FORBIDDEN, id="generic-token"),
-        pytest.param(
-            [("authorization", "Bearer {bound}"), ("x-instance-id", DEVICE)],
-            FORBIDDEN,
-            id="bound-token",
-        ),
-        pytest.param([("x-api-key", "{mobile_api_key}")], INVALID, id="mobile-key-as-api-key"),
-        pytest.param([("authorization", "{api_key}")], INVALID, id="api-key-in-authorization"),
-        pytest.param([("authorization", "Bearer {expired}")], INVALID, id="expired-token"),
-        pytest.param(
-            [("x-api-key", "{api_key}"), ("authorization", "Bearer {token}")],
-            bad_request(SEVERAL),
-            id="several",
-        ),
-    ],
-)
-async def test_token_path_only_accepts_the_api_key(
-    keys: Keys,
-    credentials: dict[str, str],
-    app: RecordingApp,
-    headers: list[tuple[str, str]],
-    denied: Denied,
-) -> None:
-    # Rules cannot open the token path: it accepts the server API key and nothing else.
-    rules = [
-        Rule("/gen-jwt", public=True),
-        Rule("/*", accept=[CredentialKind.MOBILE_API_KEY, CredentialKind.DEVICE_TOKEN]),
-    ]
-    gate = DeviceAuthMiddleware(app, config=keys.config(), rules=rules)
-    async with client(gate) as http:
-        response = await http.post(
-            "/gen-jwt", headers=encode_headers(headers, credentials), json={"instance_id": "x"}
-        )
-    assert_denied(response, denied)
-    assert not app.ran
 
 
 async def test_custom_token_path(keys: Keys, app: RecordingApp) -> None:
@@ -1102,21 +959,10 @@ async def test_token_path_under_root_path(keys: Keys, app: RecordingApp) -> None
     scope = http_scope(
         "/api/gen-jwt", [(b"x-api-key", keys.api_key.encode())], method="POST", root_path="/api"
     )
-    sent = await call_raw(gate, scope)
+    sent = await call_asgi(gate, scope)
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"])["token_type"] == "Bearer"
     assert not app.ran
-
-
-async def test_clear_token_cache_keeps_working(keys: Keys, app: RecordingApp) -> None:
-    gate = DeviceAuthMiddleware(app, config=keys.config())
-    token = make_token(keys.jwt_secret)
-    async with client(gate) as http:
-        first = await http.get("/", headers={"authorization": f"Bearer {token}"})
-        gate.clear_token_cache()
-        second = await http.get("/", headers={"authorization": f"Bearer {token}"})
-    assert first.status_code == second.status_code == 200
-    assert len(app.calls) == 2
 
 
 # -- Fail closed ------------------------------------------------------------------------------
@@ -1147,7 +993,7 @@ async def test_malformed_scope_is_refused_with_400(
 ) -> None:
     scope = mangle(http_scope("/", [(b"x-api-key", keys.api_key.encode())]))
     with caplog.at_level(logging.INFO, logger="devicegate"):
-        sent = await call_raw(DeviceAuthMiddleware(app, config=keys.config()), scope)
+        sent = await call_asgi(DeviceAuthMiddleware(app, config=keys.config()), scope)
     assert not app.ran
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 400
@@ -1169,7 +1015,7 @@ async def test_malformed_scope_on_error_handler_is_used(keys: Keys, app: Recordi
         return PlainTextResponse("refused", status_code=error.status_code)
 
     gate = DeviceAuthMiddleware(app, config=keys.config(), on_error=on_error)
-    sent = await call_raw(gate, _without(http_scope("/"), "headers"))
+    sent = await call_asgi(gate, _without(http_scope("/"), "headers"))
     assert sent[0]["status"] == 400
     assert [type(error) for error in errors] == [InvalidRequest]
     assert not app.ran
@@ -1206,7 +1052,7 @@ async def test_nothing_from_the_request_is_echoed(
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES)
     scope = http_scope(path.split("?")[0], encode_headers(headers, credentials))
     scope["query_string"] = path.partition("?")[2].encode()
-    sent = await call_raw(gate, scope)
+    sent = await call_asgi(gate, scope)
     assert not app.ran
     assert sent[0]["status"] in {400, 401, 403}
     sent_bytes = b"".join(
@@ -1244,7 +1090,7 @@ async def test_logs_never_contain_credentials(
             for headers in requests:
                 await http.get("/server/x", headers=encode_headers(headers, credentials))
             await http.post("/gen-jwt", headers={"x-api-key": keys.api_key})
-        await call_raw(gate, _without(http_scope("/", [(b"x-api-key", b"x")]), "headers"))
+        await call_asgi(gate, _without(http_scope("/", [(b"x-api-key", b"x")]), "headers"))
     records = [record for record in caplog.records if record.name.startswith("devicegate")]
     # Refusals are logged (so this test looks at real log lines), with the reason only.
     assert any("refused" in record.getMessage() for record in records)

@@ -13,25 +13,42 @@ README's test command install Debian's ``nginx`` package).
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import shutil
-import socket
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Message, Scope
 
 from devicegate import DeviceAuthMiddleware, Rule
-from tests.helpers import Keys, RecordingApp, fresh_keys, make_token
+from tests.helpers import (
+    REALM_ONLY,
+    Answer,
+    Keys,
+    RecordingApp,
+    answer,
+    bearer,
+    fresh_keys,
+    http_scope,
+    make_token,
+    mint,
+    write_secrets,
+)
 from tests.servers.forward_auth_app import FORWARD_AUTH_PATH, RULES, SECRET_ENV
-from tests.servers.process import HOST, ROOT, Server, serve, uvicorn_command
+from tests.servers.process import (
+    HOST,
+    ROOT,
+    Server,
+    async_client,
+    bound_port,
+    devicegate_command,
+    seen_by,
+    serve,
+    uvicorn_command,
+)
 
 EXAMPLE = ROOT / "docs" / "nginx.conf.example"
 # What the example says, and what the test puts in its place.
@@ -132,51 +149,10 @@ class Stack:
             app, config=self.keys.config(), rules=self.rules, token_path=None
         )
         raw_path = raw_target.split("?", 1)[0]
-        answer = await call_asgi(gate, _scope(unquote(raw_path), raw_path, headers))
-        assert app.ran == (answer.status == 200)
-        return answer
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _scope(path: str, raw_path: str, headers: Sequence[tuple[str, str]]) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": raw_path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(name.encode(), value.encode()) for name, value in headers],
-        "client": (HOST, 40000),
-        "server": (HOST, 80),
-    }
-
-
-async def call_asgi(app: ASGIApp, scope: Scope) -> Answer:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    headers = {name.decode(): value.decode() for name, value in sent[0]["headers"]}
-    body = b"".join(message.get("body", b"") for message in sent[1:])
-    return Answer(sent[0]["status"], headers, body)
+        scope = http_scope(unquote(raw_path), headers, raw_path=raw_path.encode())
+        answered = await answer(gate, scope)
+        assert app.ran == (answered.status == 200)
+        return answered
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +178,7 @@ def stack(
     secret = secrets.token_urlsafe(32)
     directory = tmp_path_factory.mktemp(f"nginx-{request.param}")
     env = {SECRET_ENV: secret}
-    command: Any
+    command: Callable[[int], list[str]]
     if request.param == "library":
         env.update(
             DEVICEGATE_API_KEYS=keys.api_key,
@@ -214,30 +190,15 @@ def stack(
         )
         rules: Sequence[Rule] = RULES
     else:
-        secrets_file = directory / "secrets.json"
-        secrets_file.write_text(
-            json.dumps(
-                {
-                    "api_key": keys.api_key,
-                    "mobile_api_key": keys.mobile_api_key,
-                    "jwt_secret": keys.jwt_secret,
-                }
-            )
-        )
-        secrets_file.chmod(0o600)
+        secrets_file = write_secrets(directory / "secrets.json", keys)
 
-        def command(port: int) -> list[str]:
-            return [
-                sys.executable, "-m", "devicegate", "serve",
-                "--secrets", str(secrets_file),
-                "--host", HOST,
-                "--port", str(port),
-                "--forward-auth-path", FORWARD_AUTH_PATH,
-                "--forward-auth-secret-env", SECRET_ENV,
-                "--public", "/health",
-                "--log-level", "warning",
-            ]  # fmt: skip
-
+        command = devicegate_command(
+            "--secrets", str(secrets_file),
+            "--forward-auth-path", FORWARD_AUTH_PATH,
+            "--forward-auth-secret-env", SECRET_ENV,
+            "--public", "/health",
+            "--log-level", "warning",
+        )  # fmt: skip
         rules = CLI_RULES
     with (
         serve(command, directory / "devicegate.log", env=env) as devicegate,
@@ -246,10 +207,6 @@ def stack(
         ) as nginx,
     ):
         yield Stack(nginx, devicegate, api, keys, secret, rules)
-
-
-def client(base_url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=30)
 
 
 async def fetch(
@@ -266,12 +223,6 @@ async def fetch(
         extensions={"target": target.encode()},
     )  # fmt: skip
     return await http.send(request)
-
-
-async def seen_by(api: Server) -> list[str]:
-    async with client(api.url) as http:
-        seen: list[str] = (await http.get("/__seen")).json()
-    return seen
 
 
 def received(response: httpx.Response) -> dict[str, list[str]]:
@@ -328,7 +279,7 @@ async def test_nginx_decides_as_the_middleware(stack: Stack, case: str) -> None:
     marker = secrets.token_hex(8)
     target += ("&" if "?" in target else "?") + f"probe={marker}"
     expected = await stack.expected(target, headers)
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         response = await fetch(http, target, headers)
     if expected.status == 200:
         seen = expected.json()
@@ -339,7 +290,7 @@ async def test_nginx_decides_as_the_middleware(stack: Stack, case: str) -> None:
             assert credential not in got
     else:
         assert response.status_code == expected.status
-        assert response.headers.get("www-authenticate") == expected.headers["www-authenticate"]
+        assert response.headers.get("www-authenticate") == expected.header("www-authenticate")
         assert response.headers["content-type"] == "application/json"
         assert response.json() == expected.json()
         # A refused request never reaches the API.
@@ -358,20 +309,10 @@ async def test_parity_table_covers_every_outcome(stack: Stack) -> None:
 
 
 async def test_minted_token_works_through_nginx(stack: Stack) -> None:
-    async with client(stack.nginx.url) as http:
-        minted = await http.post(
-            "/gen-jwt", headers={"x-api-key": stack.keys.api_key}, json={"instance_id": "phone-5"}
-        )
-        assert minted.status_code == 200, minted.text
-        token = minted.json()["access_token"]
-        allowed = await http.get(
-            "/mobile/verify",
-            headers={"authorization": f"Bearer {token}", "x-instance-id": "phone-5"},
-        )
-        other_phone = await http.get(
-            "/mobile/verify",
-            headers={"authorization": f"Bearer {token}", "x-instance-id": "phone-6"},
-        )
+    async with async_client(stack.nginx.url) as http:
+        token = await mint(http, stack.keys.api_key, "phone-5")
+        allowed = await http.get("/mobile/verify", headers=bearer(token, "phone-5"))
+        other_phone = await http.get("/mobile/verify", headers=bearer(token, "phone-6"))
         mobile_mints = await http.post(
             "/gen-jwt", headers={"authorization": stack.keys.mobile_api_key}, json={}
         )
@@ -391,10 +332,10 @@ async def test_client_cannot_name_another_uri(stack: Stack) -> None:
         ("x-forwarded-uri", "/health"),
         ("x-forwarded-method", "GET"),
     ]
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         response = await fetch(http, "/orders", spoofed)
     assert response.status_code == 401
-    assert response.headers["www-authenticate"] == 'Bearer realm="devicegate"'
+    assert response.headers["www-authenticate"] == REALM_ONLY
 
 
 async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None:
@@ -404,7 +345,7 @@ async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None
         ("x-devicegate-instance-id", "victim-phone"),
         ("x-devicegate-forward-secret", "guess"),
     ]
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         got = received(await fetch(http, "/orders", headers))
     assert got["x-devicegate-kind"] == ["api_key"]
     assert "x-devicegate-instance-id" not in got
@@ -412,7 +353,7 @@ async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None
 
 
 async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         unauthorized = await http.get("/status/401", headers={"x-api-key": stack.keys.api_key})
         failed = await http.get("/status/500", headers={"x-api-key": stack.keys.api_key})
     # The API's own 401 and 500 are its answers, not devicegate's: nginx must not re-ask.
@@ -425,7 +366,7 @@ async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
 
 async def test_request_bodies_reach_the_api(stack: Stack) -> None:
     payload = secrets.token_bytes(256 * 1024)
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         allowed = await http.post(
             "/orders", content=payload, headers={"x-api-key": stack.keys.api_key}
         )
@@ -438,9 +379,9 @@ async def test_request_bodies_reach_the_api(stack: Stack) -> None:
 
 async def test_forward_auth_endpoint_is_internal(stack: Stack) -> None:
     headers = {"x-original-uri": "/orders", "x-api-key": stack.keys.api_key}
-    async with client(stack.nginx.url) as http:
+    async with async_client(stack.nginx.url) as http:
         through_nginx = await http.get(FORWARD_AUTH_PATH, headers=headers)
-    async with client(stack.devicegate.url) as http:
+    async with async_client(stack.devicegate.url) as http:
         without_secret = await http.get(FORWARD_AUTH_PATH, headers=headers)
         with_secret = await http.get(
             FORWARD_AUTH_PATH, headers={**headers, "x-devicegate-forward-secret": stack.secret}
@@ -456,19 +397,20 @@ async def test_devicegate_down_fails_closed(
     api: Server, keys_for_stack: Keys, tmp_path: Path
 ) -> None:
     # A bound socket that never listens stands for a stopped devicegate.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as dead:
-        dead.bind((HOST, 0))
-        with running_nginx(
+    with (
+        bound_port() as dead,
+        running_nginx(
             tmp_path / "nginx",
-            devicegate_port=dead.getsockname()[1],
+            devicegate_port=dead,
             api_port=api.port,
             secret=secrets.token_urlsafe(32),
-        ) as nginx:
-            marker = secrets.token_hex(8)
-            async with client(nginx.url) as http:
-                response = await http.get(
-                    f"/orders?probe={marker}", headers={"x-api-key": keys_for_stack.api_key}
-                )
+        ) as nginx,
+    ):
+        marker = secrets.token_hex(8)
+        async with async_client(nginx.url) as http:
+            response = await http.get(
+                f"/orders?probe={marker}", headers={"x-api-key": keys_for_stack.api_key}
+            )
     assert response.status_code == 502
     assert not [t for t in await seen_by(api) if marker in t]
 
@@ -478,3 +420,30 @@ def test_deployment_guide_shows_the_tested_configuration() -> None:
     blocks = guide.split("```nginx\n")[1:]
     shown = [block.split("```", 1)[0] for block in blocks]
     assert EXAMPLE.read_text() in shown, "docs/deployment.md must show docs/nginx.conf.example"
+
+
+# -- regressions: look-alike header names ----------------------------------------------------------
+
+
+async def test_look_alike_identity_headers_never_reach_the_api(stack: Stack) -> None:
+    # CGI, WSGI and PHP read X_Devicegate_Kind and X.Devicegate.Kind as X-Devicegate-Kind.
+    # nginx drops such names by default (ignore_invalid_headers on, underscores_in_headers
+    # off), which docs/deployment.md relies on: keep those defaults.
+    headers = [
+        ("x-api-key", stack.keys.api_key),
+        ("x_devicegate_kind", "claimed-kind"),
+        ("X.Devicegate.Instance.Id", "victim-phone"),
+        ("x-devicegate_instance-id", "victim-phone"),
+        ("x_api_key", "claimed-key"),
+        ("x_instance_id", "victim-phone"),
+    ]
+    async with async_client(stack.nginx.url) as http:
+        got = received(await fetch(http, "/orders", headers))
+    names = {"".join(c if c.isalnum() else "-" for c in name) for name in got}
+    assert got["x-devicegate-kind"] == ["api_key"]
+    assert "x-devicegate-instance-id" not in names
+    assert "x-instance-id" not in names
+    for values in got.values():
+        assert "victim-phone" not in values
+        assert "claimed-kind" not in values
+        assert "claimed-key" not in values

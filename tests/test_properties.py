@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from devicegate import AuthError, CredentialKind, GateConfig, InvalidToken, TokenVerifier
 from devicegate._auth import Authenticator
 from devicegate._credentials import read_credential
-from tests.helpers import make_token
+from tests.helpers import NOW, Clock, make_token
 
 SECRET = "property-tests-jwt-secret-0123456789abcdef"
 API_KEY = "property-tests-api-key-0123456789"
@@ -29,7 +29,6 @@ MOBILE_KEY = "property-tests-mobile-key-0123456789"
 DEVICE = "device-31b7"
 ISSUER = "https://issuer.example"
 AUDIENCE = "mobile-api"
-NOW = 1_700_000_000
 
 CONFIG = GateConfig(api_keys=API_KEY, mobile_api_keys=MOBILE_KEY, jwt_secret=SECRET)
 CONFIG_WITH_ISS_AUD = CONFIG.replace(issuer=ISSUER, audience=AUDIENCE)
@@ -46,10 +45,6 @@ FIXED_TOKEN = make_token(SECRET, {"iat": NOW, "exp": NOW + 300, "instance_id": D
 BASE64URL = (string.ascii_letters + string.digits + "-_").encode()
 
 SETTINGS = settings(max_examples=300, deadline=None)
-
-
-def fixed_clock() -> float:
-    return NOW
 
 
 # --- random header lists --------------------------------------------------------------------
@@ -173,7 +168,7 @@ def mutate(token: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
 @example([("replace", 0, FIXED_TOKEN[0])])  # a mutation that changes nothing
 @example([("swap", len(FIXED_TOKEN) - 2, 0)])
 def test_mutated_tokens_are_refused(mutations: list[tuple[str, int, int]]) -> None:
-    verifier = TokenVerifier(CONFIG, clock=fixed_clock)
+    verifier = TokenVerifier(CONFIG, clock=Clock())
     mutated = mutate(FIXED_TOKEN, mutations)
     if mutated == FIXED_TOKEN:
         assert verifier.verify(mutated, DEVICE.encode()).instance_id == DEVICE
@@ -193,7 +188,7 @@ def test_mutated_tokens_are_refused(mutations: list[tuple[str, int, int]]) -> No
 @given(st.one_of(st.binary(max_size=400), st.text(max_size=400)), st.none() | st.binary())
 def test_arbitrary_input_raises_only_auth_errors(token: bytes | str, device: bytes | None) -> None:
     with pytest.raises(AuthError):
-        TokenVerifier(CONFIG, clock=fixed_clock).verify(token, device)
+        TokenVerifier(CONFIG, clock=Clock()).verify(token, device)
 
 
 # --- signed tokens with arbitrary claims: the differential test against PyJWT ---------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -11,27 +10,28 @@ import pytest
 from starlette.applications import Starlette
 from starlette.authentication import UnauthenticatedUser
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Message, Scope
+from starlette.types import Message
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, GateConfig, Rule
-from tests.helpers import Keys, RecordingApp, client, make_token
+from tests.helpers import (
+    FORBIDDEN,
+    REALM_ONLY,
+    UNSAFE_PATH,
+    Keys,
+    RecordingApp,
+    call_asgi,
+    challenge,
+    client,
+    http_scope,
+    make_token,
+    raw_headers,
+)
 
 pytestmark = pytest.mark.anyio
 
 API_KEY = CredentialKind.API_KEY
 MOBILE_API_KEY = CredentialKind.MOBILE_API_KEY
 DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
-
-MISSING_CHALLENGE = 'Bearer realm="devicegate"'
-FORBIDDEN_CHALLENGE = (
-    'Bearer realm="devicegate", error="insufficient_scope", '
-    'error_description="This credential is not accepted for this resource."'
-)
-UNSAFE_PATH = (
-    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a control "
-    "character."
-)
-
 
 # -- Rule validation --------------------------------------------------------------------------
 
@@ -175,44 +175,8 @@ def test_rule_matches(rule_path: str, path: str, expected: bool) -> None:
 # -- Rules through the middleware -------------------------------------------------------------
 
 
-def http_scope(
-    path: str,
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    *,
-    root_path: str = "",
-    method: str = "GET",
-) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": root_path,
-        "headers": list(headers),
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-
-
-async def call_raw(asgi: ASGIApp, scope: Scope) -> list[Message]:
-    """Drive ``asgi`` by hand (httpx would normalise the paths these tests need)."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await asgi(scope, receive, send)
-    return sent
-
-
 def status_of(sent: list[Message]) -> int:
+    """The status of a whole HTTP response (start, then one body message)."""
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
     status: int = sent[0]["status"]
     return status
@@ -246,7 +210,7 @@ async def test_exact_rule(
         other = await http.get("/serverx", headers=headers["mobile_api_key"])
     assert kind_seen(admitted) == "api_key"
     assert refused.status_code == 403
-    assert refused.headers["www-authenticate"] == FORBIDDEN_CHALLENGE
+    assert refused.headers["www-authenticate"] == challenge(FORBIDDEN)
     assert kind_seen(other) == "mobile_api_key"
     assert [scope["path"] for scope in app.calls] == ["/server", "/serverx"]
 
@@ -331,7 +295,7 @@ async def test_public_path_covers_both_slash_spellings_only(keys: Keys, app: Rec
         refused = await http.get("/health/x")
     assert all(kind_seen(response) is None for response in admitted)
     assert refused.status_code == 401
-    assert refused.headers["www-authenticate"] == MISSING_CHALLENGE
+    assert refused.headers["www-authenticate"] == REALM_ONLY
     assert len(app.calls) == 4
 
 
@@ -356,7 +320,7 @@ async def test_public_look_alikes_need_credentials(
 ) -> None:
     rules = [Rule("/public/*", public=True), Rule("/health", public=True)]
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=rules)
-    assert status_of(await call_raw(gate, http_scope(path))) == 401
+    assert status_of(await call_asgi(gate, http_scope(path))) == 401
     assert not app.ran
 
 
@@ -416,8 +380,7 @@ async def test_unsafe_paths_are_refused_before_rules(
         Rule("/admin", accept=[API_KEY]),
     ]
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=rules)
-    raw = [(name.encode(), value.encode()) for name, value in headers[credential].items()]
-    sent = await call_raw(gate, http_scope(path, raw))
+    sent = await call_asgi(gate, http_scope(path, headers[credential]))
     assert status_of(sent) == 400
     assert json.loads(sent[1]["body"]) == {
         "error": "invalid_request",
@@ -431,7 +394,7 @@ async def test_unsafe_paths_are_refused_before_rules(
 )
 async def test_dots_inside_a_segment_are_fine(keys: Keys, app: RecordingApp, path: str) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config())
-    sent = await call_raw(gate, http_scope(path, [(b"x-api-key", keys.api_key.encode())]))
+    sent = await call_asgi(gate, http_scope(path, [(b"x-api-key", keys.api_key.encode())]))
     assert status_of(sent) == 200
     assert app.calls[0]["path"] == path
 
@@ -440,7 +403,7 @@ async def test_unsafe_path_is_refused_even_on_the_token_path(keys: Keys, app: Re
     gate = DeviceAuthMiddleware(app, config=keys.config())
     key = [(b"x-api-key", keys.api_key.encode())]
     for path in ("/x/../gen-jwt", "//gen-jwt", "/./gen-jwt"):
-        assert status_of(await call_raw(gate, http_scope(path, key, method="POST"))) == 400
+        assert status_of(await call_asgi(gate, http_scope(path, key, method="POST"))) == 400
     assert not app.ran
 
 
@@ -482,8 +445,7 @@ async def test_root_path(
     status: int,
 ) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=ROOT_RULES)
-    raw = [(name.encode(), value.encode()) for name, value in headers[credential].items()]
-    sent = await call_raw(gate, http_scope(path, raw, root_path=root_path))
+    sent = await call_asgi(gate, http_scope(path, headers[credential], root_path=root_path))
     assert status_of(sent) == status
     assert app.ran is (status == 200)
 
@@ -528,7 +490,7 @@ async def test_every_method_needs_credentials(keys: Keys, app: RecordingApp, met
         refused = await http.request(method, "/x", headers={"origin": "https://example.com"})
         admitted = await http.request(method, "/x", headers={"x-api-key": keys.api_key})
     assert refused.status_code == 401
-    assert refused.headers["www-authenticate"] == MISSING_CHALLENGE
+    assert refused.headers["www-authenticate"] == REALM_ONLY
     assert admitted.status_code == 200
     assert [scope["method"] for scope in app.calls] == [method]
 
@@ -564,7 +526,7 @@ async def test_public_path_skips_credential_checks(
     keys: Keys, app: RecordingApp, credentials: list[tuple[str, str]]
 ) -> None:
     rules = [Rule("/health", public=True), Rule("/open/*", public=True)]
-    raw = [(name.encode(), value.encode()) for name, value in credentials]
+    raw = raw_headers(credentials)
     async with client(DeviceAuthMiddleware(app, config=keys.config(), rules=rules)) as http:
         health = await http.get("/health", headers=raw)
         below = await http.get("/open/x", headers=raw)

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
+import secrets
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import Keys, fresh_keys
+from tests.helpers import REALM_ONLY, Keys, bearer, fresh_keys, token_of
+from tests.servers.process import HOST, answers, serve, sync_client
 
 try:
     from websockets.exceptions import InvalidStatus
@@ -36,15 +33,10 @@ except ModuleNotFoundError as exc:  # pragma: no cover - an incomplete test envi
         "tests/test_uvicorn.py needs the 'websockets' package: pip install -e '.[test]'"
     ) from exc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_FACTORY = "tests.servers.app:create_app"
-HOST = "127.0.0.1"
-STARTUP_TIMEOUT = 30.0  # seconds for a server to answer its first request
 IO_TIMEOUT = 10.0  # seconds for any one request, handshake or message
-STOP_TIMEOUT = 10.0  # seconds for a server to exit after SIGTERM before it is killed
 DEVICE = "device-A"
 OTHER_DEVICE = "device-B"
-REALM_ONLY = 'Bearer realm="devicegate"'
 
 
 @dataclass(frozen=True)
@@ -56,12 +48,12 @@ class ServerKind:
     def command(self, port: int) -> list[str]:
         if self.module == "uvicorn":
             return [
-                *("-m", "uvicorn", APP_FACTORY, "--factory"),
+                *(sys.executable, "-m", "uvicorn", APP_FACTORY, "--factory"),
                 *("--host", HOST, "--port", str(port), "--lifespan", "on", *self.options),
             ]
         # hypercorn evaluates the part after the colon, so the factory is called there.
         return [
-            *("-m", "hypercorn", *self.options),
+            *(sys.executable, "-m", "hypercorn", *self.options),
             *("--bind", f"{HOST}:{port}", f"{APP_FACTORY}()"),
         ]
 
@@ -87,60 +79,6 @@ class Server:
     event_loop: str
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (the OS picks it; the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def server_environment(keys: Keys) -> dict[str, str]:
-    environment = {
-        name: value for name, value in os.environ.items() if not name.startswith("DEVICEGATE_")
-    }
-    environment.update(
-        DEVICEGATE_API_KEYS=keys.api_key,
-        DEVICEGATE_MOBILE_API_KEYS=keys.mobile_api_key,
-        DEVICEGATE_JWT_SECRET=keys.jwt_secret,
-        PYTHONUNBUFFERED="1",
-    )
-    return environment
-
-
-def wait_until_serving(process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    with httpx.Client(base_url=base_url, trust_env=False, timeout=1.0) as http:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"the server exited with code {process.returncode} before serving:\n"
-                    f"{log.read_text(errors='replace')}",
-                    pytrace=False,
-                )
-            try:
-                if http.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"the server did not answer within {STARTUP_TIMEOUT} s:\n"
-                    f"{log.read_text(errors='replace')}",
-                    pytrace=False,
-                )
-            time.sleep(0.1)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
-
-
 @pytest.fixture(scope="module", params=list(SERVERS))
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -153,23 +91,15 @@ def server(
             pytrace=False,
         )
     keys = fresh_keys()
-    port = free_port()
+    environment = {
+        "DEVICEGATE_API_KEYS": keys.api_key,
+        "DEVICEGATE_MOBILE_API_KEYS": keys.mobile_api_key,
+        "DEVICEGATE_JWT_SECRET": keys.jwt_secret,
+    }
     log = tmp_path_factory.mktemp(name) / "server.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(  # noqa: S603 - a fixed command line, no shell
-            [sys.executable, *kind.command(port)],
-            cwd=REPO_ROOT,
-            env=server_environment(keys),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        base_url = f"http://{HOST}:{port}"
-        wait_until_serving(process, base_url, log)
-        yield Server(name, base_url, f"ws://{HOST}:{port}", keys, kind.event_loop)
-    finally:
-        stop(process)
+    with serve(kind.command, log, env=environment, ready=answers("/health")) as running:
+        ws_url = f"ws://{HOST}:{running.port}"
+        yield Server(name, running.url, ws_url, keys, kind.event_loop)
     # devicegate answers every refusal itself; an exception escaping into the server is a bug.
     # (uvicorn's websockets-sansio protocol logs "ASGI callable returned without completing
     # handshake" after every correct denial response, Kludex/uvicorn#3138: that line is not ours.)
@@ -181,7 +111,7 @@ def server(
 
 @pytest.fixture
 def http(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, trust_env=False, timeout=IO_TIMEOUT) as client:
+    with sync_client(server.base_url) as client:
         yield client
 
 
@@ -189,21 +119,23 @@ def mint(http: httpx.Client, keys: Keys, instance_id: str = DEVICE) -> str:
     response = http.post(
         "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": instance_id}
     )
-    assert response.status_code == 200, response.text
-    assert response.headers["cache-control"] == "no-store"
-    assert response.json()["instance_id"] == instance_id
-    token = response.json()["access_token"]
-    assert isinstance(token, str)
-    return token
+    return token_of(response, instance_id)
 
 
-def bearer(token: str, device: str = DEVICE) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}", "x-instance-id": device}
+def probe() -> str:
+    """A query string no other request carries, to look for in what the app saw."""
+    return f"probe={secrets.token_hex(8)}"
 
 
-def open_websocket(server: Server, headers: dict[str, str]) -> ClientConnection:
+def app_saw(http: httpx.Client, probe: str) -> bool:
+    """Whether a request carrying ``probe`` reached the app behind devicegate."""
+    seen: list[str] = http.get("/__seen").json()
+    return any(probe in target for target in seen)
+
+
+def open_websocket(server: Server, headers: dict[str, str], query: str = "") -> ClientConnection:
     return connect(
-        f"{server.ws_url}/ws",
+        f"{server.ws_url}/ws" + (f"?{query}" if query else ""),
         additional_headers=headers,
         open_timeout=IO_TIMEOUT,
         close_timeout=IO_TIMEOUT,
@@ -227,29 +159,35 @@ def test_public_path_needs_no_credential(server: Server, http: httpx.Client) -> 
 
 
 def test_no_credentials_is_401(http: httpx.Client) -> None:
-    response = http.get("/whoami")
+    marker = probe()
+    response = http.get(f"/whoami?{marker}")
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == REALM_ONLY
     assert response.json()["error"] == "unauthorized"
+    assert not app_saw(http, marker)
 
 
 def test_minted_token_admits_its_device(server: Server, http: httpx.Client) -> None:
     token = mint(http, server.keys)
-    response = http.get("/whoami", headers=bearer(token))
+    marker = probe()
+    response = http.get(f"/whoami?{marker}", headers=bearer(token, DEVICE))
     assert response.status_code == 200, response.text
     assert response.json() == {
         "kind": "device_token",
         "instance_id": DEVICE,
         "event_loop": server.event_loop,
     }
+    assert app_saw(http, marker)  # the control for the refusals: the app does record
 
 
 def test_token_on_another_device_is_401(server: Server, http: httpx.Client) -> None:
     token = mint(http, server.keys)
-    response = http.get("/whoami", headers=bearer(token, device=OTHER_DEVICE))
+    marker = probe()
+    response = http.get(f"/whoami?{marker}", headers=bearer(token, OTHER_DEVICE))
     assert response.status_code == 401
     assert response.headers["www-authenticate"].startswith(f'{REALM_ONLY}, error="invalid_token"')
     assert response.json()["error"] == "invalid_token"
+    assert not app_saw(http, marker)
 
 
 @pytest.mark.parametrize(
@@ -269,55 +207,72 @@ def test_keys_admit(server: Server, http: httpx.Client, credential: str, kind: s
 
 def test_token_endpoint_takes_only_the_server_key(server: Server, http: httpx.Client) -> None:
     token = mint(http, server.keys)
-    by_token = http.post("/gen-jwt", headers=bearer(token), json={})
-    by_mobile_key = http.post("/gen-jwt", headers={"authorization": server.keys.mobile_api_key})
-    wrong_method = http.get("/gen-jwt", headers={"x-api-key": server.keys.api_key})
+    marker = probe()
+    by_token = http.post(f"/gen-jwt?{marker}", headers=bearer(token, DEVICE), json={})
+    by_mobile_key = http.post(
+        f"/gen-jwt?{marker}", headers={"authorization": server.keys.mobile_api_key}
+    )
+    wrong_method = http.get(f"/gen-jwt?{marker}", headers={"x-api-key": server.keys.api_key})
     assert by_token.status_code == 403
     assert by_mobile_key.status_code == 403
     assert wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "POST"
+    # The token endpoint answers on its own: no request to it, minting or refused, reaches the app.
+    assert not app_saw(http, marker)
+    assert not app_saw(http, "/gen-jwt")
 
 
 def test_dot_segments_are_400(http: httpx.Client) -> None:
     # The server decodes %2e, so the app would see /health/../whoami: refused before any rule
     # (the public /health prefix must not lend its rule to /whoami).
-    response = http.send(http.build_request("GET", f"{http.base_url}/health/%2e%2e/whoami"))
+    marker = probe()
+    request = http.build_request("GET", f"{http.base_url}/health/%2e%2e/whoami?{marker}")
+    response = http.send(request)
     assert response.status_code == 400
     assert 'error="invalid_request"' in response.headers["www-authenticate"]
+    assert not app_saw(http, marker)
 
 
 # --- websockets -------------------------------------------------------------------------------
 
 
-def test_websocket_without_credentials_is_refused_with_401(server: Server) -> None:
-    with pytest.raises(InvalidStatus) as refused, open_websocket(server, {}):
+def test_websocket_without_credentials_is_refused_with_401(
+    server: Server, http: httpx.Client
+) -> None:
+    marker = probe()
+    with pytest.raises(InvalidStatus) as refused, open_websocket(server, {}, marker):
         pass
     response = refused.value.response
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == REALM_ONLY
     assert json.loads(response.body)["error"] == "unauthorized"
+    assert not app_saw(http, marker)
 
 
 def test_websocket_with_another_devices_token_is_refused_with_401(
     server: Server, http: httpx.Client
 ) -> None:
     token = mint(http, server.keys)
+    marker = probe()
     with (
         pytest.raises(InvalidStatus) as refused,
-        open_websocket(server, bearer(token, device=OTHER_DEVICE)),
+        open_websocket(server, bearer(token, OTHER_DEVICE), marker),
     ):
         pass
     response = refused.value.response
     assert response.status_code == 401
     assert 'error="invalid_token"' in response.headers["www-authenticate"]
+    assert not app_saw(http, marker)
 
 
 def test_websocket_with_device_token_connects(server: Server, http: httpx.Client) -> None:
     token = mint(http, server.keys)
-    with open_websocket(server, bearer(token)) as websocket:
+    marker = probe()
+    with open_websocket(server, bearer(token, DEVICE), marker) as websocket:
         message = websocket.recv(timeout=IO_TIMEOUT)
     assert json.loads(message) == {
         "kind": "device_token",
         "instance_id": DEVICE,
         "event_loop": server.event_loop,
     }
+    assert app_saw(http, marker)

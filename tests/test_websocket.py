@@ -12,7 +12,6 @@ References:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,13 +26,30 @@ from devicegate import (
     Rule,
     get_principal,
 )
-from tests.helpers import Keys, RecordingApp, make_token
+from tests.helpers import (
+    DENIAL_EXTENSION,
+    FORBIDDEN,
+    INVALID,
+    MISSING,
+    MISSING_DEVICE,
+    SEVERAL,
+    UNREADABLE,
+    UNSAFE_PATH,
+    Answer,
+    Denied,
+    Keys,
+    RecordingApp,
+    bad_request,
+    call_asgi,
+    challenge,
+    make_token,
+    message_types,
+    ws_scope,
+)
 
 pytestmark = pytest.mark.anyio
 
 DEVICE = "device-1"
-DENIAL: dict[str, dict[str, object]] = {"websocket.http.response": {}}
-
 RULES = (
     Rule("/ws/public", public=True),
     Rule("/ws/server", accept=[CredentialKind.API_KEY]),
@@ -49,50 +65,13 @@ class Handshake:
 
     @property
     def types(self) -> list[str]:
-        return [message["type"] for message in self.sent]
-
-
-def ws_scope(
-    path: str = "/ws",
-    headers: Sequence[tuple[bytes, bytes]] = (),
-    *,
-    extensions: dict[str, dict[str, object]] | None = None,
-    root_path: str = "",
-) -> Scope:
-    scope: Scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "scheme": "ws",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": root_path,
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "subprotocols": [],
-        "state": {},
-    }
-    if extensions is not None:
-        scope["extensions"] = extensions
-    return scope
+        return message_types(self.sent)
 
 
 async def connect(asgi: ASGIApp, scope: Scope) -> Handshake:
     """Open a websocket: the client's ``websocket.connect``, then a disconnect once asked again."""
     handshake = Handshake()
-    inbox: list[Message] = [{"type": "websocket.connect"}]
-
-    async def receive() -> Message:
-        message = inbox.pop(0) if inbox else {"type": "websocket.disconnect", "code": 1000}
-        handshake.received.append(message)
-        return message
-
-    async def send(message: Message) -> None:
-        handshake.sent.append(message)
-
-    await asgi(scope, receive, send)
+    handshake.sent = await call_asgi(asgi, scope, received=handshake.received)
     return handshake
 
 
@@ -139,7 +118,9 @@ def credentials(keys: Keys) -> dict[str, list[tuple[bytes, bytes]]]:
         ("bound_token", "device_token", DEVICE),
     ],
 )
-@pytest.mark.parametrize("extensions", [DENIAL, {}, None], ids=["denial", "empty", "absent"])
+@pytest.mark.parametrize(
+    "extensions", [DENIAL_EXTENSION, {}, None], ids=["denial", "empty", "absent"]
+)
 async def test_valid_credentials_reach_the_app(
     keys: Keys,
     app: RecordingApp,
@@ -167,7 +148,7 @@ async def test_valid_credentials_reach_the_app(
 
 
 async def test_forged_user_is_overwritten_on_a_websocket(keys: Keys, app: RecordingApp) -> None:
-    scope = ws_scope(headers=credentials(keys)["mobile_api_key"], extensions=DENIAL)
+    scope = ws_scope(headers=credentials(keys)["mobile_api_key"], extensions=DENIAL_EXTENSION)
     scope["user"] = Principal(CredentialKind.API_KEY)
     scope["auth"] = AuthCredentials(["api_key"])
     await connect(DeviceAuthMiddleware(app, config=keys.config()), scope)
@@ -181,7 +162,7 @@ async def test_public_websocket_path_skips_credentials(
     keys: Keys, app: RecordingApp, credential: str
 ) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES)
-    scope = ws_scope("/ws/public", credentials(keys)[credential], extensions=DENIAL)
+    scope = ws_scope("/ws/public", credentials(keys)[credential], extensions=DENIAL_EXTENSION)
     handshake = await connect(gate, scope)
     assert handshake.types == ["websocket.accept", "websocket.send", "websocket.close"]
     assert json.loads(handshake.sent[1]["text"])["authenticated"] is False
@@ -193,101 +174,61 @@ async def test_public_websocket_path_skips_credentials(
 async def test_websocket_rules_use_the_route_path(keys: Keys, app: RecordingApp) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES)
     mobile = credentials(keys)["mobile_api_key"]
-    mounted = ws_scope("/api/ws/server", mobile, extensions=DENIAL, root_path="/api")
+    mounted = ws_scope("/api/ws/server", mobile, extensions=DENIAL_EXTENSION, root_path="/api")
     refused = await connect(gate, mounted)
     assert refused.sent[0]["status"] == 403
-    public = await connect(gate, ws_scope("/api/ws/public", extensions=DENIAL, root_path="/api"))
+    public = await connect(
+        gate, ws_scope("/api/ws/public", extensions=DENIAL_EXTENSION, root_path="/api")
+    )
     assert public.types[0] == "websocket.accept"
     assert len(app.calls) == 1
 
 
 # -- Denied -----------------------------------------------------------------------------------
 
-INVALID = (
-    401,
-    "invalid_token",
-    "The credential is invalid, expired or not valid for this device.",
-)
-FORBIDDEN = (403, "insufficient_scope", "This credential is not accepted for this resource.")
-
-# path, credential, status, RFC 6750 error, description
+# path, credential, the refusal
 DENIALS = [
-    pytest.param("/ws", "none", 401, None, "Authentication is required.", id="nothing"),
-    pytest.param("/ws", "wrong_api_key", *INVALID, id="wrong-key"),
-    pytest.param("/ws", "expired", *INVALID, id="expired"),
-    pytest.param("/ws", "bound_token_other_device", *INVALID, id="other-device"),
+    pytest.param("/ws", "none", MISSING, id="nothing"),
+    pytest.param("/ws", "wrong_api_key", INVALID, id="wrong-key"),
+    pytest.param("/ws", "expired", INVALID, id="expired"),
+    pytest.param("/ws", "bound_token_other_device", INVALID, id="other-device"),
     pytest.param(
-        "/ws",
-        "bound_token_no_device",
-        400,
-        "invalid_request",
-        "The token is bound to a device; send the device header.",
-        id="no-device-header",
+        "/ws", "bound_token_no_device", bad_request(MISSING_DEVICE), id="no-device-header"
     ),
+    pytest.param("/ws", "two_credentials", bad_request(SEVERAL), id="two-credentials"),
+    pytest.param("/ws", "basic", MISSING, id="basic"),
+    pytest.param("/ws/server", "mobile_api_key", FORBIDDEN, id="mobile-on-server"),
+    pytest.param("/ws/server", "bound_token", FORBIDDEN, id="token-on-server"),
     pytest.param(
-        "/ws",
-        "two_credentials",
-        400,
-        "invalid_request",
-        "The request carries more than one credential.",
-        id="two-credentials",
-    ),
-    pytest.param(
-        "/ws",
-        "basic",
-        401,
-        None,
-        "Authentication is required.",
-        id="basic",
-    ),
-    pytest.param("/ws/server", "mobile_api_key", *FORBIDDEN, id="mobile-on-server"),
-    pytest.param("/ws/server", "bound_token", *FORBIDDEN, id="token-on-server"),
-    pytest.param(
-        "/ws/public/../server",
-        "mobile_api_key",
-        400,
-        "invalid_request",
-        "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
-        "control character.",
-        id="dot-segments",
+        "/ws/public/../server", "mobile_api_key", bad_request(UNSAFE_PATH), id="dot-segments"
     ),
 ]
 
 
-@pytest.mark.parametrize(("path", "credential", "status", "error", "description"), DENIALS)
+@pytest.mark.parametrize(("path", "credential", "denied"), DENIALS)
 async def test_denial_response_when_the_server_offers_it(
-    keys: Keys,
-    app: RecordingApp,
-    path: str,
-    credential: str,
-    status: int,
-    error: str | None,
-    description: str,
+    keys: Keys, app: RecordingApp, path: str, credential: str, denied: Denied
 ) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES)
     handshake = await connect(
-        gate, ws_scope(path, credentials(keys)[credential], extensions=DENIAL)
+        gate, ws_scope(path, credentials(keys)[credential], extensions=DENIAL_EXTENSION)
     )
     assert handshake.types == ["websocket.http.response.start", "websocket.http.response.body"]
-    start, body = handshake.sent
-    assert start["status"] == status
-    headers = dict(start["headers"])
-    assert len(headers) == len(start["headers"])
-    challenge = 'Bearer realm="devicegate"'
-    if error is not None:
-        challenge += f', error="{error}", error_description="{description}"'
-    assert headers[b"www-authenticate"] == challenge.encode()
-    assert headers[b"content-type"] == b"application/json"
-    assert headers[b"content-length"] == str(len(body["body"])).encode()
-    assert json.loads(body["body"]) == {
-        "error": error or "unauthorized",
-        "error_description": description,
+    answered = Answer.of(handshake.sent)
+    assert answered.status == denied.status
+    assert len(dict(answered.headers)) == len(answered.headers)
+    assert answered.header("www-authenticate") == challenge(denied)
+    assert answered.header("content-type") == "application/json"
+    assert answered.header("content-length") == str(len(answered.body))
+    assert answered.json() == {
+        "error": denied.error or "unauthorized",
+        "error_description": denied.description,
     }
-    assert body.get("more_body", False) is False
+    assert handshake.sent[-1].get("more_body", False) is False
     assert not app.ran
 
 
-@pytest.mark.parametrize(("path", "credential", "status", "error", "description"), DENIALS)
+@pytest.mark.parametrize(("path", "credential", "denied"), DENIALS)
 @pytest.mark.parametrize(
     "extensions",
     [{}, None, {"websocket.http.response.other": {}}],
@@ -298,9 +239,7 @@ async def test_close_1008_without_the_denial_extension(
     app: RecordingApp,
     path: str,
     credential: str,
-    status: int,
-    error: str | None,
-    description: str,
+    denied: Denied,
     extensions: dict[str, dict[str, object]] | None,
 ) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config(), rules=RULES)
@@ -327,7 +266,7 @@ async def test_on_error_is_not_used_for_websockets(keys: Keys, app: RecordingApp
         raise AssertionError("on_error must not render a websocket denial")
 
     gate = DeviceAuthMiddleware(app, config=keys.config(), on_error=on_error)
-    with_denial = await connect(gate, ws_scope(extensions=DENIAL))
+    with_denial = await connect(gate, ws_scope(extensions=DENIAL_EXTENSION))
     without = await connect(gate, ws_scope(extensions={}))
     assert with_denial.sent[0]["status"] == 401
     assert without.sent == [{"type": "websocket.close", "code": 1008}]
@@ -336,13 +275,13 @@ async def test_on_error_is_not_used_for_websockets(keys: Keys, app: RecordingApp
 
 
 async def test_malformed_websocket_scope_is_refused(keys: Keys, app: RecordingApp) -> None:
-    scope = ws_scope(extensions=DENIAL)
+    scope = ws_scope(extensions=DENIAL_EXTENSION)
     del scope["headers"]
     handshake = await connect(DeviceAuthMiddleware(app, config=keys.config()), scope)
     assert handshake.sent[0]["status"] == 400
     assert json.loads(handshake.sent[1]["body"]) == {
         "error": "invalid_request",
-        "error_description": "The request could not be read.",
+        "error_description": UNREADABLE,
     }
     assert not app.ran
 
@@ -350,10 +289,10 @@ async def test_malformed_websocket_scope_is_refused(keys: Keys, app: RecordingAp
 async def test_token_path_is_not_a_websocket(keys: Keys, app: RecordingApp) -> None:
     gate = DeviceAuthMiddleware(app, config=keys.config())
     api_key = credentials(keys)["api_key"]
-    with_denial = await connect(gate, ws_scope("/gen-jwt", api_key, extensions=DENIAL))
+    with_denial = await connect(gate, ws_scope("/gen-jwt", api_key, extensions=DENIAL_EXTENSION))
     without = await connect(gate, ws_scope("/gen-jwt", api_key, extensions={}))
     mobile = await connect(
-        gate, ws_scope("/gen-jwt", credentials(keys)["mobile_api_key"], extensions=DENIAL)
+        gate, ws_scope("/gen-jwt", credentials(keys)["mobile_api_key"], extensions=DENIAL_EXTENSION)
     )
     assert with_denial.sent[0]["status"] == 405
     assert without.sent == [{"type": "websocket.close", "code": 1008}]

@@ -111,15 +111,29 @@ def _check_path(field: str, path: str) -> None:
 
 
 class _PathSwitch:
-    """Send one exact route path to ``endpoint`` and everything else (lifespan too) to ``app``."""
+    """Send one route path (both slash spellings, as a :class:`~devicegate.Rule` matches it)
+    to ``endpoint`` and everything else (lifespan too) to ``app``.
 
-    def __init__(self, path: str, endpoint: ASGIApp, app: ASGIApp) -> None:
+    Only the scope types in ``scope_types`` go to ``endpoint``: an endpoint that speaks HTTP
+    alone must never be handed a websocket handshake.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        endpoint: ASGIApp,
+        app: ASGIApp,
+        *,
+        scope_types: frozenset[str] = frozenset({"http"}),
+    ) -> None:
         self.path = path
+        self._rule = Rule(path)
         self.endpoint = endpoint
         self.app = app
+        self._scope_types = scope_types
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and route_path(scope) == self.path:
+        if scope["type"] in self._scope_types and self._rule.matches(route_path(scope)):
             await self.endpoint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -169,7 +183,8 @@ def build_app(
         from .proxy import ReverseProxy  # lazy: httpx is in the server extra
 
         # The gateway answers its own health check: an unauthenticated probe must not reach
-        # the upstream through the public /health rule.
+        # the upstream through the public /health rule, in either slash spelling the rule
+        # covers. A websocket handshake there goes on to the proxy, which refuses it.
         inner = _PathSwitch(
             HEALTH_PATH,
             health_app,
@@ -203,7 +218,10 @@ def build_app(
     # Only the user's public paths: /health is the gateway's own, and making the protected
     # server's /health public behind the proxy is a decision for its operator.
     endpoint = ForwardAuth(config, rules=public_rules, shared_secret=forward_auth_secret)
-    return _PathSwitch(forward_auth_path, endpoint, gate)
+    # ForwardAuth answers websocket handshakes itself (with a refusal).
+    return _PathSwitch(
+        forward_auth_path, endpoint, gate, scope_types=frozenset({"http", "websocket"})
+    )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["ConfigError", "GateConfig"]
+__all__ = ["ConfigError", "GateConfig", "check_header_name"]
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
 MIN_JWT_SECRET_BYTES = 32
@@ -92,7 +92,8 @@ def _check_int(field: str, value: object, *, low: int, high: int | None = None) 
     return value
 
 
-def _check_header(field: str, value: object) -> str:
+def check_header_name(field: str, value: object) -> str:
+    """Return ``value`` lower-cased if it is a usable header name for ``field``."""
     if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value.lower()):
         raise ConfigError(field, "must be a valid HTTP header name, such as 'x-instance-id'")
     name = value.lower()
@@ -214,8 +215,8 @@ class GateConfig:
             _check_int("leeway_seconds", leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS),
         )
         set_(self, "token_cache_size", _check_int("token_cache_size", token_cache_size, low=0))
-        device = _check_header("device_header", device_header)
-        api_header = _check_header("api_key_header", api_key_header)
+        device = check_header_name("device_header", device_header)
+        api_header = check_header_name("api_key_header", api_key_header)
         if device == api_header:
             raise ConfigError("device_header", "must differ from api_key_header")
         set_(self, "device_header", device)

@@ -199,6 +199,15 @@ def _when(timestamp: object, now: float) -> str:
     return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} ({relative})"
 
 
+def _shown(value: str) -> str:
+    """``value`` fit for a terminal: as is when printable, else escaped.
+
+    Token claims come from whoever signed the token: an escape sequence in one must not
+    reach the operator's terminal raw.
+    """
+    return value if value.isprintable() else ascii(value)
+
+
 def _read_token(value: str) -> str:
     token = sys.stdin.read() if value == "-" else value
     token = token.strip()
@@ -235,7 +244,7 @@ def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if principal.instance_id is None:
         print("instance_id: none (a generic token, accepted from any device)")
     else:
-        print(f"instance_id: {principal.instance_id}")
+        print(f"instance_id: {_shown(principal.instance_id)}")
     print(f"expires: {_when(principal.claims.get('exp'), now)}")
     return EXIT_OK
 
@@ -560,9 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="say whether a token is valid, and if not why",
         description="Say whether TOKEN is valid for this configuration. Valid: print its kind, "
-        "device and expiry, exit 0. Invalid: print why, exit 1.",
+        "device and expiry, exit 0. Invalid: print why, exit 1. Prefer 'devicegate verify -' "
+        "with the token on stdin: a token on the command line shows in ps and in the shell "
+        "history.",
     )
-    verify.add_argument("token", metavar="TOKEN", help="the token, or '-' to read it from stdin")
+    verify.add_argument(
+        "token",
+        metavar="TOKEN",
+        help="the token, or '-' to read it from stdin (keeps it out of ps and shell history)",
+    )
     verify.add_argument("--instance-id", metavar="ID", help="the device id the request would carry")
     _secrets_argument(verify)
     verify.set_defaults(handler=_verify)

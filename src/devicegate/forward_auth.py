@@ -153,7 +153,9 @@ class ForwardAuth:
             raise RuntimeError(f"devicegate cannot answer ASGI scope type {scope_type!r}")
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if self._secret is not None and not _has_secret(headers, self._secret):
-            logger.warning("devicegate forward-auth refused a request without the proxy secret")
+            # DEBUG, as the middleware logs its refusals: anyone who reaches the endpoint can
+            # send these, and a flood of them must not become a flood of log lines.
+            logger.debug("devicegate forward-auth refused a request without the proxy secret")
             await send_response(scope, send, 403, _FORBIDDEN_HEADERS, _FORBIDDEN_BODY)
             return
         try:

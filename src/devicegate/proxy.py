@@ -18,16 +18,17 @@ import re
 from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import json_body, send_response
-from ._config import _check_header
+from ._config import check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
+from ._rules import route_path
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
@@ -56,29 +57,72 @@ _HOP_BY_HOP = frozenset(
 # Request fields this proxy rewrites itself: Host becomes the upstream's (the client's goes to
 # X-Forwarded-Host), Content-Length is set from the framing we checked, and Expect: 100-continue
 # was answered by our own server on this hop.
-_REWRITTEN = frozenset(
-    {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-forwarded-host"}
+_REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
+# Fields that tell the upstream who the client is or what it asked for. Coming from the client
+# they are claims, not facts: X-Forwarded-Proto and -Host are set here and X-Forwarded-For gets
+# the address we saw appended; every other X-Forwarded-* (Port, Prefix, Ssl, Client-Cert...),
+# Forwarded (RFC 7239) and X-Real-IP is dropped, and so are the path overrides some frameworks
+# route by (X-Original-URL, X-Rewrite-URL) and the X-Original-URI of forward-auth set-ups:
+# each would name a path the rules never judged.
+_CLIENT_CLAIMS = frozenset(
+    {b"forwarded", b"x-real-ip", b"x-original-url", b"x-original-uri", b"x-rewrite-url"}
 )
-_IDENTITY_PREFIX = b"x-devicegate-"
+_FORWARDED_FOR = b"x-forwarded-for"
+# Any X-Devicegate-* (the identity this proxy states) and any other X-Forwarded-*.
+_REMOVED_PREFIXES = (b"x-devicegate-", b"x-forwarded-")
 _KIND_HEADER = b"x-devicegate-kind"
 _INSTANCE_ID_HEADER = b"x-devicegate-instance-id"
 _AUTHORIZATION = b"authorization"
 _UPSTREAM_API_KEY_HEADER = b"x-api-key"
+# CGI, WSGI, PHP and nginx (underscores_in_headers) read a field name upper-cased with every
+# character but letters and digits turned into "_": to them X_Devicegate_Kind and
+# X.Devicegate.Kind are X-Devicegate-Kind. Request field names are compared in that folded
+# form (lower case, "-" for every other character), so that no look-alike of a field removed
+# here reaches the upstream.
+_FOLD = bytes(
+    ord(char.lower()) if char.isascii() and char.isalnum() else ord("-")
+    for char in map(chr, range(256))
+)
+# Response fields the serving ASGI server sets itself: passing the upstream's on would send
+# the client two Date headers (RFC 9110 §6.6.1 allows one) and name the upstream's software.
+_SERVER_SET = frozenset({b"date", b"server"})
+
+# RFC 9110 §9.3.8: TRACE echoes the request it received, headers included, so the upstream's
+# own key injected here would travel back to the client; TRACK is IIS's TRACE. CONNECT asks for
+# a tunnel (§9.3.6), which this gateway does not offer. Refused whatever the case, here and in
+# the method-override fields some frameworks honour.
+_REFUSED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
+_METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 # Upstream keys travel as header values: visible ASCII only, so nothing can split a header.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+# The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
+_PATH_SAFE = "/!$&'()*+,;=:@"
 
 _ERROR_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
 _BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
 _GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
 _TOO_LARGE = (413, "invalid_request", "The request body is larger than this gateway accepts.")
 _BAD_LENGTH = (400, "invalid_request", "The Content-Length header is invalid.")
+_BAD_FRAMING = (
+    400,
+    "invalid_request",
+    "The request has both Content-Length and Transfer-Encoding.",
+)
 _BAD_TARGET = (400, "invalid_request", "The request target cannot be forwarded.")
+_METHOD_NOT_ALLOWED = (405, "method_not_allowed", "This gateway does not forward this method.")
 _NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websockets.")
 
+_Error = tuple[int, str, str]
 
-class _BodyTooLarge(Exception):
-    pass
+
+class _Refused(Exception):
+    """The request cannot be forwarded; ``error`` is the answer."""
+
+    def __init__(self, error: _Error, *, close: bool = False) -> None:
+        super().__init__(error[2])
+        self.error = error
+        self.close = close
 
 
 class _ClientGone(Exception):
@@ -89,15 +133,20 @@ class _RequestBody:
     """The client's body as an async iterator over ``receive()``: httpx pulls, nothing buffers.
 
     A plain iterator class rather than an async generator, so that an upstream that stops
-    reading early leaves no unfinished generator behind.
+    reading early leaves no unfinished generator behind. ``length`` is the declared
+    Content-Length, which the body must match exactly (an ASGI server that framed the body
+    otherwise would have the upstream read a different request).
     """
 
-    def __init__(self, receive: Receive, first: bytes, more: bool, limit: int) -> None:
+    def __init__(
+        self, receive: Receive, first: bytes, more: bool, limit: int, length: int | None = None
+    ) -> None:
         self._receive = receive
         self._pending = first
         self._more = more
         self._size = len(first)
         self._limit = limit
+        self._length = length
         self.done = anyio.Event()
         if not more:
             self.done.set()
@@ -111,6 +160,8 @@ class _RequestBody:
                 chunk, self._pending = self._pending, b""
                 return chunk
             if not self._more:
+                if self._length is not None and self._size != self._length:
+                    raise _Refused(_BAD_LENGTH, close=True)
                 raise StopAsyncIteration
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -120,7 +171,9 @@ class _RequestBody:
             self._size += len(self._pending)
             if self._size > self._limit:
                 # Checked as the bytes arrive: a chunked body has no length to check up front.
-                raise _BodyTooLarge
+                raise _Refused(_TOO_LARGE, close=True)
+            if self._length is not None and self._size > self._length:
+                raise _Refused(_BAD_LENGTH, close=True)
             if not self._more:
                 self.done.set()
 
@@ -132,19 +185,31 @@ class ReverseProxy:
     requests through; on its own the proxy forwards anything. For each request it:
 
     * keeps the method, the status, the path and query exactly as received (``raw_path`` and
-      ``query_string`` bytes), and repeated headers in order;
-    * removes hop-by-hop headers (RFC 9110 §7.6.1) both ways, and adds ``X-Forwarded-For``
-      (appending the client address), ``X-Forwarded-Proto`` and ``X-Forwarded-Host``;
+      ``query_string`` bytes), and repeated headers in order. The raw path is forwarded only
+      when it decodes to the route path the middleware judged (400 otherwise: a layer that
+      rewrites ``scope["path"]`` must rewrite or remove ``raw_path`` too);
+    * refuses ``TRACE``, ``TRACK`` and ``CONNECT`` with 405, also when named in a
+      method-override header: a reflected request would carry the injected upstream key back
+      to the client;
+    * removes hop-by-hop headers (RFC 9110 §7.6.1) both ways, and the upstream's ``Date`` and
+      ``Server`` (the serving ASGI server sets its own). It appends the client address to
+      ``X-Forwarded-For`` and sets ``X-Forwarded-Proto`` and ``X-Forwarded-Host``; the
+      client's ``Forwarded``, ``X-Real-IP``, other ``X-Forwarded-*``, ``X-Original-URL`` and
+      ``X-Rewrite-URL`` are dropped;
     * translates credentials: the client's ``Authorization``, API key and device headers are
       removed, and the upstream's own key is injected for the principal the middleware stored:
       ``X-API-Key: <upstream_api_key>`` for a server API key, ``Authorization:
       <upstream_mobile_api_key>`` (as the SenseCrypt mobile SDK sends it) for a mobile key or a
       device token. A public path gets no upstream credential;
     * states who called: any ``X-Devicegate-*`` header the client sent is dropped, then
-      ``X-Devicegate-Kind`` and, for a device-bound token, ``X-Devicegate-Instance-Id`` are set;
-    * bounds the request body (413, by ``Content-Length`` up front and while streaming), and
-      answers 502 when the upstream cannot be reached and 504 when it is too slow, with a JSON
-      ``{"error": ..., "error_description": ...}`` body of fixed text.
+      ``X-Devicegate-Kind`` and, for a device-bound token, ``X-Devicegate-Instance-Id`` are set.
+      Every removal also applies to look-alike names (``X_Devicegate_Kind``,
+      ``X.Api.Key``), which CGI, WSGI and PHP upstreams read as the dashed name;
+    * refuses a request with both ``Content-Length`` and ``Transfer-Encoding`` (400, RFC 9112
+      §6.1), bounds the request body (413, by ``Content-Length`` up front and while
+      streaming), and answers 502 when the upstream cannot be reached or the exchange fails
+      before the response started, and 504 when it is too slow, with a JSON ``{"error": ...,
+      "error_description": ...}`` body of fixed text.
 
     Websockets are not forwarded: the handshake is denied (501 with the websocket
     denial-response extension, else a 1008 close). A client that disconnects ends the upstream
@@ -219,12 +284,14 @@ class ReverseProxy:
             )
         self._client = client
         self._owns_client = client is None
+        # The client's credentials, in the folded form names are compared in.
         self._removed = frozenset(
-            {
-                _AUTHORIZATION,
-                _check_header("api_key_header", api_key_header).encode("latin-1"),
-                _check_header("device_header", device_header).encode("latin-1"),
-            }
+            name.encode("latin-1").translate(_FOLD)
+            for name in (
+                "authorization",
+                check_header_name("api_key_header", api_key_header),
+                check_header_name("device_header", device_header),
+            )
         )
         self._timeouts = httpx.Timeout(self.timeout).as_dict()
 
@@ -285,25 +352,28 @@ class ReverseProxy:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            if scope["method"].upper().encode() in _REFUSED_METHODS:
+                raise _Refused(_METHOD_NOT_ALLOWED)
             headers, content_length = self._request_headers(scope)
-        except ValueError:
-            await _send_error(scope, send, _BAD_LENGTH)
-            return
-        if content_length is not None and content_length > self.max_body_bytes:
-            await _send_error(scope, send, _TOO_LARGE, close=True)
-            return
-        target = self._base_path + _raw_route_path(scope)
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
-        try:
-            url = self._base_url.copy_with(raw_path=target)
-        except (httpx.InvalidURL, UnicodeDecodeError):
-            await _send_error(scope, send, _BAD_TARGET)
+            if content_length is not None and content_length > self.max_body_bytes:
+                raise _Refused(_TOO_LARGE, close=True)
+            route = _raw_route_path(scope)
+            if route is None:
+                raise _Refused(_BAD_TARGET)
+            target = self._base_path + route
+            if scope.get("query_string"):
+                target += b"?" + scope["query_string"]
+            try:
+                url = self._base_url.copy_with(raw_path=target)
+            except (httpx.InvalidURL, UnicodeDecodeError):
+                raise _Refused(_BAD_TARGET) from None
+        except _Refused as refused:
+            await _send_error(scope, send, refused.error, close=refused.close)
             return
 
         body: _RequestBody | None = None
         if content_length:
-            body = _RequestBody(receive, b"", True, self.max_body_bytes)
+            body = _RequestBody(receive, b"", True, self.max_body_bytes, content_length)
             headers.append((b"content-length", str(content_length).encode()))
         else:
             # No declared length (a chunked body, an HTTP/2 body, or none at all), or zero:
@@ -366,8 +436,8 @@ class ReverseProxy:
     async def _send_upstream(self, scope: Scope, send: Send, request: httpx.Request) -> None:
         try:
             response = await self._get_client().send(request, stream=True)
-        except _BodyTooLarge:
-            await _send_error(scope, send, _TOO_LARGE, close=True)
+        except _Refused as refused:
+            await _send_error(scope, send, refused.error, close=refused.close)
             return
         except _ClientGone:
             return
@@ -375,8 +445,12 @@ class ReverseProxy:
             logger.warning("devicegate: the upstream timed out (%s)", type(exc).__name__)
             await _send_error(scope, send, _GATEWAY_TIMEOUT)
             return
-        except httpx.TransportError as exc:
-            logger.warning("devicegate: the upstream is unreachable (%s)", type(exc).__name__)
+        except Exception as exc:
+            # Nothing has been sent to the client yet, so it gets a proper answer: an
+            # unreachable upstream (httpx.TransportError), or anything httpx, httpcore or h11
+            # raise on the way there (h11.LocalProtocolError escapes httpx unwrapped), is a
+            # 502 rather than the server's bare 500.
+            logger.warning("devicegate: the upstream exchange failed (%s)", type(exc).__name__)
             await _send_error(scope, send, _BAD_GATEWAY)
             return
         try:
@@ -399,28 +473,35 @@ class ReverseProxy:
             # Only test transports (httpx.MockTransport) hand back a response already read.
             await send({"type": "http.response.body", "body": response.content})
             return
-        try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.TransportError as exc:
-            # The status line is gone already: the only honest signal left is to end the
-            # response unfinished, so that the server drops the connection and the client
-            # sees a truncated body rather than a complete-looking one.
-            logger.warning("devicegate: upstream response cut off (%s)", type(exc).__name__)
-            return
+        chunks = response.aiter_raw()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:
+                # The status line is gone already: the only honest signal left is to end the
+                # response unfinished, so that the server drops the connection and the client
+                # sees a truncated body rather than a complete-looking one. (Only the upstream
+                # read is guarded here: a failing ``send`` reaches the server as itself.)
+                logger.warning("devicegate: upstream response cut off (%s)", type(exc).__name__)
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
         """The headers to send upstream, and the body length the client declared.
 
         Raises:
-            ValueError: the Content-Length header is repeated with other values or not a
-                number.
+            _Refused: the Content-Length header is repeated with other values or not a
+                number, or comes with Transfer-Encoding; a method override names a refused
+                method.
         """
         raw: Iterable[tuple[bytes, bytes]] = scope["headers"]
         named = _connection_tokens(raw)
         headers: Headers = []
         content_length: int | None = None
+        transfer_encoding = False
         forwarded_for: list[bytes] = []
         host: bytes | None = None
         for name, value in raw:
@@ -428,32 +509,46 @@ class ReverseProxy:
             if name == b"content-length":
                 # RFC 9110 §8.6: a repeated Content-Length must agree; anything else is refused.
                 if not value.strip().isdigit():
-                    raise ValueError("Content-Length is not a number")
+                    raise _Refused(_BAD_LENGTH)
                 length = int(value)
                 if content_length is not None and length != content_length:
-                    raise ValueError("Content-Length values disagree")
+                    raise _Refused(_BAD_LENGTH)
                 content_length = length
-            elif name == b"host":
+                continue
+            if name == b"transfer-encoding":
+                transfer_encoding = True
+                continue
+            if name == b"host":
                 if host is None:
                     host = value
-            elif name == b"x-forwarded-for":
+                continue
+            if name == _FORWARDED_FOR:
                 forwarded_for.append(value.strip())
-            elif (
-                name in _HOP_BY_HOP
-                or name in _REWRITTEN
-                or name in named
-                or name in self._removed
-                or name.startswith(_IDENTITY_PREFIX)
+                continue
+            key = name.translate(_FOLD)
+            if (
+                key in _HOP_BY_HOP
+                or key in _REWRITTEN
+                or key in named
+                or key in self._removed
+                or key in _CLIENT_CLAIMS
+                or key.startswith(_REMOVED_PREFIXES)
             ):
                 continue
-            else:
-                headers.append((name, value))
+            if key in _METHOD_OVERRIDES and value.strip().upper() in _REFUSED_METHODS:
+                raise _Refused(_METHOD_NOT_ALLOWED)
+            headers.append((name, value))
+        if transfer_encoding and content_length is not None:
+            # RFC 9112 §6.1: a request with both is a smuggling attempt or a broken client;
+            # which framing the server used is not ours to guess, so it is refused, and the
+            # connection closed.
+            raise _Refused(_BAD_FRAMING, close=True)
 
         client_address = scope.get("client")
         if client_address:
             forwarded_for.append(str(client_address[0]).encode())
         if forwarded_for:
-            headers.append((b"x-forwarded-for", b", ".join(part for part in forwarded_for if part)))
+            headers.append((_FORWARDED_FOR, b", ".join(part for part in forwarded_for if part)))
         headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
         if host:
             headers.append((b"x-forwarded-host", host))
@@ -476,7 +571,7 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
+            tokens.update(token.strip().translate(_FOLD) for token in value.split(b","))
     tokens.discard(b"")
     return frozenset(tokens)
 
@@ -487,27 +582,52 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
     headers: Headers = []
     for name, value in raw:
         name = name.lower()
-        if name in _HOP_BY_HOP or name in named:
+        if name in _HOP_BY_HOP or name in _SERVER_SET or name.translate(_FOLD) in named:
             continue
         headers.append((name, value))
     return headers
 
 
-def _raw_route_path(scope: Scope) -> bytes:
+def _raw_route_path(scope: Scope) -> bytes | None:
     """The request path as the client sent it (percent-encoding intact), below ``root_path``.
 
     A proxy mounted under a prefix forwards what is below its mount point, as the app it stands
-    for would see it.
+    for would see it. The middleware judged the decoded route path, so the raw bytes are
+    forwarded only when they decode to exactly that path; ``None`` when they do not (an outer
+    layer rewrote ``scope["path"]`` but not ``raw_path``, or a server decoded them otherwise):
+    the upstream must never receive a path no rule saw.
     """
+    path = route_path(scope)
     raw: bytes | None = scope.get("raw_path")
     if raw is None:
-        raw = quote(scope["path"], safe="/!$&'()*+,;=:@").encode("ascii")
-    root_path = scope.get("root_path", "")
-    if root_path:
-        prefix = quote(root_path, safe="/!$&'()*+,;=:@").encode("ascii")
-        if raw.startswith(prefix) and raw[len(prefix) : len(prefix) + 1] in (b"", b"/"):
-            raw = raw[len(prefix) :] or b"/"
-    return raw
+        return quote(path, safe=_PATH_SAFE).encode("ascii")
+    # A "?" ends the path on the wire; older httpx ASGITransports left the query in
+    # (encode/httpx#2810).
+    raw = raw.partition(b"?")[0]
+    rest = _below_root_path(raw, scope.get("root_path", ""))
+    if _decode_path(rest) != path:
+        return None
+    return rest
+
+
+def _below_root_path(raw: bytes, root_path: str) -> bytes:
+    """``raw`` without the leading segments that decode to ``root_path`` (``/%61pi`` is
+    ``/api`` too), or all of it when none do."""
+    if not root_path:
+        return raw
+    end = raw.find(b"/", 1)
+    while True:
+        stop = len(raw) if end < 0 else end
+        if _decode_path(raw[:stop]) == root_path:
+            return raw[stop:] or b"/"
+        if end < 0:
+            return raw
+        end = raw.find(b"/", end + 1)
+
+
+def _decode_path(raw: bytes) -> str:
+    # As ASGI servers decode the path: percent-decoding, then UTF-8 with replacement.
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
 async def _watch_disconnect(
@@ -523,9 +643,7 @@ async def _watch_disconnect(
         exchange.cancel()
 
 
-async def _send_error(
-    scope: Scope, send: Send, error: tuple[int, str, str], *, close: bool = False
-) -> None:
+async def _send_error(scope: Scope, send: Send, error: _Error, *, close: bool = False) -> None:
     status, code, description = error
     body = json_body({"error": code, "error_description": description})
     headers = [*_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]
@@ -537,29 +655,44 @@ async def _send_error(
 
 
 def _check_upstream(upstream: object) -> str:
+    # The URL itself is never echoed: it may hold a password or a token. Each message names
+    # the part that is wrong instead.
+    field = "upstream"
     if not isinstance(upstream, str):
-        raise ConfigError("upstream", f"must be a URL string, got {type(upstream).__name__}")
+        raise ConfigError(field, f"must be a URL string, got {type(upstream).__name__}")
     try:
         parts = urlsplit(upstream)
-        _ = parts.port  # raises for a port that is not a number in range
     except ValueError:
-        raise ConfigError("upstream", f"is not a valid URL: {upstream!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            "upstream",
-            f"must be an http:// or https:// URL such as http://127.0.0.1:9000, got {upstream!r}",
+            field, "is not a valid URL: its host cannot be read (check the [] of an IPv6 address)"
+        ) from None
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(
+            field, "is not a valid URL: its port is not a number from 0 to 65535"
+        ) from None
+    example = "such as http://127.0.0.1:9000"
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            field, f"must be an http:// or https:// URL {example}; its scheme is neither"
         )
+    if not parts.hostname:
+        raise ConfigError(field, f"must be an http:// or https:// URL {example}; it has no host")
     if parts.username is not None or parts.password is not None:
-        # Never echo it: the URL holds a password.
         raise ConfigError(
-            "upstream", "must not carry credentials; use upstream_api_key / upstream_mobile_api_key"
+            field, "must not carry credentials; use upstream_api_key / upstream_mobile_api_key"
         )
-    if parts.query or parts.fragment or "?" in upstream or "#" in upstream:
-        raise ConfigError("upstream", f"must not have a query or fragment, got {upstream!r}")
+    if parts.query or "?" in upstream:
+        raise ConfigError(field, "must not have a query ('?...'); put the path only")
+    if parts.fragment or "#" in upstream:
+        raise ConfigError(field, "must not have a fragment ('#...')")
     try:
         httpx.URL(upstream)
     except httpx.InvalidURL:
-        raise ConfigError("upstream", f"is not a valid URL: {upstream!r}") from None
+        raise ConfigError(
+            field, "is not a valid URL: httpx refuses it (spaces or control characters?)"
+        ) from None
     return upstream
 
 
