@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import uvicorn
@@ -700,7 +700,7 @@ async def test_serve_with_an_upstream_and_forward_auth(
         tmp_path / "upstream.json", {"api_key": "upstream-key-0123456789"}
     )
     monkeypatch.setenv("PROXY_SECRET", "proxy-shared-secret-0123456789")
-    argv = ["serve", "--port", str(port), "--upstream", "http://127.0.0.1:9"]
+    argv = ["serve", "--port", str(port), "--upstream", "http://127.0.0.1:9", "--no-upstream-check"]
     argv += ["--upstream-secrets", str(upstream_secrets), "--forward-auth-secret-env"]
     argv += ["PROXY_SECRET", "--forward-auth-path"]  # without a value: the default path
     assert cli.main(argv) == 0
@@ -1207,7 +1207,9 @@ def test_real_serve_in_front_of_an_unreachable_upstream(
 ) -> None:
     with (
         bound_port() as dead,  # bound, never listening: the upstream is down
-        running_serve(tmp_path, "--upstream", f"http://{HOST}:{dead}") as server,
+        running_serve(
+            tmp_path, "--upstream", f"http://{HOST}:{dead}", "--no-upstream-check"
+        ) as server,
         sync_client(server.url) as http,
     ):
         assert f"forwarding to http://{HOST}:{dead} on {server.url}" in server.output()
@@ -1312,3 +1314,61 @@ def test_verify_help_points_to_stdin(capsys: pytest.CaptureFixture[str]) -> None
     text = " ".join(capsys.readouterr().out.split())
     assert "devicegate verify -" in text
     assert "out of ps" in text
+
+
+def test_serve_stops_when_the_upstream_is_unreachable(
+    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], port: int
+) -> None:
+    with bound_port() as dead:  # bound, never listening: nothing accepts connections
+        upstream = f"http://{HOST}:{dead}/private-0123456789/secret-path"
+        assert cli.main(["serve", "--port", str(port), "--upstream", upstream]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"devicegate: cannot reach the upstream at {HOST}:{dead} (")
+    assert "--no-upstream-check" in line
+    for private in ("private-0123456789", "secret-path"):
+        assert private not in line
+    assert fake_run.calls == []
+
+
+def test_serve_checks_a_reachable_upstream_and_starts(
+    secrets_file: Path, fake_run: FakeRun, port: int
+) -> None:
+    with socket.socket() as listening:
+        listening.bind((HOST, 0))
+        listening.listen()
+        upstream = f"http://{HOST}:{listening.getsockname()[1]}"
+        assert cli.main(["serve", "--port", str(port), "--upstream", upstream]) == 0
+    assert len(fake_run.calls) == 1
+
+
+def test_serve_reports_an_unresolvable_upstream_host(
+    secrets_file: Path,
+    fake_run: FakeRun,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    port: int,
+) -> None:
+    def no_such_host(*args: object, **kwargs: object) -> NoReturn:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_such_host)
+    assert cli.main(["serve", "--port", str(port), "--upstream", "http://upstream.example"]) == 1
+    assert one_line(capsys.readouterr().err) == (
+        "devicegate: cannot resolve the upstream host 'upstream.example': "
+        "Name or service not known; check --upstream"
+    )
+    assert fake_run.calls == []
+
+
+def test_real_serve_with_an_unreachable_upstream_is_one_line(tmp_path: Path, port: int) -> None:
+    with bound_port() as dead:
+        result = run_cli(
+            "serve", "--port", str(port), "--upstream", f"http://{HOST}:{dead}", cwd=tmp_path
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"devicegate: cannot reach the upstream at {HOST}:{dead}")
+    )

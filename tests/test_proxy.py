@@ -998,8 +998,9 @@ async def test_cli_gateway_upstream_down_is_502(tmp_path: Path, cli_gateway: Gat
     keys = cli_gateway.keys
     secrets_file = write_secrets(tmp_path / "secrets.json", keys)
     with bound_port() as dead:  # bound, never listening: the upstream is down
+        # The upstream is down after start: --no-upstream-check lets serve start without it.
         command = devicegate_command(
-            "--upstream", f"http://{HOST}:{dead}",
+            "--upstream", f"http://{HOST}:{dead}", "--no-upstream-check",
             "--secrets", str(secrets_file),
             "--log-level", "warning",
         )  # fmt: skip

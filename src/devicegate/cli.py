@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 from . import __version__
 from ._app import (
@@ -52,6 +53,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_SECRETS_FILE = "secrets.json"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+UPSTREAM_CHECK_SECONDS = 5.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
 DEMO_INSTANCE_ID = "demo-device"
@@ -311,6 +313,30 @@ def _check_port(host: str, port: int) -> None:
             raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _check_upstream(url: str, timeout: float = UPSTREAM_CHECK_SECONDS) -> None:
+    """Fail with one line if nothing accepts a TCP connection at the upstream's address.
+
+    Only the address is named in the message: the URL's path may carry something private.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = f"{_display_host(host)}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as exc:
+        raise CommandError(
+            f"cannot resolve the upstream host {host!r}: {exc.strerror}; check --upstream"
+        ) from None
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise CommandError(
+            f"cannot reach the upstream at {where} ({reason}); start it first, fix --upstream, "
+            "or pass --no-upstream-check if it starts later"
+        ) from None
+
+
 def _api_key_expression(settings: ServeSettings, environ: Mapping[str, str]) -> str:
     """A shell expression that yields the server API key on the user's machine."""
     if environ.get("DEVICEGATE_API_KEYS", "").strip() or settings.secrets_file is None:
@@ -426,6 +452,8 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise CommandError(f"cannot load {exc.name}: {exc}", EXIT_USAGE) from None
     worker_env = settings.to_env() if workers > 1 else {}
     _check_port(host, port)
+    if settings.upstream is not None and not args.no_upstream_check:
+        _check_upstream(settings.upstream)
     sys.stderr.write(serve_banner(settings, config, environ, host=host, port=port, workers=workers))
     sys.stderr.flush()
     options: dict[str, Any] = {
@@ -514,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="forward admitted requests to this URL instead of serving the demo app "
         "(env DEVICEGATE_UPSTREAM)",
+    )
+    serve.add_argument(
+        "--no-upstream-check",
+        action="store_true",
+        help="start even when the upstream does not accept connections yet (by default serve "
+        "stops with an error)",
     )
     serve.add_argument(
         "--upstream-secrets",
