@@ -11,11 +11,11 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ._errors import DEFAULT_REALM, AuthError, error_response_parts
 
-__all__ = ["json_body", "send_error", "send_response"]
+__all__ = ["json_body", "send_error", "send_json", "send_response", "serve_lifespan"]
 
 # The websocket close code for "policy violation" (RFC 6455 §7.4.1).
 WS_POLICY_VIOLATION = 1008
@@ -56,3 +56,28 @@ async def send_error(
     """Send the RFC 6750 response for ``error``."""
     status, headers, body = error_response_parts(error, realm)
     await send_response(scope, send, status, headers, body)
+
+
+async def send_json(
+    scope: Scope, send: Send, status: int, payload: object, *extra_headers: tuple[bytes, bytes]
+) -> None:
+    """Send ``payload`` as a JSON response that no cache keeps."""
+    body = json_body(payload)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *extra_headers,
+    ]
+    await send_response(scope, send, status, headers, body)
+
+
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol for an app with nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import json_body
+from ._asgi import json_body, send_json, serve_lifespan
 from ._principal import get_principal
 from ._rules import route_path
 
@@ -42,35 +42,15 @@ def principal_summary(scope: Scope) -> dict[str, Any]:
     }
 
 
-async def _send_json(send: Send, status: int, payload: object, *extra: tuple[bytes, bytes]) -> None:
-    body = json_body(payload)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # The ASGI lifespan protocol: one startup message, then one shutdown message.
-    await receive()
-    await send({"type": "lifespan.startup.complete"})
-    await receive()
-    await send({"type": "lifespan.shutdown.complete"})
-
-
 async def health_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Answer ``{"status": "ok"}``: the gateway itself is up."""
-    await _send_json(send, 200, {"status": "ok"})
+    await send_json(scope, send, 200, {"status": "ok"})
 
 
 async def demo_app(scope: Scope, receive: Receive, send: Send) -> None:
     """The embedded demo: echoes the principal :class:`~devicegate.DeviceAuthMiddleware` set."""
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await serve_lifespan(receive, send)
         return
     path = route_path(scope)
     if scope["type"] == "websocket":
@@ -84,12 +64,12 @@ async def demo_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close", "code": _WS_NORMAL_CLOSURE})
         return
     if path != HEALTH_PATH and path not in _WHOAMI_PATHS:
-        await _send_json(send, 404, {"error": "not_found"})
+        await send_json(scope, send, 404, {"error": "not_found"})
         return
     if scope["method"] not in _READ_METHODS:
-        await _send_json(send, 405, {"error": "method_not_allowed"}, (b"allow", b"GET, HEAD"))
+        await send_json(scope, send, 405, {"error": "method_not_allowed"}, (b"allow", b"GET, HEAD"))
         return
     if path == HEALTH_PATH:
         await health_app(scope, receive, send)
         return
-    await _send_json(send, 200, principal_summary(scope))
+    await send_json(scope, send, 200, principal_summary(scope))

@@ -6,7 +6,7 @@ import logging
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import json_body, send_error, send_response
+from ._asgi import send_error, send_json, send_response, serve_lifespan
 from ._auth import Authenticator
 from ._config import GateConfig
 from ._errors import AuthError, ConfigError, InsufficientScope, InvalidRequest, check_realm
@@ -19,13 +19,6 @@ logger = logging.getLogger("devicegate")
 
 MAX_BODY_BYTES = 4096
 _UNREADABLE = "The request could not be read."
-
-_JSON_HEADERS = (
-    (b"content-type", b"application/json"),
-    # RFC 6749 §5.1: token responses must not be cached.
-    (b"cache-control", b"no-store"),
-    (b"pragma", b"no-cache"),
-)
 
 
 class _BadBody(Exception):
@@ -81,7 +74,7 @@ class TokenEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         try:
             principal = self._authenticator.authenticate(scope["headers"])
@@ -104,11 +97,12 @@ class TokenEndpoint:
             await send_response(scope, send, 405, (), b"")
             return
         if scope["method"] != "POST":
-            await _send_json(
+            await send_json(
+                scope,
                 send,
                 405,
                 {"error": "invalid_request", "error_description": "Use POST."},
-                ((b"allow", b"POST"),),
+                (b"allow", b"POST"),
             )
             return
         try:
@@ -116,14 +110,15 @@ class TokenEndpoint:
             instance_id = self._parse(body)
             token = self.issuer.issue(instance_id)
         except _BadBody as exc:
-            await _send_json(
-                send, exc.status, {"error": exc.error, "error_description": exc.description}
+            await send_json(
+                scope, send, exc.status, {"error": exc.error, "error_description": exc.description}
             )
             return
         except _Disconnected:
             return
         logger.info("devicegate minted a %s token", "bound" if instance_id else "generic")
-        await _send_json(send, 200, token.as_response())
+        # RFC 6749 §5.1: token responses must not be cached (send_json adds Cache-Control).
+        await send_json(scope, send, 200, token.as_response(), (b"pragma", b"no-cache"))
 
     def _parse(self, body: bytes) -> str | None:
         if not body.strip():
@@ -171,25 +166,3 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _send_json(
-    send: Send,
-    status: int,
-    payload: object,
-    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> None:
-    body = json_body(payload)
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra_headers]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

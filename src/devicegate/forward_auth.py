@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import json_body, send_error, send_response
+from ._asgi import json_body, send_error, send_response, serve_lifespan
 from ._config import MIN_API_KEY_BYTES, GateConfig
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
@@ -142,7 +142,7 @@ class ForwardAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope_type != "http":
             if scope_type == "websocket":
@@ -245,13 +245,3 @@ def _check_secret(config: GateConfig, secret: object) -> bytes:
             "leak cannot open another door",
         )
     return secret.encode("ascii")
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

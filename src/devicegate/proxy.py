@@ -24,7 +24,7 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import json_body, send_response
+from ._asgi import send_json
 from ._config import check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
@@ -99,7 +99,6 @@ _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
 _PATH_SAFE = "/!$&'()*+,;=:@"
 
-_ERROR_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
 _BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
 _GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
 _TOO_LARGE = (413, "invalid_request", "The request body is larger than this gateway accepts.")
@@ -645,13 +644,10 @@ async def _watch_disconnect(
 
 async def _send_error(scope: Scope, send: Send, error: _Error, *, close: bool = False) -> None:
     status, code, description = error
-    body = json_body({"error": code, "error_description": description})
-    headers = [*_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]
-    if close:
-        # The client may still be sending a body we will not read; end the connection after
-        # the answer rather than parse the rest as a next request.
-        headers.append((b"connection", b"close"))
-    await send_response(scope, send, status, headers, body)
+    # The client may still be sending a body we will not read: with close, end the connection
+    # after the answer rather than parse the rest as a next request.
+    extra = ((b"connection", b"close"),) if close else ()
+    await send_json(scope, send, status, {"error": code, "error_description": description}, *extra)
 
 
 def _check_upstream(upstream: object) -> str:
