@@ -37,7 +37,7 @@ from websockets.sync.client import connect
 
 import devicegate
 import devicegate._app
-from devicegate import InvalidReason, TokenVerifier, cli
+from devicegate import ConfigError, InvalidReason, TokenVerifier, cli
 from devicegate._app import ServeSettings, app_from_env
 from tests.helpers import (
     VENDOR_API_KEY,
@@ -1372,3 +1372,25 @@ def test_real_serve_with_an_unreachable_upstream_is_one_line(tmp_path: Path, por
         .splitlines()[-1]
         .startswith(f"devicegate: cannot reach the upstream at {HOST}:{dead}")
     )
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+def test_serve_refuses_a_bad_upstream_timeout(
+    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    argv = ["serve", "--upstream", "http://127.0.0.1:9", "--upstream-timeout", value]
+    assert cli.main(argv) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        "devicegate: invalid configuration: --upstream-timeout: must be a number of seconds"
+    )
+    assert fake_run.calls == []
+
+
+def test_upstream_timeout_reaches_the_workers_through_the_environment() -> None:
+    settings = devicegate._app.ServeSettings(upstream="http://127.0.0.1:9", upstream_timeout=2.5)
+    environ = settings.to_env()
+    assert environ["DEVICEGATE_UPSTREAM_TIMEOUT"] == "2.5"
+    assert devicegate._app.ServeSettings.from_env(environ) == settings
+    with pytest.raises(ConfigError) as info:
+        devicegate._app.ServeSettings.from_env({"DEVICEGATE_UPSTREAM_TIMEOUT": "later"})
+    assert info.value.field == "DEVICEGATE_UPSTREAM_TIMEOUT"

@@ -53,6 +53,7 @@ class FakeReverseProxy:
     upstream: str
     upstream_api_key: str | None = None
     upstream_mobile_api_key: str | None = None
+    timeout: float = 30.0
     api_key_header: str = "x-api-key"
     device_header: str = "x-instance-id"
     scopes: list[Scope] = field(default_factory=list)
@@ -294,9 +295,11 @@ async def test_upstream_gets_admitted_requests_with_its_credentials(
         upstream="http://127.0.0.1:9",
         upstream_api_key="upstream-server-key",
         upstream_mobile_api_key="upstream-mobile-key",
+        upstream_timeout=2.5,
     )
     (proxy,) = fakes.proxies
     assert proxy.upstream == "http://127.0.0.1:9"
+    assert proxy.timeout == 2.5
     assert proxy.upstream_api_key == "upstream-server-key"
     assert proxy.upstream_mobile_api_key == "upstream-mobile-key"
     async with client(app) as http:

@@ -1011,6 +1011,26 @@ async def test_cli_gateway_upstream_down_is_502(tmp_path: Path, cli_gateway: Gat
     assert response.json()["error"] == "bad_gateway"
 
 
+async def test_cli_gateway_slow_upstream_is_504(tmp_path: Path, upstream: Server) -> None:
+    # End to end: a real `devicegate serve --upstream-timeout` in front of the real echo
+    # upstream, whose /slow never answers while the client waits.
+    keys = fresh_keys()
+    secrets_file = write_secrets(tmp_path / "secrets.json", keys)
+    command = devicegate_command(
+        "--upstream", upstream.url, "--upstream-timeout", "0.5",
+        "--secrets", str(secrets_file),
+        "--log-level", "warning",
+    )  # fmt: skip
+    with serve(command, tmp_path / "gateway.log") as server:
+        async with async_client(server.url) as http:
+            response = await http.get("/slow", headers={"x-api-key": keys.api_key})
+    assert response.status_code == 504
+    assert response.json() == {
+        "error": "gateway_timeout",
+        "error_description": "The upstream server did not answer in time.",
+    }
+
+
 async def test_a_failing_send_raises_its_own_exception(upstream: Server) -> None:
     # The server's error reaches the server as itself, not wrapped in an exception group.
     proxy = proxy_for(upstream)

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN_PATH = "/gen-jwt"  # noqa: S105 - a path, not a secret
+DEFAULT_UPSTREAM_TIMEOUT = 30.0
 DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
 
 # The variables GateConfig.from_env reads credentials from; any of them means "configured by
@@ -145,6 +146,7 @@ def build_app(
     upstream: str | None = None,
     upstream_api_key: str | None = None,
     upstream_mobile_api_key: str | None = None,
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
     public: Sequence[str] = (),
     forward_auth_path: str | None = None,
     forward_auth_secret: str | None = None,
@@ -163,6 +165,8 @@ def build_app(
         upstream: the base URL to forward admitted requests to.
         upstream_api_key: the upstream's server key, injected into forwarded server calls.
         upstream_mobile_api_key: the upstream's mobile key, injected into forwarded mobile calls.
+        upstream_timeout: seconds to wait for the upstream to connect, accept the body or
+            answer before a 504.
         public: route paths (exact, or prefixes ending in ``/*``) that need no credential.
         forward_auth_path: the path of the forward-auth endpoint, or ``None``.
         forward_auth_secret: a shared secret the proxy must send to the forward-auth endpoint.
@@ -192,6 +196,7 @@ def build_app(
                 upstream,
                 upstream_api_key=upstream_api_key,
                 upstream_mobile_api_key=upstream_mobile_api_key,
+                timeout=upstream_timeout,
                 # The client's credential headers, whatever their configured names, never
                 # reach the upstream.
                 api_key_header=config.api_key_header,
@@ -224,6 +229,17 @@ def build_app(
     )
 
 
+def parse_timeout(field: str, raw: str) -> float:
+    """A timeout in seconds: a finite number above zero."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(field, "must be a number of seconds, such as 30 or 2.5") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(field, "must be a number of seconds above zero")
+    return value
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """What ``devicegate serve`` needs to build its app, as read from the environment.
@@ -232,6 +248,7 @@ class ServeSettings:
         secrets_file: the gate's ``secrets.json``; ``None`` when the environment holds the keys.
         upstream: the URL to forward to, or ``None`` for the demo app.
         upstream_secrets_file: the upstream's ``secrets.json`` (its credentials to inject).
+        upstream_timeout: seconds before an unanswering upstream becomes a 504.
         public: extra public route paths.
         forward_auth_path: where the forward-auth endpoint answers, or ``None``.
         forward_auth_secret_env: the name of the variable holding the forward-auth secret.
@@ -241,6 +258,7 @@ class ServeSettings:
     secrets_file: str | None = None
     upstream: str | None = None
     upstream_secrets_file: str | None = None
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     public: tuple[str, ...] = ()
     forward_auth_path: str | None = None
     forward_auth_secret_env: str | None = None
@@ -256,10 +274,14 @@ class ServeSettings:
 
         token_path = get("TOKEN_PATH") or DEFAULT_TOKEN_PATH
         public = get("PUBLIC") or ""
+        timeout = get("UPSTREAM_TIMEOUT")
         return cls(
             secrets_file=get("SECRETS_FILE"),
             upstream=get("UPSTREAM"),
             upstream_secrets_file=get("UPSTREAM_SECRETS_FILE"),
+            upstream_timeout=DEFAULT_UPSTREAM_TIMEOUT
+            if timeout is None
+            else parse_timeout("DEVICEGATE_UPSTREAM_TIMEOUT", timeout),
             public=tuple(path.strip() for path in public.split(",") if path.strip()),
             forward_auth_path=get("FORWARD_AUTH_PATH"),
             forward_auth_secret_env=get("FORWARD_AUTH_SECRET_ENV"),
@@ -275,6 +297,7 @@ class ServeSettings:
             "DEVICEGATE_SECRETS_FILE": self.secrets_file or "",
             "DEVICEGATE_UPSTREAM": self.upstream or "",
             "DEVICEGATE_UPSTREAM_SECRETS_FILE": self.upstream_secrets_file or "",
+            "DEVICEGATE_UPSTREAM_TIMEOUT": repr(self.upstream_timeout),
             "DEVICEGATE_PUBLIC": ",".join(self.public),
             "DEVICEGATE_FORWARD_AUTH_PATH": self.forward_auth_path or "",
             "DEVICEGATE_FORWARD_AUTH_SECRET_ENV": self.forward_auth_secret_env or "",
@@ -309,6 +332,7 @@ class ServeSettings:
             upstream=self.upstream,
             upstream_api_key=api_key,
             upstream_mobile_api_key=mobile_api_key,
+            upstream_timeout=self.upstream_timeout,
             public=self.public,
             forward_auth_path=self.forward_auth_path,
             forward_auth_secret=secret,

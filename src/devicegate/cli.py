@@ -38,6 +38,7 @@ from ._app import (
     ServeSettings,
     has_env_credentials,
     load_config,
+    parse_timeout,
 )
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
@@ -403,6 +404,9 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
         "secrets_file": args.secrets,
         "upstream": args.upstream,
         "upstream_secrets_file": args.upstream_secrets,
+        "upstream_timeout": None
+        if args.upstream_timeout is None
+        else parse_timeout("--upstream-timeout", args.upstream_timeout),
         "forward_auth_path": args.forward_auth_path,
         "forward_auth_secret_env": args.forward_auth_secret_env,
     }
@@ -542,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="forward admitted requests to this URL instead of serving the demo app "
         "(env DEVICEGATE_UPSTREAM)",
+    )
+    serve.add_argument(
+        "--upstream-timeout",
+        metavar="SECONDS",
+        help="how long to wait for the upstream to connect, take the body or answer before "
+        "answering 504 (env DEVICEGATE_UPSTREAM_TIMEOUT; default 30)",
     )
     serve.add_argument(
         "--no-upstream-check",
