@@ -1394,3 +1394,16 @@ def test_upstream_timeout_reaches_the_workers_through_the_environment() -> None:
     with pytest.raises(ConfigError) as info:
         devicegate._app.ServeSettings.from_env({"DEVICEGATE_UPSTREAM_TIMEOUT": "later"})
     assert info.value.field == "DEVICEGATE_UPSTREAM_TIMEOUT"
+
+
+def test_upstream_timeout_flag_wins_over_a_bad_variable(
+    secrets_file: Path, fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch, port: int
+) -> None:
+    monkeypatch.setenv("DEVICEGATE_UPSTREAM_TIMEOUT", "not-a-number")
+    with socket.socket() as listening:
+        listening.bind((HOST, 0))
+        listening.listen()
+        upstream = f"http://{HOST}:{listening.getsockname()[1]}"
+        argv = ["serve", "--port", str(port), "--upstream", upstream, "--upstream-timeout", "5"]
+        assert cli.main(argv) == 0
+    assert len(fake_run.calls) == 1

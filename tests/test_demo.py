@@ -646,3 +646,11 @@ async def test_forward_auth_path_matches_both_slash_spellings(keys: Keys, fakes:
     async with client(app) as http:
         assert (await http.get("/_devicegate/auth/")).status_code == 204
     assert [scope["path"] for scope in endpoint.scopes] == ["/_devicegate/auth/"]
+
+
+@pytest.mark.parametrize("path", ["/gen-jwt", "/gen-jwt/", "/health", "/health/"])
+def test_forward_auth_path_cannot_hide_a_path_the_gateway_serves(keys: Keys, path: str) -> None:
+    # The switch matches both slash spellings, so "/gen-jwt/" would answer POST /gen-jwt.
+    with pytest.raises(ConfigError) as info:
+        build_app(keys.config(), forward_auth_path=path)
+    assert info.value.field == "forward_auth_path"

@@ -61,7 +61,10 @@ NOT_OBJECT = {
 }
 BAD_INSTANCE_ID = {
     "error": "invalid_request",
-    "error_description": "instance_id must be a string of 1 to 256 printable ASCII characters.",
+    "error_description": (
+        "instance_id must be a string of 1 to 256 printable ASCII characters without "
+        "surrounding spaces."
+    ),
 }
 BINDING_REQUIRED = {
     "error": "invalid_request",

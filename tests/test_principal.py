@@ -65,6 +65,8 @@ def test_claims_are_read_only_all_the_way_down() -> None:
     claims: Any = device_principal().claims
     refused: list[Callable[[], object]] = [
         lambda: claims.__setitem__("jti", "other"),
+        lambda: claims.__init__(jti="other"),
+        lambda: claims["roles"].__init__(["admin"]),
         lambda: claims.pop("jti"),
         lambda: claims.update(admin=True),
         lambda: claims.setdefault("admin", True),

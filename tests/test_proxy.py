@@ -1268,6 +1268,21 @@ async def test_look_alikes_of_configured_credential_headers_are_removed(upstream
     assert "x-device" not in names
 
 
+@pytest.mark.parametrize("kind", [CredentialKind.API_KEY, CredentialKind.MOBILE_API_KEY])
+async def test_client_x_api_key_never_rides_along_under_a_renamed_gate_header(
+    upstream: Server, kind: CredentialKind
+) -> None:
+    # The gate reads its key from X-Server-Key, but the upstream's key is injected as
+    # X-API-Key: a client's own X-API-Key must not reach the upstream beside (or instead of) it.
+    headers = [(b"x-api-key", b"client-chosen-guess"), (b"x_api_key", b"client-chosen-guess")]
+    scope = request_scope("/", headers=headers, user=Principal(kind))
+    result = await through_proxy(upstream, scope, api_key_header="x-server-key")
+    received = result.json()["headers"]
+    assert all(value != "client-chosen-guess" for _, value in received)
+    api_keys = [value for name, value in received if folded(name) == "x-api-key"]
+    assert api_keys == ([UPSTREAM_API_KEY] if kind is CredentialKind.API_KEY else [])
+
+
 async def test_client_forwarding_claims_are_dropped(upstream: Server, keys: Keys) -> None:
     # Who the client is and what it asked for are facts the gateway states, not claims it
     # passes on: an upstream trusting X-Real-IP, Forwarded or X-Forwarded-Prefix would

@@ -568,3 +568,11 @@ def test_a_public_rule_takes_no_accept() -> None:
     with pytest.raises(ConfigError) as info:
         Rule("/health", accept=[API_KEY], public=True)
     assert info.value.field == "Rule.accept"
+
+
+def test_rule_attributes_cannot_be_deleted() -> None:
+    rule = Rule("/a/*", accept=[API_KEY])
+    for name in ("path", "accept", "public"):
+        with pytest.raises(AttributeError):
+            delattr(rule, name)
+    assert rule.matches("/a/b")

@@ -28,11 +28,13 @@ from ._rules import Rule, has_unsafe_segments, route_path
 __all__ = [
     "DEFAULT_FORWARD_AUTH_PATH",
     "DEFAULT_TOKEN_PATH",
+    "DEFAULT_UPSTREAM_TIMEOUT",
     "ServeSettings",
     "app_from_env",
     "build_app",
     "has_env_credentials",
     "load_config",
+    "parse_timeout",
     "read_upstream_secrets",
 ]
 
@@ -214,7 +216,12 @@ def build_app(
             raise ConfigError("forward_auth_secret", "a shared secret needs a forward-auth path")
         return gate
     _check_path("forward_auth_path", forward_auth_path)
-    if forward_auth_path in (HEALTH_PATH, token_path):
+    # The switch below matches as a Rule does (both slash spellings), so the clash check must
+    # too: "/gen-jwt/" would otherwise hide the token endpoint.
+    if any(
+        path is not None and Rule(forward_auth_path).matches(path)
+        for path in (HEALTH_PATH, token_path)
+    ):
         raise ConfigError(
             "forward_auth_path", f"{forward_auth_path!r} is already served; choose another path"
         )

@@ -34,7 +34,8 @@ _NOT_OBJECT = (400, "invalid_request", "The body must be empty or a JSON object.
 _BAD_INSTANCE_ID = (
     400,
     "invalid_request",
-    "instance_id must be a string of 1 to 256 printable ASCII characters.",
+    "instance_id must be a string of 1 to 256 printable ASCII characters without surrounding "
+    "spaces.",
 )
 _BINDING_REQUIRED = (400, "invalid_request", "This server only mints device-bound tokens.")
 

@@ -46,7 +46,8 @@ class _ReadOnlyDict(dict):  # type: ignore[type-arg]
     A dict subclass rather than a mappingproxy so that ``json.dumps`` still takes it."""
 
     __slots__ = ()
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+    __init__ = __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
 
     def __copy__(self) -> dict[str, Any]:
         return dict(self)
@@ -62,7 +63,7 @@ class _ReadOnlyList(list):  # type: ignore[type-arg]
     """A list nobody can change; still equal to a list and taken by ``json.dumps``."""
 
     __slots__ = ()
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    __init__ = __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
     def __copy__(self) -> list[Any]:
@@ -77,14 +78,19 @@ class _ReadOnlyList(list):  # type: ignore[type-arg]
 
 def _read_only(value: Any) -> Any:
     """``value`` with every nested dict and list made read-only."""
+    # Filled through the base class: __init__ is refused too, or it could refill them later.
     if isinstance(value, dict):
-        return _ReadOnlyDict({key: _read_only(item) for key, item in value.items()})
+        frozen_dict = _ReadOnlyDict.__new__(_ReadOnlyDict)
+        dict.update(frozen_dict, {key: _read_only(item) for key, item in value.items()})
+        return frozen_dict
     if isinstance(value, list):
-        return _ReadOnlyList(_read_only(item) for item in value)
+        frozen_list = _ReadOnlyList.__new__(_ReadOnlyList)
+        list.extend(frozen_list, [_read_only(item) for item in value])
+        return frozen_list
     return value
 
 
-_EMPTY_CLAIMS: Mapping[str, Any] = _ReadOnlyDict()
+_EMPTY_CLAIMS: Mapping[str, Any] = _read_only({})
 
 
 class Principal(BaseUser):

@@ -28,7 +28,8 @@ class Rule:
 
     Raises:
         ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments or a
-            backslash, a ``*`` anywhere but a final ``/*``, or ``accept`` is empty.
+            backslash, a semicolon or an ASCII control character, a ``*`` anywhere but a final
+            ``/*``, or ``accept`` is empty (or given with ``public=True``).
     """
 
     __slots__ = ("_exact", "_prefix", "_root", "accept", "path", "public")
@@ -55,7 +56,9 @@ class Rule:
             raise ConfigError("Rule.path", "'*' is allowed only as a final '/*' segment")
         if has_unsafe_segments(body):
             raise ConfigError(
-                "Rule.path", f"{path!r} has '.', '..' or empty segments, or a backslash"
+                "Rule.path",
+                f"{path!r} has '.', '..' or empty segments, a backslash, a semicolon or a "
+                "control character",
             )
         if public and accept is not None:
             raise ConfigError(
@@ -86,6 +89,9 @@ class Rule:
         set_(self, "_root", stem if prefix is not None else None)
 
     def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Rule is immutable")
+
+    def __delattr__(self, name: str) -> None:
         raise AttributeError("Rule is immutable")
 
     def __repr__(self) -> str:

@@ -89,7 +89,7 @@ def _no_constant(name: str) -> Any:
 loads_strict_json = json.JSONDecoder(
     object_pairs_hook=_unique_object, parse_constant=_no_constant
 ).decode
-"""``json.loads`` that refuses duplicate member names."""
+"""``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``."""
 
 
 def _b64url_json(segment: bytes) -> Any:

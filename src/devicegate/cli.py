@@ -4,8 +4,10 @@ Every failure the user can cause (a missing or weak secrets file, a port in use,
 environment value) ends in one line on stderr and a non-zero exit status, never a traceback:
 
     0  success (``verify``: the token is valid)
-    1  the operation failed (``verify``: the token is invalid; a file exists; a port is in use)
+    1  the operation failed (``verify``: the token is invalid; a file exists; a port is in use;
+       the upstream is unreachable)
     2  usage or configuration error (bad flags or environment, ConfigError, missing extra)
+  130  interrupted (Ctrl-C)
 
 No command ever prints a key or a secret: ``serve`` prints a shell line that reads the API key
 from the secrets file on the user's side.
@@ -54,7 +56,6 @@ EXIT_INTERRUPTED = 130
 DEFAULT_SECRETS_FILE = "secrets.json"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-UPSTREAM_CHECK_SECONDS = 5.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
 DEMO_INSTANCE_ID = "demo-device"
@@ -67,7 +68,8 @@ _PRETTY_HEADERS = {"x-api-key": "X-API-Key", "x-instance-id": "X-Instance-ID"}
 # Plain words for operators; InvalidReason values are terse identifiers.
 REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.MALFORMED: "malformed: not a compact JWT (three base64url segments of JSON)",
-    InvalidReason.BAD_HEADER: "unacceptable header (an unknown 'crit', or a bad 'typ' or 'kid')",
+    InvalidReason.BAD_HEADER: "unacceptable header (a 'crit' or 'b64' extension, or a bad 'typ' "
+    "or 'kid')",
     InvalidReason.UNSUPPORTED_ALGORITHM: "unsupported algorithm: only HS256 is accepted",
     InvalidReason.BAD_SIGNATURE: (
         "bad signature: signed with another jwt_secret, or tampered with"
@@ -314,11 +316,9 @@ def _check_port(host: str, port: int) -> None:
             raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _check_upstream(url: str, timeout: float = UPSTREAM_CHECK_SECONDS) -> None:
-    """Fail with one line if nothing accepts a TCP connection at the upstream's address.
-
-    Only the address is named in the message: the URL's path may carry something private.
-    """
+def _check_upstream_reachable(url: str, timeout: float) -> None:
+    """Fail with one line if nothing accepts a TCP connection at the upstream's address
+    within ``timeout`` seconds (the upstream timeout: a slow upstream is given as long)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -399,6 +399,8 @@ def serve_banner(
 
 
 def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
+    if args.upstream_timeout is not None:  # the flag wins: its variable is not even read
+        environ = {k: v for k, v in environ.items() if k != "DEVICEGATE_UPSTREAM_TIMEOUT"}
     settings = ServeSettings.from_env(environ)
     flags: dict[str, Any] = {
         "secrets_file": args.secrets,
@@ -457,7 +459,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     worker_env = settings.to_env() if workers > 1 else {}
     _check_port(host, port)
     if settings.upstream is not None and not args.no_upstream_check:
-        _check_upstream(settings.upstream)
+        _check_upstream_reachable(settings.upstream, settings.upstream_timeout)
     sys.stderr.write(serve_banner(settings, config, environ, host=host, port=port, workers=workers))
     sys.stderr.flush()
     options: dict[str, Any] = {

@@ -23,7 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import json_body, send_error, send_response, serve_lifespan
+from ._asgi import send_error, send_json, serve_lifespan
 from ._config import MIN_API_KEY_BYTES, GateConfig
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
@@ -49,14 +49,10 @@ _NO_URI = "The proxy did not send the original URI (X-Original-URI or X-Forwarde
 _REPEATED_URI = "The original URI is given more than once."
 _BAD_URI = "The original URI is not an absolute path."
 _BAD_METHOD = "The original method is malformed or given more than once."
-_FORBIDDEN_BODY = json_body(
-    {"error": "forbidden", "error_description": "This endpoint answers only the configured proxy."}
-)
-_FORBIDDEN_HEADERS = (
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(_FORBIDDEN_BODY)).encode()),
-    (b"cache-control", b"no-store"),
-)
+_FORBIDDEN = {
+    "error": "forbidden",
+    "error_description": "This endpoint answers only the configured proxy.",
+}
 
 
 class _OriginalRequestError(Exception):
@@ -123,8 +119,7 @@ class ForwardAuth:
         self._gate = DeviceAuthMiddleware(
             _admit, config=config, rules=rules, token_path=None, realm=realm
         )
-        self.config = config
-        self.rules = self._gate.rules
+        self._config = config
         self._realm = realm
         self._secret = None if shared_secret is None else _check_secret(config, shared_secret)
 
@@ -135,8 +130,22 @@ class ForwardAuth:
             f"shared_secret={secret}, realm={self._realm!r})"
         )
 
+    @property
+    def config(self) -> GateConfig:
+        """The configuration this endpoint was built with."""
+        return self._config
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules, in the order they are tried."""
+        return self._gate.rules
+
     def clear_token_cache(self) -> None:
-        """Forget every verified token (after rotating ``jwt_secret`` or revoking tokens)."""
+        """Forget every verified token, so that each is verified again in full on its next use.
+
+        The secrets are fixed for the life of this endpoint: clearing revokes nothing by
+        itself. To rotate ``jwt_secret``, build a new endpoint from the new configuration.
+        """
         self._gate.clear_token_cache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -156,7 +165,7 @@ class ForwardAuth:
             # DEBUG, as the middleware logs its refusals: anyone who reaches the endpoint can
             # send these, and a flood of them must not become a flood of log lines.
             logger.debug("devicegate forward-auth refused a request without the proxy secret")
-            await send_response(scope, send, 403, _FORBIDDEN_HEADERS, _FORBIDDEN_BODY)
+            await send_json(scope, send, 403, _FORBIDDEN)
             return
         try:
             method, raw_path, path = _original_request(headers)

@@ -283,11 +283,14 @@ class ReverseProxy:
             )
         self._client = client
         self._owns_client = client is None
-        # The client's credentials, in the folded form names are compared in.
+        # The client's credentials, in the folded form names are compared in; the header the
+        # upstream key is injected under goes too, whatever the gate's own header is called,
+        # so that a client's value never stands next to (or in for) the injected one.
         self._removed = frozenset(
             name.encode("latin-1").translate(_FOLD)
             for name in (
                 "authorization",
+                _UPSTREAM_API_KEY_HEADER.decode(),
                 check_header_name("api_key_header", api_key_header),
                 check_header_name("device_header", device_header),
             )
