@@ -242,8 +242,8 @@ DUPLICATE_DEVICE = "The request carries the device header more than once."
 MISSING_DEVICE = "The token is bound to a device; send the device header."
 UNREADABLE = "The request could not be read."
 UNSAFE_PATH = (
-    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a control "
-    "character."
+    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
+    "non-printable character."
 )
 
 

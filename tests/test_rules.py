@@ -358,6 +358,9 @@ UNSAFE_PATHS = [
     "/admin\x00.json",
     "/public/x\n/admin",
     "/public/\x7f",
+    # Other non-printable characters: a C1 control, an invisible zero-width space.
+    "/public/\x85/admin",
+    "/admin\u200b",
     # Not absolute at all.
     "",
     "admin",

@@ -36,8 +36,8 @@ _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
 
 _new_credentials = AuthCredentials.__new__
 _UNSAFE_PATH = (
-    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a control "
-    "character."
+    "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
+    "non-printable character."
 )
 _UNREADABLE = "The request could not be read."
 
