@@ -11,7 +11,7 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["ConfigError", "GateConfig", "check_header_name"]
+__all__ = ["VISIBLE_ASCII", "ConfigError", "GateConfig", "check_header_name"]
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
 MIN_JWT_SECRET_BYTES = 32
@@ -33,7 +33,7 @@ VENDOR_EXAMPLE_KEYS = frozenset(
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # Keys travel as header values; whitespace would make ``Authorization: <key>`` ambiguous with
 # ``Authorization: <scheme> <token>``, so keys are visible ASCII only (RFC 9110 §5.5 VCHAR).
-_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-length"})
 
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -63,7 +63,7 @@ def _check_key(field: str, key: str, min_bytes: int, *, header_value: bool = Tru
             "this is the example key from the SenseCrypt documentation, known to everyone; "
             "generate a fresh one with `devicegate init`",
         )
-    if header_value and not _VISIBLE_ASCII.fullmatch(key):
+    if header_value and not VISIBLE_ASCII.fullmatch(key):
         raise ConfigError(
             field, "keys must be visible ASCII without spaces (they travel in HTTP headers)"
         )

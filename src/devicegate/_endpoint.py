@@ -9,7 +9,14 @@ from starlette.types import Receive, Scope, Send
 from ._asgi import send_error, send_json, send_response, serve_lifespan
 from ._auth import Authenticator
 from ._config import GateConfig
-from ._errors import AuthError, ConfigError, InsufficientScope, InvalidRequest, check_realm
+from ._errors import (
+    UNREADABLE_REQUEST,
+    AuthError,
+    ConfigError,
+    InsufficientScope,
+    InvalidRequest,
+    check_realm,
+)
 from ._principal import CredentialKind
 from ._tokens import TokenIssuer, loads_strict_json, validate_instance_id
 
@@ -18,7 +25,6 @@ __all__ = ["TokenEndpoint"]
 logger = logging.getLogger("devicegate")
 
 MAX_BODY_BYTES = 4096
-_UNREADABLE = "The request could not be read."
 
 
 class _BadBody(Exception):
@@ -88,7 +94,7 @@ class TokenEndpoint:
             logger.error(
                 "devicegate token endpoint could not read a request (%s)", type(exc).__name__
             )
-            await send_error(scope, send, InvalidRequest(_UNREADABLE), self._realm)
+            await send_error(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
             return
         await self.mint(scope, receive, send)
 

@@ -24,6 +24,7 @@ import json
 from typing import ClassVar
 
 __all__ = [
+    "UNREADABLE_REQUEST",
     "AuthError",
     "ConfigError",
     "DeviceGateError",
@@ -101,6 +102,10 @@ class MissingCredentials(AuthError):
     status_code = 401
     error = None
     description = "Authentication is required."
+
+
+UNREADABLE_REQUEST = "The request could not be read."
+"""The description of a refusal for a request that could not be read at all (fail closed)."""
 
 
 class InvalidRequest(AuthError):

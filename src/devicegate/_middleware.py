@@ -14,6 +14,7 @@ from ._config import GateConfig
 from ._endpoint import TokenEndpoint
 from ._errors import (
     DEFAULT_REALM,
+    UNREADABLE_REQUEST,
     AuthError,
     ConfigError,
     InsufficientScope,
@@ -39,7 +40,6 @@ _UNSAFE_PATH = (
     "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
     "non-printable character."
 )
-_UNREADABLE = "The request could not be read."
 
 
 class DeviceAuthMiddleware:
@@ -184,7 +184,7 @@ class DeviceAuthMiddleware:
             return
         except Exception as exc:  # fail closed: a surprise is a refusal, never a pass
             logger.error("devicegate refused a request it could not read (%s)", type(exc).__name__)
-            await self._deny(scope, receive, send, InvalidRequest(_UNREADABLE))
+            await self._deny(scope, receive, send, InvalidRequest(UNREADABLE_REQUEST))
             return
 
         # The principal comes from us alone: overwrite whatever an earlier layer put there.

@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.types import Receive, Scope, Send
 
 from ._asgi import send_error, send_json, serve_lifespan
-from ._config import MIN_API_KEY_BYTES, GateConfig
+from ._config import MIN_API_KEY_BYTES, VISIBLE_ASCII, GateConfig
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
 from ._principal import get_principal
@@ -43,7 +43,6 @@ _METHOD_HEADERS = frozenset({b"x-original-method", b"x-forwarded-method"})
 _SECRET_HEADER = FORWARD_SECRET_HEADER.encode()
 # RFC 9110 §9.1: a method is a token.
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 _NO_URI = "The proxy did not send the original URI (X-Original-URI or X-Forwarded-Uri)."
 _REPEATED_URI = "The original URI is given more than once."
@@ -239,7 +238,7 @@ def _has_secret(headers: Iterable[tuple[bytes, bytes]], secret: bytes) -> bool:
 
 def _check_secret(config: GateConfig, secret: object) -> bytes:
     field = "shared_secret"
-    if not isinstance(secret, str) or not _VISIBLE_ASCII.fullmatch(secret):
+    if not isinstance(secret, str) or not VISIBLE_ASCII.fullmatch(secret):
         raise ConfigError(field, "must be a string of visible ASCII (it travels in a header)")
     if len(secret) < MIN_API_KEY_BYTES:
         raise ConfigError(

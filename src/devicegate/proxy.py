@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -25,7 +24,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import send_json
-from ._config import check_header_name
+from ._config import VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
 from ._rules import route_path
@@ -94,8 +93,6 @@ _SERVER_SET = frozenset({b"date", b"server"})
 _REFUSED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
 _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
-# Upstream keys travel as header values: visible ASCII only, so nothing can split a header.
-_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
 _PATH_SAFE = "/!$&'()*+,;=:@"
 
@@ -698,7 +695,7 @@ def _check_upstream(upstream: object) -> str:
 def _check_key(field: str, key: Any) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not _VISIBLE_ASCII.fullmatch(key):
+    if not isinstance(key, str) or not VISIBLE_ASCII.fullmatch(key):
         raise ConfigError(
             field, "must be a non-empty string of visible ASCII (it travels in a header)"
         )
