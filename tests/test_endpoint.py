@@ -623,3 +623,16 @@ async def test_websocket_handshake_is_refused(
     else:
         assert sent == [{"type": "websocket.close", "code": 1008}]
     assert not app.ran
+
+
+async def test_behind_the_middleware_the_endpoint_builds_no_authenticator_of_its_own(
+    keys: Keys,
+) -> None:
+    # The middleware authenticates and calls mint(): a second verifier and cache would be waste.
+    gate = DeviceAuthMiddleware(RecordingApp(), config=keys.config())
+    async with client(gate) as http:
+        response = await http.post("/gen-jwt", headers={"x-api-key": keys.api_key}, json={})
+    assert response.status_code == 200
+    endpoint = gate._endpoint
+    assert endpoint is not None
+    assert endpoint._authenticator is None

@@ -1087,6 +1087,7 @@ async def test_trace_reflecting_the_injected_upstream_key_is_405(
             method, f"/reflect?marker={marker}", headers={"x-api-key": keys.api_key}
         )
     assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
     assert response.json() == {
         "error": "method_not_allowed",
         "error_description": "This gateway does not forward this method.",

@@ -73,7 +73,10 @@ class TokenEndpoint:
             raise ConfigError("api_keys", "the token endpoint needs a server API key")
         check_realm(realm)
         self.issuer = TokenIssuer(config)
-        self._authenticator = Authenticator(config)
+        self._config = config
+        # Built on first use: behind the middleware (which authenticates itself and calls
+        # mint()) it is never needed, and it holds a token cache of its own.
+        self._authenticator: Authenticator | None = None
         self._realm = realm
 
     def __repr__(self) -> str:
@@ -84,6 +87,8 @@ class TokenEndpoint:
             await serve_lifespan(receive, send)
             return
         try:
+            if self._authenticator is None:
+                self._authenticator = Authenticator(self._config)
             principal = self._authenticator.authenticate(scope["headers"])
             if principal.kind is not CredentialKind.API_KEY:
                 raise InsufficientScope()

@@ -107,6 +107,7 @@ _BAD_FRAMING = (
 )
 _BAD_TARGET = (400, "invalid_request", "The request target cannot be forwarded.")
 _METHOD_NOT_ALLOWED = (405, "method_not_allowed", "This gateway does not forward this method.")
+_FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websockets.")
 
 _Error = tuple[int, str, str]
@@ -646,7 +647,11 @@ async def _send_error(scope: Scope, send: Send, error: _Error, *, close: bool = 
     status, code, description = error
     # The client may still be sending a body we will not read: with close, end the connection
     # after the answer rather than parse the rest as a next request.
-    extra = ((b"connection", b"close"),) if close else ()
+    extra = [(b"connection", b"close")] if close else []
+    if status == 405:
+        # RFC 9110 §15.5.6: a 405 names what is allowed; which of these the upstream serves is
+        # the upstream's to say.
+        extra.append((b"allow", _FORWARDED_METHODS))
     await send_json(scope, send, status, {"error": code, "error_description": description}, *extra)
 
 
