@@ -744,6 +744,7 @@ def test_from_env_nothing_configured() -> None:
     ("field", "value"),
     [
         ("api_keys", "a" * 40),
+        ("api_keys", "abc" * 6),
         ("mobile_api_keys", "ab" * 20),
         ("jwt_secret", "0123456" * 6),
     ],
@@ -760,3 +761,15 @@ def test_keys_with_too_few_distinct_characters_are_refused(field: str, value: st
 def test_jwt_secret_from_env_keeps_its_spaces(keys: Keys) -> None:
     secret = f" {keys.jwt_secret} "
     assert GateConfig.from_env({"DEVICEGATE_JWT_SECRET": secret}).jwt_secrets == (secret,)
+
+
+def test_random_hexadecimal_keys_of_the_minimum_length_always_pass() -> None:
+    # 16 hex characters have few distinct ones by chance; the bar must never refuse them.
+    for _ in range(2000):
+        assert GateConfig(api_keys=secrets.token_hex(8)).api_keys
+
+
+def test_distinct_character_bar_grows_with_length_up_to_eight() -> None:
+    assert GateConfig(api_keys="abcd" * 4).api_keys  # 16 characters, 4 distinct: the bar is 4
+    with pytest.raises(ConfigError):
+        GateConfig(api_keys="abcdefg" * 5)  # 35 characters, 7 distinct: the bar is 8

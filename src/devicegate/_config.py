@@ -73,13 +73,15 @@ def _check_key(field: str, key: str, min_bytes: int, *, header_value: bool = Tru
             f"a key must be at least {min_bytes} bytes long (this one is {len(key.encode())}); "
             "generate one with `devicegate init`",
         )
-    if len(set(key)) < MIN_DISTINCT_CHARACTERS:
-        # Length alone lets "aaaa..." through. Random keys of this length use far more
-        # distinct characters; this catches placeholders, not every weak choice.
+    # Length alone lets "aaaa..." through. The bar is one distinct character per four, up to
+    # eight: a random key, even a hexadecimal one of 16 characters, clears it with overwhelming
+    # odds, so this catches placeholders without ever refusing a real key by bad luck.
+    required = min(MIN_DISTINCT_CHARACTERS, len(key) // 4)
+    if len(set(key)) < required:
         raise ConfigError(
             field,
-            f"this key uses fewer than {MIN_DISTINCT_CHARACTERS} distinct characters, so it is "
-            "not random; generate one with `devicegate init`",
+            f"this key uses fewer than {required} distinct characters, so it is not random; "
+            "generate one with `devicegate init`",
         )
 
 
