@@ -10,7 +10,6 @@ holds the forward-auth secret do.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._config import GateConfig
+from ._config import GateConfig, read_secrets_document
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._errors import ConfigError
 from ._middleware import DeviceAuthMiddleware
@@ -78,19 +77,7 @@ def read_upstream_secrets(path: str | os.PathLike[str]) -> tuple[str | None, str
     """
     field = "upstream_secrets_file"
     file = Path(path)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(field, f"{file} does not exist") from None
-    except json.JSONDecodeError as exc:
-        # The position only: the document holds secrets.
-        raise ConfigError(
-            field, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(field, f"cannot read {file}: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(field, f"{file} must hold a JSON object")
+    data = read_secrets_document(file, field)
     keys = (_first_key(field, data, "api_key"), _first_key(field, data, "mobile_api_key"))
     if keys == (None, None):
         raise ConfigError(field, f"{file} holds neither api_key nor mobile_api_key")

@@ -11,7 +11,14 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["VISIBLE_ASCII", "ConfigError", "GateConfig", "check_header_name"]
+__all__ = [
+    "VISIBLE_ASCII",
+    "ConfigError",
+    "GateConfig",
+    "check_header_name",
+    "check_key",
+    "read_secrets_document",
+]
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
 MIN_JWT_SECRET_BYTES = 32
@@ -54,7 +61,9 @@ def _as_tuple(field: str, value: object) -> tuple[str, ...]:
     return items
 
 
-def _check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True) -> None:
+def check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True) -> None:
+    """Refuse an empty, published, too short or placeholder key for ``field``; one that will
+    travel as a header value (``header_value``) must also be visible ASCII."""
     if not key:
         raise ConfigError(field, "an empty key is not allowed; generate one with `devicegate init`")
     if key in VENDOR_EXAMPLE_KEYS:
@@ -174,12 +183,12 @@ class GateConfig:
         mobile = _as_tuple("mobile_api_keys", mobile_api_keys)
         secrets = _as_tuple("jwt_secret", jwt_secret)
         for key in api:
-            _check_key("api_keys", key, MIN_API_KEY_BYTES)
+            check_key("api_keys", key, MIN_API_KEY_BYTES)
         for key in mobile:
-            _check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
+            check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
         for key in secrets:
             # The JWT secret never travels, so any characters will do; keys are header values.
-            _check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES, header_value=False)
+            check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES, header_value=False)
         if not (api or mobile or secrets):
             raise ConfigError(
                 "api_keys",
@@ -320,25 +329,9 @@ class GateConfig:
                 values of the wrong type or strength.
         """
         file = Path(path)
-        try:
-            text = file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(
-                "secrets_file",
-                f"{file} does not exist; create one with `devicegate init --path {file}`",
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("secrets_file", f"cannot read {file}: {type(exc).__name__}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            # The position only: the document itself holds secrets.
-            raise ConfigError(
-                "secrets_file",
-                f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})",
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError("secrets_file", f"{file} must hold a JSON object")
+        data = read_secrets_document(
+            file, "secrets_file", f"; create one with `devicegate init --path {file}`"
+        )
         return cls(**{**_from_secrets_mapping(data), **options})
 
     @classmethod
@@ -365,6 +358,34 @@ class GateConfig:
         if secrets_file:
             return cls.from_secrets_file(secrets_file, **options)
         return cls(**options)
+
+
+def read_secrets_document(
+    path: str | os.PathLike[str], field: str, missing_hint: str = ""
+) -> dict[str, Any]:
+    """The JSON object in a ``secrets.json``; errors name ``field`` and never its content.
+
+    Raises:
+        ConfigError: the file is missing (the message ends with ``missing_hint``), unreadable,
+            not JSON (only the position is given: the document holds secrets), or not an
+            object.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(field, f"{file} does not exist{missing_hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(field, f"cannot read {file}: {type(exc).__name__}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            field, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"{file} must hold a JSON object")
+    return data
 
 
 def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
