@@ -401,6 +401,7 @@ async def test_clear_token_cache_forces_a_full_verification(keys: Keys) -> None:
         ({"shared_secret": "has a space in the middle, long enough"}, "shared_secret"),
         ({"shared_secret": "é" * 20}, "shared_secret"),
         ({"shared_secret": ""}, "shared_secret"),
+        ({"shared_secret": "a" * 40}, "shared_secret"),  # a placeholder, as for keys
         ({"realm": 'bad"realm'}, "realm"),
         ({"rules": ["/health"]}, "rules"),
     ],

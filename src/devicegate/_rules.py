@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from ._errors import ConfigError
 from ._principal import ALL_KINDS, CredentialKind
 
-__all__ = ["Rule", "has_unsafe_segments", "route_path"]
+__all__ = ["Rule", "decode_path", "has_unsafe_segments", "route_path"]
 
 
 class Rule:
@@ -146,3 +147,9 @@ def has_unsafe_segments(path: str) -> bool:
     if segments and segments[-1] == "":
         segments.pop()
     return any(segment in ("", ".", "..") for segment in segments)
+
+
+def decode_path(raw: bytes) -> str:
+    """``raw`` decoded as ASGI servers decode a request path: percent-decoding, then UTF-8 with
+    replacement. What the rules judge is what a server would have put in ``scope["path"]``."""
+    return unquote_to_bytes(raw).decode("utf-8", "replace")

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
@@ -27,7 +27,7 @@ from ._asgi import send_json
 from ._config import VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
-from ._rules import route_path
+from ._rules import decode_path, route_path
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
@@ -605,7 +605,7 @@ def _raw_route_path(scope: Scope) -> bytes | None:
     # (encode/httpx#2810).
     raw = raw.partition(b"?")[0]
     rest = _below_root_path(raw, scope.get("root_path", ""))
-    if _decode_path(rest) != path:
+    if decode_path(rest) != path:
         return None
     return rest
 
@@ -618,16 +618,11 @@ def _below_root_path(raw: bytes, root_path: str) -> bytes:
     end = raw.find(b"/", 1)
     while True:
         stop = len(raw) if end < 0 else end
-        if _decode_path(raw[:stop]) == root_path:
+        if decode_path(raw[:stop]) == root_path:
             return raw[stop:] or b"/"
         if end < 0:
             return raw
         end = raw.find(b"/", end + 1)
-
-
-def _decode_path(raw: bytes) -> str:
-    # As ASGI servers decode the path: percent-decoding, then UTF-8 with replacement.
-    return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
 async def _watch_disconnect(
