@@ -33,8 +33,6 @@ ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
 """``on_error(scope, error)`` returns the ASGI app that sends the error response."""
 
 _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
-
-
 _new_credentials = AuthCredentials.__new__
 _UNSAFE_PATH = (
     "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
@@ -109,9 +107,10 @@ class DeviceAuthMiddleware:
             raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
         check_realm(realm)
         self._endpoint: TokenEndpoint | None = None
-        self._token_path = token_path
         if token_path is not None and config.api_keys and config.jwt_secrets:
             self._endpoint = TokenEndpoint(config, realm=realm)
+        # None when nothing serves it: the path is then an ordinary one, under the rules.
+        self._token_path = token_path if self._endpoint is not None else None
         self._on_error = on_error
         self._realm = realm
         self._default_kinds = configured
@@ -135,7 +134,7 @@ class DeviceAuthMiddleware:
     @property
     def token_path(self) -> str | None:
         """The route path of the built-in token endpoint, or ``None``."""
-        return self._token_path if self._endpoint is not None else None
+        return self._token_path
 
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
@@ -163,7 +162,7 @@ class DeviceAuthMiddleware:
                 raise InvalidRequest(_UNSAFE_PATH)
             if scope.get("root_path"):  # without a mount point the route path is the path
                 path = route_path(scope)
-            if path == self._token_path and self._endpoint is not None:
+            if path == self._token_path:
                 accepted = _TOKEN_PATH_KINDS
                 endpoint = self._endpoint
             else:
