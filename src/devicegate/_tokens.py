@@ -47,6 +47,7 @@ __all__ = [
     "IssuedToken",
     "TokenIssuer",
     "TokenVerifier",
+    "decode_json_segment",
     "loads_strict_json",
     "validate_instance_id",
 ]
@@ -92,7 +93,7 @@ loads_strict_json = json.JSONDecoder(
 """``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``."""
 
 
-def _b64url_json(segment: bytes) -> Any:
+def decode_json_segment(segment: bytes) -> Any:
     """Decode one canonical, unpadded base64url segment holding UTF-8 JSON."""
     raw = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
     # Non-canonical encodings (stray low bits in the last character) decode to the same bytes
@@ -226,7 +227,7 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.MALFORMED)
         header_segment, payload_segment, signature = match.groups()
         try:
-            header = _b64url_json(header_segment)
+            header = decode_json_segment(header_segment)
         except (ValueError, binascii.Error, RecursionError):
             raise InvalidToken(InvalidReason.MALFORMED) from None
         if not isinstance(header, dict):
@@ -256,7 +257,7 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.BAD_SIGNATURE)
 
         try:
-            claims = _b64url_json(payload_segment)
+            claims = decode_json_segment(payload_segment)
         except (ValueError, binascii.Error, RecursionError):
             raise InvalidToken(InvalidReason.MALFORMED) from None
         if not isinstance(claims, dict):

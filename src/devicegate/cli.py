@@ -44,7 +44,7 @@ from ._app import (
 )
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
-from ._tokens import TokenIssuer, TokenVerifier
+from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 
 __all__ = ["main", "write_secrets_file"]
 
@@ -185,9 +185,8 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _unverified_claims(token: str) -> dict[str, Any]:
     """The payload of a token whose signature has already been checked, or ``{}``."""
     try:
-        segment = token.split(".")[1]
-        data = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (IndexError, ValueError, binascii.Error):
+        data = decode_json_segment(token.split(".")[1].encode("ascii"))
+    except (IndexError, ValueError, binascii.Error, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -257,26 +256,29 @@ def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 # -- serve ---------------------------------------------------------------------------------------
 
 
+def _int_in_range(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as an integer from ``low`` to ``high``, or ``None`` when it is not one."""
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
 def _env_int(environ: Mapping[str, str], name: str, low: int, high: int) -> int | None:
     raw = environ.get(name, "").strip()
     if not raw:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
+    value = _int_in_range(raw, low, high)
+    if value is None:
         raise ConfigError(name, f"must be an integer from {low} to {high}, got {raw!r}")
     return value
 
 
 def _int_arg(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
+        value = _int_in_range(raw, low, high)
+        if value is None:
             raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}")
         return value
 
