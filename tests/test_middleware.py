@@ -965,6 +965,54 @@ async def test_token_path_under_root_path(keys: Keys, app: RecordingApp) -> None
     assert not app.ran
 
 
+# -- Remembered routes ------------------------------------------------------------------------
+
+SERVER_ONLY = (Rule("/server/*", accept={CredentialKind.API_KEY}),)
+
+
+async def _status(gate: ASGIApp, path: str, headers: Sequence[Any], root_path: str = "") -> int:
+    sent = await call_asgi(gate, http_scope(path, headers, root_path=root_path))
+    status: int = sent[0]["status"]
+    return status
+
+
+async def test_remembered_routes_stay_bounded_and_keep_deciding(
+    keys: Keys, app: RecordingApp
+) -> None:
+    # The middleware remembers what each path decided. Endless distinct paths (ids in paths,
+    # or a client probing) must neither grow it without bound nor blur the rules.
+    gate = DeviceAuthMiddleware(app, config=keys.config(), rules=SERVER_ONLY)
+    mobile = [(b"authorization", keys.mobile_api_key.encode())]
+    for index in range(3000):
+        assert await _status(gate, f"/items/{index}", mobile) == 200
+    assert 0 < len(gate._routes) <= 1024
+    long_path = "/items/" + "x" * 600
+    assert await _status(gate, long_path, mobile) == 200
+    assert long_path not in gate._routes
+    for _ in range(2):  # the second time from memory
+        assert await _status(gate, "/server/x", mobile) == 403
+    assert await _status(gate, "/server/x", [(b"x-api-key", keys.api_key.encode())]) == 200
+
+
+async def test_an_unsafe_path_is_refused_every_time(keys: Keys, app: RecordingApp) -> None:
+    gate = DeviceAuthMiddleware(app, config=keys.config())
+    for _ in range(3):
+        assert await _status(gate, "/public/../x", [(b"x-api-key", keys.api_key.encode())]) == 400
+    assert not app.ran
+    assert "/public/../x" not in gate._routes
+
+
+async def test_the_same_path_under_another_mount_point_is_decided_again(
+    keys: Keys, app: RecordingApp
+) -> None:
+    # "/api/server/x" is "/server/x" to an app mounted at "/api", and itself to one at "/".
+    gate = DeviceAuthMiddleware(app, config=keys.config(), rules=SERVER_ONLY)
+    mobile = [(b"authorization", keys.mobile_api_key.encode())]
+    for _ in range(2):
+        assert await _status(gate, "/api/server/x", mobile, root_path="/api") == 403
+        assert await _status(gate, "/api/server/x", mobile) == 200
+
+
 # -- Fail closed ------------------------------------------------------------------------------
 
 

@@ -658,6 +658,43 @@ async def test_random_requests_are_answered_safely(anyio_backend: str, sample: R
         assert seen.auth.scopes == []
 
 
+@settings(
+    PROPERTY,
+    max_examples=100,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(raw_requests(), min_size=1, max_size=6), st.randoms(use_true_random=False))
+@example(
+    [
+        RawRequest(
+            "http", "GET", "", "/api/server/x", [(b"authorization", MOBILE_KEY_BYTES[0])], False
+        ),
+        RawRequest(
+            "http", "GET", "/api", "/api/server/x", [(b"authorization", MOBILE_KEY_BYTES[0])], False
+        ),
+    ],
+    None,
+)
+async def test_a_long_lived_middleware_decides_as_a_new_one(
+    anyio_backend: str, samples: list[RawRequest], shuffler: Any
+) -> None:
+    # The middleware remembers what each path decided; a request answered by a middleware that
+    # has seen many others must get exactly the answer a brand-new middleware gives it.
+    sequence = samples + samples
+    if shuffler is not None:
+        shuffler.shuffle(sequence)
+    inner = InnerApp()
+    long_lived = DeviceAuthMiddleware(inner, config=CONFIG, rules=RULES, token_path=None)
+    for sample in sequence:
+        fresh_inner = InnerApp()
+        fresh = DeviceAuthMiddleware(fresh_inner, config=CONFIG, rules=RULES, token_path=None)
+        expected = read_answer(sample, await drive(fresh, sample.scope()))
+        ran_before = len(inner.seen)
+        answer = read_answer(sample, await drive(long_lived, sample.scope()))
+        assert answer == expected
+        assert len(inner.seen) - ran_before == len(fresh_inner.seen)
+
+
 @PROPERTY
 @given(st.one_of(segment_paths(), PATHS), ROOT_PATHS)
 @example("/a/./b", "")

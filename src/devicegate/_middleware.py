@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,10 +35,22 @@ ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
 
 _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
 _new_credentials = AuthCredentials.__new__
+# Paths whose decision is remembered, and the longest remembered path. Bounded so that a
+# client sending endless distinct paths costs at most about half a megabyte.
+_ROUTE_CACHE_SIZE = 1024
+_MAX_CACHED_PATH = 512
 _UNSAFE_PATH = (
     "The request path has '.', '..' or empty segments, a backslash, a semicolon or a "
     "non-printable character."
 )
+
+
+class _Route(NamedTuple):
+    """What a request path decides before any credential is read."""
+
+    accepted: frozenset[CredentialKind]
+    public: bool
+    endpoint: TokenEndpoint | None
 
 
 class DeviceAuthMiddleware:
@@ -113,7 +126,16 @@ class DeviceAuthMiddleware:
         self._token_path = token_path if self._endpoint is not None else None
         self._on_error = on_error
         self._realm = realm
-        self._default_kinds = configured
+        # Every decision a path can get, built once: the remembered routes share them.
+        self._token_route = _Route(_TOKEN_PATH_KINDS, False, self._endpoint)
+        self._rule_routes = tuple(
+            (rule, _Route(rule.accept, rule.public, None)) for rule in self._rules
+        )
+        self._default_route = _Route(configured, False, None)
+        # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,
+        # so a path's route never changes; remembering it spares the path checks and the
+        # walk through the rules on every request.
+        self._routes: dict[str | tuple[str, str], _Route] = {}
 
     def __repr__(self) -> str:
         return (
@@ -153,25 +175,23 @@ class DeviceAuthMiddleware:
             # Deny by default: a scope type we do not know is not passed on unauthenticated.
             raise RuntimeError(f"devicegate cannot authenticate ASGI scope type {scope_type!r}")
 
-        endpoint: TokenEndpoint | None = None
-        public = False
         principal: Principal | None
         try:
             path = scope["path"]
-            if has_unsafe_segments(path):
-                raise InvalidRequest(_UNSAFE_PATH)
-            if scope.get("root_path"):  # without a mount point the route path is the path
-                path = route_path(scope)
-            if path == self._token_path:
-                accepted = _TOKEN_PATH_KINDS
-                endpoint = self._endpoint
-            else:
-                accepted = self._default_kinds
-                for rule in self._rules:
-                    if rule.matches(path):
-                        accepted = rule.accept
-                        public = rule.public
-                        break
+            root_path = scope.get("root_path")
+            # Keyed by the path alone in the usual case (no mount point); a str never equals
+            # a tuple, so the two kinds of key cannot collide.
+            key = (root_path, path) if root_path else path
+            route = self._routes.get(key)
+            if route is None:
+                route = self._route(scope)  # raises for an unsafe path, which is not kept
+                if len(path) <= _MAX_CACHED_PATH:
+                    if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                        # Full when paths carry ids: start over, rather than pay for LRU
+                        # bookkeeping on every request.
+                        self._routes.clear()
+                    self._routes[key] = route
+            accepted, public, endpoint = route
             if public:
                 principal = None
             else:
@@ -203,6 +223,18 @@ class DeviceAuthMiddleware:
             await endpoint.mint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def _route(self, scope: Scope) -> _Route:
+        """What the request's path accepts; refuses a path that could mean another one."""
+        if has_unsafe_segments(scope["path"]):
+            raise InvalidRequest(_UNSAFE_PATH)
+        path = route_path(scope)
+        if path == self._token_path:
+            return self._token_route
+        for rule, route in self._rule_routes:
+            if rule.matches(path):
+                return route
+        return self._default_route
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: AuthError) -> None:
         # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The
