@@ -220,8 +220,21 @@ class AsgiCase:
     expect: int = 200
 
 
+def fresh_scope(scope: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``scope`` with new path and header objects, as a server builds every request:
+    no hash cached by one request can speed up the next one's dictionary lookups."""
+    return {
+        **scope,
+        "path": scope["path"].encode().decode(),
+        "raw_path": bytes(bytearray(scope["raw_path"])),
+        "headers": [
+            (bytes(bytearray(name)), bytes(bytearray(value))) for name, value in scope["headers"]
+        ],
+    }
+
+
 def repeat_scope(scope: dict[str, Any]) -> Callable[[int], list[dict[str, Any]]]:
-    return lambda n: [scope] * n
+    return lambda n: [fresh_scope(scope) for _ in range(n)]
 
 
 async def _status_of(case: AsgiCase) -> int:
@@ -337,7 +350,7 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
     )
 
     def cold_scopes(count: int) -> list[dict[str, Any]]:
-        return [http_scope(bearer(next(fresh_tokens))) for _ in range(count)]
+        return [fresh_scope(http_scope(bearer(next(fresh_tokens)))) for _ in range(count)]
 
     starlette_plain = starlette_app()
     starlette_gate = DeviceAuthMiddleware(starlette_app(), config=config)
@@ -428,12 +441,43 @@ def free_port() -> int:
         return port
 
 
+def split_cpus() -> tuple[int | None, set[int] | None]:
+    """One CPU for the servers and the rest for the load generator, when this machine lets a
+    process choose (Linux) and has at least two; else ``(None, None)``.
+
+    Kept apart, the server and the load generator do not take turns on one core, which on a
+    2-core machine is most of the noise between rounds.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], set(cpus[1:])
+
+
 @contextmanager
-def uvicorn_server(kind: str, env: dict[str, str]) -> Iterator[str]:
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process (and what it starts meanwhile, the load generator) on ``cpus``."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextmanager
+def uvicorn_server(kind: str, env: dict[str, str], cpu: int | None = None) -> Iterator[str]:
     """Serve the raw app (``kind`` "raw") or devicegate around it ("devicegate") with uvicorn
-    in a subprocess on 127.0.0.1; yields the base URL."""
+    in a subprocess on 127.0.0.1, on CPU ``cpu`` when given; yields the base URL."""
     port = free_port()
     command = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+    if cpu is not None:
+        command += ["--cpu", str(cpu)]
     process = subprocess.Popen(command, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 20
@@ -455,9 +499,11 @@ def uvicorn_server(kind: str, env: dict[str, str]) -> Iterator[str]:
             process.wait()
 
 
-def serve(kind: str, port: int) -> None:
+def serve(kind: str, port: int, cpu: int | None) -> None:
     import uvicorn
 
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     app: ASGIApp = raw_app
     if kind == "devicegate":
         app = DeviceAuthMiddleware(raw_app, config=GateConfig.from_env(), token_path=TOKEN_PATH)
@@ -613,7 +659,12 @@ def run_http(rounds: int, seconds: float, connections: int) -> HttpResults:
     token_headers = [("Authorization", f"Bearer {token}"), ("X-Instance-Id", DEVICE_ID)]
     mint_headers = [("X-API-Key", config.api_keys[0]), ("Content-Type", "application/json")]
     mint_body = json.dumps({"instance_id": DEVICE_ID})
-    with uvicorn_server("raw", env) as raw_url, uvicorn_server("devicegate", env) as gate_url:
+    server_cpu, load_cpus = split_cpus()
+    with (
+        uvicorn_server("raw", env, server_cpu) as raw_url,
+        uvicorn_server("devicegate", env, server_cpu) as gate_url,
+        pinned(load_cpus),
+    ):
         # A short warm-up of both servers, then the rounds, alternating.
         load(raw_url + PATH, token_headers, 1, connections, "")
         load(gate_url + PATH, token_headers, 1, connections, "")
@@ -631,7 +682,12 @@ def run_http(rounds: int, seconds: float, connections: int) -> HttpResults:
         if any(run.errors for run in runs):
             raise RuntimeError(f"{name}: the server answered errors under load")
     tool = "wrk" if use_wrk else "anyio/httpx load generator"
-    return HttpResults(f"{tool}, {connections} connections, {seconds:g} s per round", loads)
+    where = (
+        f", servers on CPU {server_cpu}, load on CPU {', '.join(map(str, sorted(load_cpus)))}"
+        if server_cpu is not None and load_cpus
+        else ""
+    )
+    return HttpResults(f"{tool}, {connections} connections, {seconds:g} s per round{where}", loads)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -809,11 +865,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-entries", type=int, default=10_000, help="for the memory row")
     parser.add_argument("--serve", choices=["raw", "devicegate"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.serve is not None:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, args.cpu)
         return 0
     if args.load is not None:
         print(json.dumps(anyio.run(python_load, json.loads(args.load))))

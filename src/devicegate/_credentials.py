@@ -27,6 +27,7 @@ MAX_CREDENTIAL_BYTES = 8192
 _AUTHORIZATION = b"authorization"
 _BEARER = b"bearer"
 _BEARER_PREFIX = b"Bearer "
+_BEARER_PREFIX_LENGTH = len(_BEARER_PREFIX)
 # Single bytes tested as ints: ``b"\t" in value`` first tries the needle as an int, fails, and
 # clears a TypeError, which costs several times the search itself.
 _TAB = ord("\t")
@@ -91,17 +92,17 @@ def read_credential(
         raise InvalidRequest(_MALFORMED)
     if authorization.startswith(_BEARER_PREFIX):
         # The spelling every client sends, decided without splitting or case folding.
-        token = authorization[len(_BEARER_PREFIX) :]
+        token = authorization[_BEARER_PREFIX_LENGTH:]
         if not token or _SPACE in token:
             raise InvalidRequest(_MALFORMED)
         return _DEVICE_TOKEN, token, device
-    scheme, space, token = authorization.partition(b" ")
-    if not space:
+    if _SPACE not in authorization:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
         # scheme with nothing after it ("Bearer").
         if len(authorization) == len(_BEARER) and authorization.lower() == _BEARER:
             raise InvalidRequest(_MALFORMED)
         return _MOBILE_API_KEY, authorization, device
+    scheme, _, token = authorization.partition(b" ")
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
     if not scheme or not token or _SPACE in token:
