@@ -881,8 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 21)
     n = args.requests or (2_000 if args.quick else 20_000)
     slow_n = args.slow_requests or (200 if args.quick else 1_000)
-    seconds = args.seconds or (1.0 if args.quick else 5.0)
-    rounds = args.rounds or (2 if args.quick else 6)
+    seconds = args.seconds or (1.0 if args.quick else 3.0)
+    rounds = args.rounds or (2 if args.quick else 10)
 
     print("# devicegate overhead benchmark\n")
     print(machine())
