@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import json
 import posixpath
+import random
 import secrets
 import string
 import time
@@ -676,7 +677,7 @@ async def test_random_requests_are_answered_safely(anyio_backend: str, sample: R
     None,
 )
 async def test_a_long_lived_middleware_decides_as_a_new_one(
-    anyio_backend: str, samples: list[RawRequest], shuffler: Any
+    samples: list[RawRequest], shuffler: random.Random | None
 ) -> None:
     # The middleware remembers what each path decided; a request answered by a middleware that
     # has seen many others must get exactly the answer a brand-new middleware gives it.
