@@ -8,7 +8,7 @@ References:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -72,12 +72,22 @@ async def send_json(
     await send_response(scope, send, status, headers, body)
 
 
-async def serve_lifespan(receive: Receive, send: Send) -> None:
-    """Answer the ASGI lifespan protocol for an app with nothing to start or stop."""
+async def serve_lifespan(
+    receive: Receive,
+    send: Send,
+    *,
+    startup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Answer the ASGI lifespan protocol, awaiting ``startup`` and ``shutdown`` when given."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            if startup is not None:
+                await startup()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            if shutdown is not None:
+                await shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -23,7 +23,7 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import send_json
+from ._asgi import send_json, serve_lifespan
 from ._config import VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
@@ -333,22 +333,14 @@ class ReverseProxy:
         if scope_type == "http":
             await self._forward(scope, receive, send)
         elif scope_type == "lifespan":
-            await self._lifespan(receive, send)
+            await serve_lifespan(receive, send, startup=self._open, shutdown=self.aclose)
         elif scope_type == "websocket":
             await _send_error(scope, send, _NO_WEBSOCKETS)
         else:
             raise RuntimeError(f"devicegate's proxy cannot handle ASGI scope type {scope_type!r}")
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._get_client()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _open(self) -> None:
+        self._get_client()
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

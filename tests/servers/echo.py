@@ -23,6 +23,8 @@ from urllib.parse import parse_qs
 import anyio
 from starlette.types import Receive, Scope, Send
 
+from devicegate._asgi import serve_lifespan
+
 CHUNK_BYTES = 64 * 1024
 SLOW_LIMIT_SECONDS = 60
 _ZEROS = bytes(CHUNK_BYTES)
@@ -78,13 +80,8 @@ async def _send_json(
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     path: str = scope["path"]
