@@ -62,7 +62,7 @@ from devicegate import (
 )
 from devicegate import _credentials as credentials_module
 from devicegate import _tokens as tokens_module
-from devicegate._errors import error_response_parts
+from devicegate._asgi import error_response_parts
 from tests.helpers import make_token
 
 pytestmark = pytest.mark.anyio

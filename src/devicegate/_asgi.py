@@ -13,9 +13,16 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ._errors import DEFAULT_REALM, AuthError, error_response_parts
+from ._errors import DEFAULT_REALM, AuthError
 
-__all__ = ["json_body", "send_error", "send_json", "send_response", "serve_lifespan"]
+__all__ = [
+    "error_response_parts",
+    "json_body",
+    "send_error",
+    "send_json",
+    "send_response",
+    "serve_lifespan",
+]
 
 # The websocket close code for "policy violation" (RFC 6455 §7.4.1).
 WS_POLICY_VIOLATION = 1008
@@ -23,6 +30,40 @@ WS_POLICY_VIOLATION = 1008
 
 def json_body(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def json_response_parts(
+    payload: object, *extra_headers: tuple[bytes, bytes]
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """``(headers, body)`` of a JSON response that no cache keeps."""
+    body = json_body(payload)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *extra_headers,
+    ]
+    return headers, body
+
+
+def error_response_parts(
+    error: AuthError, realm: str = DEFAULT_REALM
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Return ``(status, headers, body)`` of the RFC 6750 response for ``error``.
+
+    The body is JSON ``{"error": ..., "error_description": ...}``; with no credential at all the
+    body says ``"unauthorized"`` while the challenge carries no ``error`` attribute.
+    """
+    challenge = f'Bearer realm="{realm}"'
+    if error.error is not None:
+        challenge += f', error="{error.error}", error_description="{error.description}"'
+    # RFC 6750 §3: the challenge belongs on 401 and, for insufficient_scope, 403. A 400 may
+    # carry it too; we always send it so that clients learn the scheme.
+    headers, body = json_response_parts(
+        {"error": error.error or "unauthorized", "error_description": error.description},
+        (b"www-authenticate", challenge.encode()),
+    )
+    return error.status_code, headers, body
 
 
 async def send_response(
@@ -62,13 +103,7 @@ async def send_json(
     scope: Scope, send: Send, status: int, payload: object, *extra_headers: tuple[bytes, bytes]
 ) -> None:
     """Send ``payload`` as a JSON response that no cache keeps."""
-    body = json_body(payload)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra_headers,
-    ]
+    headers, body = json_response_parts(payload, *extra_headers)
     await send_response(scope, send, status, headers, body)
 
 

@@ -20,7 +20,6 @@ References:
 from __future__ import annotations
 
 import enum
-import json
 from typing import ClassVar
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "InvalidToken",
     "MissingCredentials",
     "check_realm",
-    "error_response_parts",
 ]
 
 DEFAULT_REALM = "devicegate"
@@ -154,29 +152,3 @@ def check_realm(realm: object) -> None:
         and "\\" not in realm
     ):
         raise ConfigError("realm", "must be printable ASCII without quotes or backslashes")
-
-
-def error_response_parts(
-    error: AuthError, realm: str = DEFAULT_REALM
-) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Return ``(status, headers, body)`` of the RFC 6750 response for ``error``.
-
-    The body is JSON ``{"error": ..., "error_description": ...}``; with no credential at all the
-    body says ``"unauthorized"`` while the challenge carries no ``error`` attribute.
-    """
-    challenge = f'Bearer realm="{realm}"'
-    if error.error is not None:
-        challenge += f', error="{error.error}", error_description="{error.description}"'
-    body = json.dumps(
-        {"error": error.error or "unauthorized", "error_description": error.description},
-        separators=(",", ":"),
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    # RFC 6750 §3: the challenge belongs on 401 and, for insufficient_scope, 403. A 400 may
-    # carry it too; we always send it so that clients learn the scheme.
-    headers.append((b"www-authenticate", challenge.encode()))
-    return error.status_code, headers, body
