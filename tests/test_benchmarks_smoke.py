@@ -1,14 +1,18 @@
 """The benchmark script still runs and still reports every row (``benchmarks/overhead.py``).
 
-A tiny iteration count, no HTTP: this checks that the script works, never how fast anything
-is (timings on a shared CI machine mean nothing).
+Tiny iteration counts and one-second HTTP rounds: these check that the script works, never how
+fast anything is (timings on a shared CI machine mean nothing).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 
@@ -35,6 +39,14 @@ TARGET_ROWS = [
     "token endpoint ≥ 20,000 tokens/s in-process",
     "a full cache (300 tokens) < 30 MB",
 ]
+HTTP_ROWS = [
+    "uvicorn, raw ASGI app",
+    "uvicorn, raw ASGI app again (control)",
+    "uvicorn, raw + devicegate, cached device token",
+    "uvicorn, POST /gen-jwt through devicegate",
+]
+# Tiny in-process samples: these tests check that the script works, not what it measures.
+SMALL = ["--repeats", "1", "--requests", "30", "--slow-requests", "5", "--cache-entries", "300"]
 
 
 def table_rows(output: str) -> dict[str, list[str]]:
@@ -55,14 +67,7 @@ def test_benchmark_reports_every_in_process_row() -> None:
             "error",
             str(SCRIPT),
             "--no-http",
-            "--repeats",
-            "1",
-            "--requests",
-            "30",
-            "--slow-requests",
-            "5",
-            "--cache-entries",
-            "300",
+            *SMALL,
         ],
         capture_output=True,
         text=True,
@@ -81,3 +86,47 @@ def test_benchmark_reports_every_in_process_row() -> None:
     assert "tokens/s in-process" in result.stdout
     assert "bytes per entry" in result.stdout
     assert "Python " in result.stdout  # the machine is stated
+
+
+@pytest.mark.parametrize("generator", ["wrk", "anyio/httpx"])
+def test_benchmark_reports_the_http_rows_with_a_control(generator: str, tmp_path: Path) -> None:
+    # Real uvicorn servers on 127.0.0.1 and a load generator in another process: wrk (the test
+    # script installs it), or the script's own client when no wrk is on the PATH.
+    env = dict(os.environ)
+    if generator != "wrk":
+        env["PATH"] = str(tmp_path)  # the script needs nothing else from the PATH
+    else:
+        assert shutil.which("wrk"), "wrk is not installed (scripts/test installs it)"
+    result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+        [
+            sys.executable,
+            "-W",
+            "error",
+            str(SCRIPT),
+            *SMALL,
+            "--rounds",
+            "2",
+            "--seconds",
+            "1",
+            "--connections",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Over HTTP ({generator}" in result.stdout
+    rows = table_rows(result.stdout)
+    for name in HTTP_ROWS:
+        assert name in rows, f"missing row {name!r}"
+        assert float(rows[name][0].replace(",", "")) > 0  # requests per second
+    # The control and devicegate rows carry a share of the unprotected server's rate.
+    for name in HTTP_ROWS[1:3]:
+        assert rows[name][2].endswith("%"), rows[name]
+    target = rows["≥ 97 % of the unprotected requests/s over uvicorn"]
+    assert "(control " in target[0]
+    assert target[-1] in {"yes", "**no**"}
+    assert "this run's noise" in result.stdout
