@@ -123,6 +123,7 @@ def test_benchmark_reports_the_http_rows_with_a_control(generator: str, tmp_path
     for name in HTTP_ROWS:
         assert name in rows, f"missing row {name!r}"
         assert float(rows[name][0].replace(",", "")) > 0  # requests per second
+        assert float(rows[name][3]) > 0  # µs per request timed inside the server
     # The control and devicegate rows carry a share of the unprotected server's rate.
     for name in HTTP_ROWS[1:3]:
         assert rows[name][2].endswith("%"), rows[name]
@@ -130,3 +131,4 @@ def test_benchmark_reports_the_http_rows_with_a_control(generator: str, tmp_path
     assert "(control " in target[0]
     assert target[-1] in {"yes", "**no**"}
     assert "this run's noise" in result.stdout
+    assert "Timed inside uvicorn, devicegate with a cached token adds " in result.stdout
