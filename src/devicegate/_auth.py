@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
 from ._errors import InvalidReason, InvalidToken
-from ._principal import CredentialKind, Principal
+from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
 
 __all__ = ["Authenticator"]
@@ -54,9 +54,9 @@ class Authenticator:
             MissingCredentials, InvalidRequest, InvalidToken: see :mod:`devicegate._errors`.
         """
         kind, value, device = read_credential(headers, self._api_key_header, self._device_header)
-        if kind is _DEVICE_TOKEN:
+        if kind is DEVICE_TOKEN:
             return self.verifier.check(value, device)
-        if kind is _API_KEY:
+        if kind is API_KEY:
             keys, principal = self._api_keys, _API_KEY_PRINCIPAL
         else:
             keys, principal = self._mobile_api_keys, _MOBILE_API_KEY_PRINCIPAL
@@ -67,9 +67,6 @@ class Authenticator:
         return principal
 
 
-# Looked up once: Enum member access is slow on Python 3.10 and 3.11 and this runs per request.
-_API_KEY = CredentialKind.API_KEY
-_DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
 # A key principal carries no claims and is immutable, so one instance serves every request.
 _API_KEY_PRINCIPAL = Principal(CredentialKind.API_KEY)
 _MOBILE_API_KEY_PRINCIPAL = Principal(CredentialKind.MOBILE_API_KEY)

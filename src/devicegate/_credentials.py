@@ -17,7 +17,7 @@ import hmac
 from collections.abc import Iterable
 
 from ._errors import InvalidRequest, MissingCredentials
-from ._principal import CredentialKind
+from ._principal import API_KEY, DEVICE_TOKEN, MOBILE_API_KEY, CredentialKind
 
 __all__ = ["MAX_CREDENTIAL_BYTES", "match_key", "read_credential"]
 
@@ -32,12 +32,6 @@ _BEARER_PREFIX_LENGTH = len(_BEARER_PREFIX)
 # clears a TypeError, which costs several times the search itself.
 _TAB = ord("\t")
 _SPACE = ord(" ")
-
-# Module-level aliases: looking a member up on an Enum class costs a slow attribute lookup on
-# Python 3.10 and 3.11, and these run on every request.
-_API_KEY = CredentialKind.API_KEY
-_MOBILE_API_KEY = CredentialKind.MOBILE_API_KEY
-_DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
 
 # Fixed descriptions; a fresh exception is raised each time (a shared instance would carry one
 # request's traceback into the next).
@@ -85,7 +79,7 @@ def read_credential(
             raise InvalidRequest(_SEVERAL)
         if not api_key or len(api_key) > MAX_CREDENTIAL_BYTES:
             raise InvalidRequest(_BAD_API_KEY_HEADER)
-        return _API_KEY, api_key, device
+        return API_KEY, api_key, device
     if authorization is None:
         raise MissingCredentials()
     if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or _TAB in authorization:
@@ -95,13 +89,13 @@ def read_credential(
         token = authorization[_BEARER_PREFIX_LENGTH:]
         if not token or _SPACE in token:
             raise InvalidRequest(_MALFORMED)
-        return _DEVICE_TOKEN, token, device
+        return DEVICE_TOKEN, token, device
     if _SPACE not in authorization:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
         # scheme with nothing after it ("Bearer").
         if len(authorization) == len(_BEARER) and authorization.lower() == _BEARER:
             raise InvalidRequest(_MALFORMED)
-        return _MOBILE_API_KEY, authorization, device
+        return MOBILE_API_KEY, authorization, device
     scheme, _, token = authorization.partition(b" ")
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
@@ -111,7 +105,7 @@ def read_credential(
         # RFC 6750 §3.1: a client that "attempted using an unsupported authentication method"
         # gets the bare challenge (401, no error code), as if it had sent nothing.
         raise MissingCredentials()
-    return _DEVICE_TOKEN, token, device
+    return DEVICE_TOKEN, token, device
 
 
 def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:
