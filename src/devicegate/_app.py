@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._config import GateConfig, read_secrets_document
+from ._config import DEFAULT_UPSTREAM_TIMEOUT, GateConfig, read_secrets_document
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._errors import ConfigError
 from ._middleware import DeviceAuthMiddleware
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 DEFAULT_TOKEN_PATH = "/gen-jwt"  # noqa: S105 - a path, not a secret
-DEFAULT_UPSTREAM_TIMEOUT = 30.0
 DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
 
 # The variables GateConfig.from_env reads credentials from; any of them means "configured by

@@ -12,6 +12,7 @@ from typing import Any
 from ._errors import ConfigError
 
 __all__ = [
+    "DEFAULT_UPSTREAM_TIMEOUT",
     "VISIBLE_ASCII",
     "ConfigError",
     "GateConfig",
@@ -27,6 +28,9 @@ MIN_API_KEY_BYTES = 16
 MIN_DISTINCT_CHARACTERS = 8
 MAX_LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
+# How long the gateway waits for its upstream; here so that the command line (which must not
+# need httpx to start) and the proxy share one value.
+DEFAULT_UPSTREAM_TIMEOUT = 30.0
 
 # The key values printed in the SenseCrypt documentation: public, so never a secret.
 VENDOR_EXAMPLE_KEYS = frozenset(

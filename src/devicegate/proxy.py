@@ -24,7 +24,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import send_json, serve_lifespan
-from ._config import VISIBLE_ASCII, check_header_name
+from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
 from ._rules import decode_path, route_path
@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
 logger = logging.getLogger("devicegate")
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = DEFAULT_UPSTREAM_TIMEOUT
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 Headers = list[tuple[bytes, bytes]]
