@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import secrets
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -566,3 +570,93 @@ async def test_nested_claims_cannot_be_changed_by_one_request_for_the_next(keys:
         bodies = [(await http.get("/", headers=bearer(token, DEVICE_A))).json() for _ in range(3)]
     assert seen == [["user"]] * 3
     assert all(body["roles"] == ["user"] and body["profile"] == {"tier": 1} for body in bodies)
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+class _EvictedDuringHit(OrderedDict[bytes, Any]):
+    """A cache in which another thread evicts the entry between the lookup and the LRU move."""
+
+    moves = 0
+
+    def move_to_end(self, key: bytes, last: bool = True) -> None:
+        self.moves += 1
+        del self[key]
+        super().move_to_end(key, last)  # KeyError, as after a real eviction
+
+
+class _ClearedBeforeEviction(OrderedDict[bytes, Any]):
+    """A cache that another thread's clear_cache() empties just before an eviction."""
+
+    def popitem(self, last: bool = True) -> tuple[bytes, Any]:
+        self.clear()
+        return super().popitem(last)  # KeyError: nothing is left to evict
+
+
+def test_an_entry_evicted_by_another_thread_during_a_hit_still_answers(keys: Keys) -> None:
+    verifier = CountingVerifier(keys.config(), clock=Clock())
+    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
+    expected = outcome(verifier, token, DEVICE_A)
+    assert isinstance(expected, dict)
+    cache = verifier._cache = _EvictedDuringHit(verifier._cache)
+    assert outcome(verifier, token, DEVICE_A) == expected
+    assert cache.moves == 1  # answered by the hit, whose entry went away under it
+    assert verifier.full_verifications == 1
+    assert verifier.cache_size == 0
+    # Gone, so verified in full again next time, and the device still checked.
+    assert outcome(verifier, token, DEVICE_B) == ("InvalidToken", InvalidReason.WRONG_DEVICE)
+    assert verifier.full_verifications == 2
+
+
+def test_a_cache_cleared_by_another_thread_before_an_eviction_still_answers(keys: Keys) -> None:
+    verifier = CountingVerifier(keys.config(token_cache_size=1), clock=Clock())
+    first = make_token(keys.jwt_secret, claims_at())
+    second_claims = claims_at(instance_id=DEVICE_A)
+    second = make_token(keys.jwt_secret, second_claims)
+    verifier.verify(first)
+    verifier._cache = _ClearedBeforeEviction(verifier._cache)
+    # Inserting the second token overfills the cache; the eviction finds it already empty.
+    assert outcome(verifier, second, DEVICE_A) == second_claims
+    assert outcome(verifier, second, DEVICE_B) == ("InvalidToken", InvalidReason.WRONG_DEVICE)
+    assert verifier.full_verifications == 3
+
+
+def test_threads_sharing_a_verifier_get_the_outcomes_of_a_full_verification(keys: Keys) -> None:
+    # Eight threads share one small cache (evicting all the time, and now and then cleared)
+    # while the interpreter switches threads as often as it can: every call must end as a
+    # verifier without a cache ends it, and none may raise anything else.
+    config = keys.config(token_cache_size=3)
+    clock = Clock()
+    shared = TokenVerifier(config, clock=clock)
+    reference = TokenVerifier(config.replace(token_cache_size=0), clock=clock)
+    tokens = [make_token(keys.jwt_secret, claims) for claims in TOKEN_KINDS.values()]
+    cases = [(token, device) for token in tokens for device in (DEVICE_A, DEVICE_B, None)]
+    expected = {case: outcome(reference, *case) for case in cases}
+    failures: list[object] = []
+
+    def worker(seed: int) -> None:
+        chooser = random.Random(seed)
+        try:
+            for _ in range(400):
+                if chooser.random() < 0.02:
+                    shared.clear_cache()
+                case = chooser.choice(cases)
+                result = outcome(shared, *case)
+                if result != expected[case]:
+                    failures.append((case, result))
+        except Exception as exc:  # reported below, not lost in the thread
+            failures.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert shared.cache_size <= 3

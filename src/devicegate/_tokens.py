@@ -132,6 +132,11 @@ class TokenVerifier:
     the full verification would refuse it. Refused tokens are never cached: a flood of junk
     cannot evict good entries.
 
+    One verifier may serve several threads (a synchronous view calling :meth:`verify` from a
+    worker thread, say). Each step on the cache is a single ``OrderedDict`` operation; when
+    another thread's eviction or :meth:`clear_cache` falls between two of them, the call still
+    ends as a full verification would end it, at worst after verifying the token again.
+
     Args:
         config: the configuration holding the secrets and claim rules.
         clock: returns the current Unix time; for tests.
@@ -217,7 +222,10 @@ class TokenVerifier:
         cache = self._cache
         cache[token] = entry
         if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+            try:  # noqa: SIM105 - as in check(): free when nothing is raised
+                cache.popitem(last=False)
+            except KeyError:  # emptied meanwhile by clear_cache() in another thread
+                pass
 
     def _verify_uncached(self, token: bytes) -> _Entry:
         if not self._secrets:
