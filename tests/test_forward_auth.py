@@ -115,7 +115,6 @@ def _cases(keys: Keys) -> list[tuple[str, str, list[tuple[str, str]]]]:
         ("double slash", "//admin/users", [mobile]),
         ("backslash", "/admin\\users", [mobile]),
         ("encoded dot-dot", "/mobile/%2e%2e/admin/users", [server]),
-        ("encoded slash dot-dot", "/mobile%2F..%2Fadmin", [server]),
         ("encoded letter meets the rule", "/adm%69n/users", [mobile]),
         ("encoded public path", "/%68ealth", []),
         ("query is not the path", "/health?next=/admin", []),
@@ -442,3 +441,46 @@ async def test_requests_without_the_proxy_secret_cannot_flood_the_log(
             statuses = {(await http.get(AUTH_PATH, headers=headers)).status_code for _ in range(50)}
     assert statuses == {403}
     assert [record.levelname for record in caplog.records] == ["DEBUG"] * 50
+
+
+# nginx passes $request_uri on byte for byte, and the app behind it may split it otherwise than
+# the decoded path judged here: "/admin#x" (a mobile key, refused on /admin/*) was judged as no
+# rule's path and admitted, then routed to /admin by any app that parses URLs; "%2F" is a
+# separator once decoded but part of one segment to routers that match the raw path.
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/admin#x",
+        "/admin/#",
+        "/admin/users#",
+        "/public%2Facme/reports",
+        "/public%2facme/reports",
+        "/mobile%5Cx",
+        "/mobile%5cx",
+        "/a/b%2F..%2F..%2Fadmin?q=1",
+        "/mobile%2F..%2Fadmin",
+    ],
+)
+async def test_a_path_the_app_may_split_otherwise_is_400(keys: Keys, uri: str) -> None:
+    for credential in [("authorization", keys.mobile_api_key)], [("x-api-key", keys.api_key)]:
+        answered = await answer(forward_auth(keys), ask(uri, credential))
+        assert answered.status == 400
+        assert answered.json() == {
+            "error": "invalid_request",
+            "error_description": (
+                "The original URI has an encoded slash or backslash, or a '#', in its path."
+            ),
+        }
+        assert answered.header("x-devicegate-kind") is None
+
+
+@pytest.mark.parametrize("uri", ["/admin?next=#x", "/admin/users?q=%2F", "/orders/%2B1/%23"])
+async def test_encoded_characters_that_split_nothing_are_judged_as_usual(
+    keys: Keys, uri: str
+) -> None:
+    # A '#' or '%2F' in the query, and other encoded characters in the path, mean the same to
+    # every router: the server key passes, the mobile key is refused on /admin/*.
+    server = await answer(forward_auth(keys), ask(uri, [("x-api-key", keys.api_key)]))
+    assert server.status == 204
+    mobile = await answer(forward_auth(keys), ask(uri, [("authorization", keys.mobile_api_key)]))
+    assert mobile.status == (403 if uri.startswith("/admin") else 204)

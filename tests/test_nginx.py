@@ -308,6 +308,22 @@ async def test_parity_table_covers_every_outcome(stack: Stack) -> None:
 # -- the rest of the documented behaviour --------------------------------------------------------
 
 
+# nginx forwards $request_uri as received, so the API may split it otherwise than devicegate's
+# decoded judgement: "/admin#x" reached Express-style routers as /admin with a mobile key.
+@pytest.mark.parametrize("target", ["/admin#x", "/admin/users#", "/mobile%2Fx", "/admin%5Cusers"])
+async def test_a_target_the_api_may_split_otherwise_is_400_through_nginx(
+    stack: Stack, target: str
+) -> None:
+    marker = secrets.token_hex(8)
+    async with async_client(stack.nginx.url) as http:
+        response = await fetch(
+            http, f"{target}?probe={marker}", [("authorization", stack.keys.mobile_api_key)]
+        )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert not [t for t in await seen_by(stack.upstream) if marker in t]
+
+
 async def test_minted_token_works_through_nginx(stack: Stack) -> None:
     async with async_client(stack.nginx.url) as http:
         token = await mint(http, stack.keys.api_key, "phone-5")

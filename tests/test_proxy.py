@@ -372,14 +372,14 @@ async def test_configured_header_names_are_removed(upstream: Server, keys: Keys)
 async def test_method_path_and_query_arrive_byte_for_byte(
     upstream: Server, keys: Keys, method: str
 ) -> None:
-    # Percent-encodings, an encoded slash, repeated and empty parameters, '+' and '%20': a
-    # proxy that re-quotes or re-parses would change one of them. (No ';': the middleware
-    # refuses it in a path.)
-    url = "/items/%7E/caf%C3%A9/a%2Fb?b=2&a=1&a=3&e=%20+&empty=&flag"
+    # Percent-encodings, an encoded '+', repeated and empty parameters, '+' and '%20': a
+    # proxy that re-quotes or re-parses would change one of them. (No ';' or encoded slash:
+    # the gateway refuses them in a path.)
+    url = "/items/%7E/caf%C3%A9/a%2Bb?b=2&a=1&a=3&e=%20+&empty=&flag"
     async with gateway(proxy_for(upstream), keys) as http:
         got = echo(await http.request(method, url, headers={"x-api-key": keys.api_key}))
     assert got.data["method"] == method
-    assert got.data["raw_path"] == "/items/%7E/caf%C3%A9/a%2Fb"
+    assert got.data["raw_path"] == "/items/%7E/caf%C3%A9/a%2Bb"
     assert got.data["query_string"] == "b=2&a=1&a=3&e=%20+&empty=&flag"
 
 
@@ -1330,13 +1330,13 @@ async def test_encoded_mount_prefix_forwards_the_path_the_rules_judged(
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gateway.example"
         ) as http:
-            encoded = echo(await http.get("/%61pi/docs/x%2Fy?q=%41"))
-            plain = echo(await http.get("/api/docs/x%2Fy?q=%41"))
+            encoded = echo(await http.get("/%61pi/docs/x%2By?q=%41"))
+            plain = echo(await http.get("/api/docs/x%2By?q=%41"))
             private = await http.get("/%61pi/private")
     finally:
         await proxy.aclose()
-    # Exact bytes below the mount point: the encoded slash and the query survive.
-    assert encoded.data["raw_path"] == plain.data["raw_path"] == "/docs/x%2Fy"
+    # Exact bytes below the mount point: the encoded '+' and the query survive.
+    assert encoded.data["raw_path"] == plain.data["raw_path"] == "/docs/x%2By"
     assert encoded.data["query_string"] == "q=%41"
     assert private.status_code == 401
 
@@ -1383,6 +1383,51 @@ async def test_raw_path_that_disagrees_with_the_judged_path_is_400(
     result = await through_proxy(upstream, scope)
     assert result.status == 400
     assert result.json()["error_description"] == "The request target cannot be forwarded."
+
+
+# The upstream may route on the raw path: "/public%2Facme/reports" was judged as
+# /public/acme/reports (under a public rule) and served by the upstream's /{tenant}/reports.
+@pytest.mark.parametrize(
+    ("path", "raw_path"),
+    [
+        ("/public/acme/reports", b"/public%2Facme/reports"),
+        ("/public/acme/reports", b"/public%2facme/reports"),
+        ("/public\\x", b"/public%5Cx"),
+        ("/admin#x", b"/admin#x"),
+        ("/gw/a/b", b"/gw/a%2Fb"),
+    ],
+)
+async def test_a_path_the_upstream_may_split_otherwise_is_400(
+    upstream: Server, path: str, raw_path: bytes
+) -> None:
+    root_path = "/gw" if path.startswith("/gw") else ""
+    scope = {**request_scope(path), "raw_path": raw_path, "root_path": root_path}
+    scope["user"] = api_key_user()
+    result = await through_proxy(upstream, scope)
+    assert result.status == 400
+    assert result.json()["error_description"] == (
+        "The request path has an encoded slash or backslash, or a '#'."
+    )
+    assert not [target for target in await seen_by(upstream) if "acme" in target or "#" in target]
+
+
+async def test_an_encoded_slash_behind_a_public_rule_is_400_through_the_gateway(
+    upstream: Server, keys: Keys
+) -> None:
+    proxy = proxy_for(upstream)
+    gate = DeviceAuthMiddleware(proxy, config=keys.config(), rules=[Rule("/public/*", public=True)])
+    marker = secrets.token_hex(8)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gate), base_url="http://gateway.example"
+        ) as http:
+            smuggled = await http.get(f"/public%2F{marker}/reports")
+            public = await http.get(f"/public/{marker}/reports")
+    finally:
+        await proxy.aclose()
+    assert smuggled.status_code == 400
+    assert public.status_code == 200
+    assert len([target for target in await seen_by(upstream) if marker in target]) == 1
 
 
 # ReverseProxy's configuration errors repeated the upstream URL, which may hold a password or

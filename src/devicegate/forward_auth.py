@@ -27,7 +27,7 @@ from ._config import MIN_API_KEY_BYTES, GateConfig, check_key
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
 from ._principal import get_principal
-from ._rules import Rule, decode_path
+from ._rules import Rule, decode_path, has_ambiguous_separators
 
 __all__ = ["FORWARD_SECRET_HEADER", "ForwardAuth"]
 
@@ -46,6 +46,7 @@ _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NO_URI = "The proxy did not send the original URI (X-Original-URI or X-Forwarded-Uri)."
 _REPEATED_URI = "The original URI is given more than once."
 _BAD_URI = "The original URI is not an absolute path."
+_AMBIGUOUS_URI = "The original URI has an encoded slash or backslash, or a '#', in its path."
 _BAD_METHOD = "The original method is malformed or given more than once."
 _FORBIDDEN = {
     "error": "forbidden",
@@ -218,6 +219,10 @@ def _original_request(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | Non
     raw_path = uris[0].split(b"?", 1)[0]
     if not raw_path.startswith(b"/"):
         raise _OriginalRequestError(_BAD_URI)
+    if has_ambiguous_separators(raw_path):
+        # The proxy passes these bytes on as they are: the app behind it may split them into
+        # other segments than the decoded path judged here.
+        raise _OriginalRequestError(_AMBIGUOUS_URI)
     # Decoded as the server behind the proxy will decode it, so that "/%2e%2e/admin" meets the
     # dot-segment check and "/adm%69n" meets the rule for "/admin".
     path = decode_path(raw_path)

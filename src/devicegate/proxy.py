@@ -27,7 +27,7 @@ from ._asgi import send_json, serve_lifespan
 from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
-from ._rules import decode_path, route_path
+from ._rules import decode_path, has_ambiguous_separators, route_path
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
@@ -106,6 +106,13 @@ _BAD_FRAMING = (
     "The request has both Content-Length and Transfer-Encoding.",
 )
 _BAD_TARGET = (400, "invalid_request", "The request target cannot be forwarded.")
+# The upstream may route on the raw path, where these do not separate segments as they did for
+# the rules (see has_ambiguous_separators).
+_AMBIGUOUS_TARGET = (
+    400,
+    "invalid_request",
+    "The request path has an encoded slash or backslash, or a '#'.",
+)
 _METHOD_NOT_ALLOWED = (405, "method_not_allowed", "This gateway does not forward this method.")
 _FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websockets.")
@@ -352,6 +359,8 @@ class ReverseProxy:
             route = _raw_route_path(scope)
             if route is None:
                 raise _Refused(_BAD_TARGET)
+            if has_ambiguous_separators(route):
+                raise _Refused(_AMBIGUOUS_TARGET)
             target = self._base_path + route
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]
