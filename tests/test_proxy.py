@@ -797,6 +797,30 @@ async def test_a_client_passed_in_is_used_and_left_open() -> None:
     assert "x-client-default" not in request.headers
 
 
+async def test_a_client_that_follows_redirects_never_follows_one_here(keys: Keys) -> None:
+    # httpx strips only Authorization when a redirect changes origin: following one would hand
+    # the injected upstream key, and the original path, to whatever host the upstream named.
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(302, headers={"location": "http://elsewhere.invalid/x"})
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), follow_redirects=True
+    ) as client:
+        proxy = ReverseProxy(
+            "http://upstream.invalid", upstream_api_key=UPSTREAM_API_KEY, client=client
+        )
+        scope = {**request_scope("/a"), "user": api_key_user()}
+        result = await drive(proxy, scope)
+        await proxy.aclose()
+    assert result.status == 302
+    assert result.headers[b"location"] == b"http://elsewhere.invalid/x"
+    assert [request.url.host for request in requests] == ["upstream.invalid"]
+    assert requests[0].headers["x-api-key"] == UPSTREAM_API_KEY
+
+
 # -- configuration --------------------------------------------------------------------------------
 
 

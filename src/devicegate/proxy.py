@@ -223,7 +223,8 @@ class ReverseProxy:
     (or on the first request) and closed at lifespan shutdown or by :meth:`aclose`. A
     ``client`` you pass is used as is and never closed here; its default headers, cookies,
     base URL and redirect settings are not applied (requests are built here and sent with
-    ``client.send``), but its transport, pool limits, TLS and proxy settings are.
+    ``client.send``, never following a redirect: the client gets the upstream's 3xx), but its
+    transport, pool limits, TLS and proxy settings are.
 
     Args:
         upstream: the upstream's base URL (``http://`` or ``https://``); a path in it is put
@@ -436,7 +437,9 @@ class ReverseProxy:
 
     async def _send_upstream(self, scope: Scope, send: Send, request: httpx.Request) -> None:
         try:
-            response = await self._get_client().send(request, stream=True)
+            # Never followed, whatever the client says: httpx would carry the injected upstream
+            # key (only Authorization is stripped) and the original path to another host.
+            response = await self._get_client().send(request, stream=True, follow_redirects=False)
         except _Refused as refused:
             await _send_error(scope, send, refused.error, close=refused.close)
             return
