@@ -725,6 +725,24 @@ async def test_serve_with_an_upstream_and_forward_auth(
     assert health.json() == {"status": "ok"}
 
 
+def test_serve_refuses_the_upstreams_own_secrets_file_as_the_gates(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+) -> None:
+    # The same SenseCrypt file for both would give devices the upstream's own mobile key.
+    argv = ["serve", "--port", str(port), "--upstream", "http://127.0.0.1:9", "--no-upstream-check"]
+    argv += ["--secrets", str(secrets_file), "--upstream-secrets", str(secrets_file)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "also a key or secret of this gateway" in err
+    assert len(err.strip().splitlines()) == 1
+    assert keys.api_key not in err
+    assert not fake_run.calls
+
+
 def test_serve_with_keys_from_the_environment_needs_no_file(
     tmp_path: Path,
     keys: Keys,

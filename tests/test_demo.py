@@ -36,6 +36,7 @@ from tests.helpers import (
     bearer,
     call_asgi,
     client,
+    fresh_keys,
     lifespan_scope,
     make_token,
     write_json,
@@ -350,6 +351,51 @@ def test_upstream_credentials_need_an_upstream(keys: Keys) -> None:
         build_app(keys.config(), upstream_api_key="k")
     with pytest.raises(ConfigError, match="need an upstream"):
         build_app(keys.config(), upstream_mobile_api_key="k")
+
+
+# Pointing --secrets and --upstream-secrets at the same SenseCrypt file gave devices the
+# upstream's own keys: they could skip the gateway and call the upstream directly.
+@pytest.mark.parametrize(
+    ("gate_field", "upstream_option"),
+    [
+        ("api_key", "upstream_api_key"),
+        ("mobile_api_key", "upstream_mobile_api_key"),
+        ("mobile_api_key", "upstream_api_key"),
+        ("jwt_secret", "upstream_mobile_api_key"),
+    ],
+)
+def test_the_gateway_refuses_the_upstreams_own_keys(
+    keys: Keys, gate_field: str, upstream_option: str
+) -> None:
+    shared = {
+        "api_key": keys.api_key,
+        "mobile_api_key": keys.mobile_api_key,
+        "jwt_secret": keys.jwt_secret,
+    }[gate_field]
+    upstream_keys: dict[str, str | None] = {
+        "upstream_api_key": None,
+        "upstream_mobile_api_key": None,
+    }
+    upstream_keys[upstream_option] = shared
+    with pytest.raises(ConfigError, match=r"^upstream_secrets_file: the upstream ") as info:
+        build_app(
+            keys.config(),
+            upstream="http://127.0.0.1:9",
+            upstream_api_key=upstream_keys["upstream_api_key"],
+            upstream_mobile_api_key=upstream_keys["upstream_mobile_api_key"],
+        )
+    assert shared not in str(info.value)
+
+
+def test_the_gateway_starts_with_keys_of_its_own(keys: Keys) -> None:
+    other = fresh_keys()
+    app = build_app(
+        keys.config(),
+        upstream="http://127.0.0.1:9",
+        upstream_api_key=other.api_key,
+        upstream_mobile_api_key=other.mobile_api_key,
+    )
+    assert callable(app)
 
 
 # -- build_app with a forward-auth endpoint -----------------------------------------------------

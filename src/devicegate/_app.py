@@ -172,6 +172,20 @@ def build_app(
             raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
         inner = demo_app
     else:
+        gate_secrets = {*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets}
+        for field, key in (
+            ("upstream api_key", upstream_api_key),
+            ("upstream mobile_api_key", upstream_mobile_api_key),
+        ):
+            if key is not None and key in gate_secrets:
+                # Devices would hold the upstream's own key and could call it directly,
+                # which is what the gateway exists to prevent.
+                raise ConfigError(
+                    "upstream_secrets_file",
+                    f"the {field} is also a key or secret of this gateway; give the gateway "
+                    "keys of its own (devicegate init), so that devices never hold the "
+                    "upstream's",
+                )
         from .proxy import ReverseProxy  # lazy: httpx is in the server extra
 
         # The gateway answers its own health check: an unauthenticated probe must not reach
