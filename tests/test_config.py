@@ -3,6 +3,7 @@ keeping secrets out of every message, repr and pickle."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import secrets
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from tests.helpers import (
     VENDOR_API_KEY,
     VENDOR_MOBILE_API_KEY,
     Keys,
+    fresh_keys,
     scrub_devicegate_env,
     write_json,
     write_secrets,
@@ -496,6 +498,72 @@ def test_invalid_json(tmp_path: Path, keys: Keys, template: str) -> None:
     # The parser's message, which may quote the document, is not chained into tracebacks.
     assert excinfo.value.__cause__ is None
     assert excinfo.value.__suppress_context__
+
+
+def test_a_member_named_twice_is_refused(tmp_path: Path, keys: Keys) -> None:
+    # An operator who adds a new jwt_secret line and leaves the old one below it: Python's json
+    # keeps the last, other parsers the first. Which secret signs must not depend on that.
+    old, new = keys.jwt_secret, fresh_keys().jwt_secret
+    path = tmp_path / "secrets.json"
+    path.write_text(
+        f'{{"api_key": "{keys.api_key}", "jwt_secret": "{new}", "jwt_secret": "{old}"}}'
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key, old, new)
+    assert "names 'jwt_secret' more than once" in str(excinfo.value)
+
+
+def test_an_unknown_member_named_twice_is_refused_without_its_name(
+    tmp_path: Path, keys: Keys
+) -> None:
+    # Not one of ours: its name could be anything, a pasted secret included.
+    path = tmp_path / "secrets.json"
+    path.write_text(
+        f'{{"api_key": "{keys.api_key}", "{keys.jwt_secret}": 1, "{keys.jwt_secret}": 2}}'
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key, keys.jwt_secret)
+    assert "names a member more than once" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": NaN}', id="nan"),
+        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": -Infinity}', id="infinity"),
+        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": 1' + "0" * 5000 + "}", id="huge"),
+        pytest.param(
+            '{"api_key": "SECRET", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", id="deep"
+        ),
+    ],
+)
+def test_values_the_parser_cannot_hold_are_one_clear_error(
+    tmp_path: Path, keys: Keys, document: str
+) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_text(document.replace("SECRET", keys.api_key))
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key)
+    assert "not usable JSON" in str(excinfo.value)
+    assert excinfo.value.__suppress_context__
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path: Path, keys: Keys) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_text(f'{{"api_key": "{keys.api_key}", "padding": "{"x" * 1024 * 1024}"}}')
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key)
+    assert "is over 1,048,576 bytes" in str(excinfo.value)
+
+
+def test_a_byte_order_mark_is_allowed(tmp_path: Path, keys: Keys) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"api_key": keys.api_key}).encode())
+    assert GateConfig.from_secrets_file(path).api_keys == (keys.api_key,)
 
 
 @pytest.mark.parametrize(

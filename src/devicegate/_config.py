@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
+from ._json import DuplicateMember, loads_strict_json
 
 __all__ = [
     "DEFAULT_UPSTREAM_TIMEOUT",
@@ -28,6 +29,9 @@ MIN_API_KEY_BYTES = 16
 MIN_DISTINCT_CHARACTERS = 8
 MAX_LEEWAY_SECONDS = 60
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
+# A SenseCrypt secrets.json is a few hundred bytes; this bounds what a wrong path can cost.
+_MAX_SECRETS_FILE_BYTES = 1024 * 1024
+_SECRETS_FILE_MEMBERS = frozenset({"api_key", "mobile_api_key", "jwt_secret", "jwt_expire_seconds"})
 # How long the gateway waits for its upstream; here so that the command line (which must not
 # need httpx to start) and the proxy share one value.
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
@@ -376,17 +380,30 @@ def read_secrets_document(
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:
+            raw = stream.read(_MAX_SECRETS_FILE_BYTES + 1)
+        # A byte-order mark, which some Windows editors write, is allowed (RFC 8259 §8.1).
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(field, f"{file} does not exist{missing_hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(field, f"cannot read {file}: {type(exc).__name__}") from None
+    if len(raw) > _MAX_SECRETS_FILE_BYTES:
+        raise ConfigError(field, f"{file} is over {_MAX_SECRETS_FILE_BYTES:,} bytes")
     try:
-        data = json.loads(text)
+        data = loads_strict_json(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             field, f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except DuplicateMember as exc:
+        # The value the operator meant and the one that applies could differ (most parsers
+        # keep the last, some the first). Known member names are not secret; others might be.
+        name = repr(exc.name) if exc.name in _SECRETS_FILE_MEMBERS else "a member"
+        raise ConfigError(field, f"{file} names {name} more than once") from None
+    except (ValueError, RecursionError):
+        # NaN or Infinity, an integer of thousands of digits, nesting too deep to parse.
+        raise ConfigError(field, f"{file} holds a value that is not usable JSON") from None
     if not isinstance(data, dict):
         raise ConfigError(field, f"{file} must hold a JSON object")
     return data

@@ -17,8 +17,9 @@ from ._errors import (
     InvalidRequest,
     check_realm,
 )
+from ._json import loads_strict_json
 from ._principal import CredentialKind
-from ._tokens import TokenIssuer, loads_strict_json, validate_instance_id
+from ._tokens import TokenIssuer, validate_instance_id
 
 __all__ = ["TokenEndpoint"]
 

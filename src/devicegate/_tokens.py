@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import re
 import secrets
 import time
@@ -39,6 +38,7 @@ import jwt
 
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
+from ._json import loads_strict_json
 from ._principal import CredentialKind, Principal
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "TokenIssuer",
     "TokenVerifier",
     "decode_json_segment",
-    "loads_strict_json",
     "validate_instance_id",
 ]
 
@@ -71,26 +70,6 @@ class _Entry(NamedTuple):
     valid_from: float  # max(nbf, iat) - leeway: refused before this instant
     bound: bytes | None  # the instance_id the device header must equal
     principal: Principal
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        # RFC 7515 §4 / RFC 7519 §4: duplicate member names are refused, so no other parser can
-        # read a different instance_id or exp from the same token.
-        raise ValueError("duplicate member")
-    return obj
-
-
-def _no_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON (RFC 8259 §6); Python's parser accepts them by default.
-    raise ValueError(f"{name} is not JSON")
-
-
-loads_strict_json = json.JSONDecoder(
-    object_pairs_hook=_unique_object, parse_constant=_no_constant
-).decode
-"""``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``."""
 
 
 def decode_json_segment(segment: bytes) -> Any:

@@ -1,0 +1,42 @@
+"""Strict JSON for whatever devicegate reads from outside: tokens, request bodies, secrets files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["DuplicateMember", "loads_strict_json"]
+
+
+class DuplicateMember(ValueError):
+    """A JSON object names the same member twice. ``name`` is that member's name: a caller
+    decides whether it may be shown (a token's content never is)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__("duplicate member")
+        self.name = name
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # RFC 7515 §4 / RFC 7519 §4: duplicate member names are refused, so no other parser can
+        # read a different instance_id or exp from the same token (or another jwt_secret from
+        # the same secrets file: most parsers keep the last one, some the first).
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise DuplicateMember(name)
+            seen.add(name)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259 §6); Python's parser accepts them by default.
+    raise ValueError(f"{name} is not JSON")
+
+
+loads_strict_json = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_constant=_no_constant
+).decode
+"""``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``."""
