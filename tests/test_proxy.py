@@ -576,6 +576,26 @@ async def test_bad_content_length_is_400(upstream: Server, lengths: list[bytes])
     assert result.json()["error"] == "invalid_request"
 
 
+async def test_a_content_length_of_thousands_of_digits_is_413_not_500(upstream: Server) -> None:
+    # int() refuses more than 4,300 digits: that ValueError escaped as a 500.
+    headers = [(b"content-length", b"9" * 5000)]
+    result = await through_proxy(upstream, request_scope("/", method="POST", headers=headers))
+    assert result.status == 413
+    assert result.headers[b"connection"] == b"close"
+
+
+async def test_leading_zeros_in_content_length_are_only_zeros(upstream: Server) -> None:
+    headers = [(b"content-length", b"0" * 40 + b"5")]
+    scope = {**request_scope("/", method="POST", headers=headers), "user": api_key_user()}
+    result = await through_proxy(upstream, scope, [b"12345"])
+    assert result.status == 200
+    received = result.json()
+    assert received["body_length"] == 5
+    assert received["body_sha256"] == hashlib.sha256(b"12345").hexdigest()
+    # The upstream gets the length as a number, not the client's spelling.
+    assert [value for name, value in received["headers"] if name == "content-length"] == ["5"]
+
+
 async def test_body_despite_zero_content_length_is_400(upstream: Server) -> None:
     scope = request_scope("/", method="POST", headers=[(b"content-length", b"0")])
     result = await through_proxy(upstream, scope, [b"smuggled"])
@@ -795,6 +815,23 @@ async def test_a_client_passed_in_is_used_and_left_open() -> None:
     assert request.extensions["target"] == b"/api/a%20b?x=%41"
     assert request.url.host == "upstream.invalid"
     assert "x-client-default" not in request.headers
+
+
+async def test_an_upstream_content_length_beside_transfer_encoding_is_dropped() -> None:
+    # RFC 9112 §6.3: the length is wrong when Transfer-Encoding is present; relayed, it told the
+    # client 100 bytes were coming where 2 came, and a lenient server would desync.
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = [(b"transfer-encoding", b"chunked"), (b"content-length", b"100")]
+        return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"ok"))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        proxy = ReverseProxy("http://upstream.invalid", client=client)
+        result = await drive(proxy, {**request_scope("/a"), "user": api_key_user()})
+        await proxy.aclose()
+    assert result.status == 200
+    assert b"content-length" not in result.headers
+    assert b"transfer-encoding" not in result.headers
+    assert b"".join(m.get("body", b"") for m in result.messages[1:]) == b"ok"
 
 
 async def test_a_client_that_follows_redirects_never_follows_one_here(keys: Keys) -> None:

@@ -100,6 +100,7 @@ _BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
 _GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
 _TOO_LARGE = (413, "invalid_request", "The request body is larger than this gateway accepts.")
 _BAD_LENGTH = (400, "invalid_request", "The Content-Length header is invalid.")
+_MAX_LENGTH_DIGITS = 18  # without leading zeros: up to an exabyte
 _BAD_FRAMING = (
     400,
     "invalid_request",
@@ -512,9 +513,13 @@ class ReverseProxy:
             name = name.lower()
             if name == b"content-length":
                 # RFC 9110 §8.6: a repeated Content-Length must agree; anything else is refused.
-                if not value.strip().isdigit():
+                digits = value.strip()
+                if not digits.isdigit():
                     raise _Refused(_BAD_LENGTH)
-                length = int(value)
+                if len(digits.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
+                    # Beyond any body we forward, and int() refuses past 4,300 digits.
+                    raise _Refused(_TOO_LARGE, close=True)
+                length = int(digits)
                 if content_length is not None and length != content_length:
                     raise _Refused(_BAD_LENGTH)
                 content_length = length
@@ -583,6 +588,10 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
     raw = list(raw)
     named = _connection_tokens(raw)
+    # RFC 9112 §6.3: with Transfer-Encoding, a Content-Length is wrong and a proxy must drop it
+    # (the body is relayed as it comes; the client's server frames it anew).
+    if any(name.lower() == b"transfer-encoding" for name, _ in raw):
+        named |= {b"content-length"}
     headers: Headers = []
     for name, value in raw:
         name = name.lower()
