@@ -658,8 +658,43 @@ def test_minted_token_refused_by_pyjwt_with_another_secret(keys: Keys) -> None:
 
 def test_device_id_may_be_given_as_str(keys: Keys) -> None:
     verifier = TokenVerifier(keys.config())
-    token = make_token(keys.jwt_secret, instance_id="device-\u00e9")
-    assert verifier.verify(token, "device-\u00e9").instance_id == "device-\u00e9"
+    token = make_token(keys.jwt_secret, instance_id="device-7")
+    assert verifier.verify(token, "device-7").instance_id == "device-7"
     with pytest.raises(InvalidToken) as excinfo:
         verifier.verify(token, "device-e")
+    assert excinfo.value.reason is InvalidReason.WRONG_DEVICE
+
+
+@pytest.mark.parametrize("cache", [0, 100])
+def test_a_str_device_id_is_the_header_as_frameworks_decode_it(keys: Keys, cache: int) -> None:
+    # The client sends UTF-8 bytes; Starlette and Django hand views the header decoded as
+    # Latin-1. verify() must decide on those bytes, exactly as the middleware does.
+    sent = "appareil-é".encode()
+    as_a_view_sees_it = sent.decode("latin-1")
+    bound_to_sent = make_token(keys.jwt_secret, claims_at(instance_id="appareil-é"))
+    # A token bound to the mojibake must not match the bytes that decode to it.
+    bound_to_mojibake = make_token(keys.jwt_secret, claims_at(instance_id=as_a_view_sees_it))
+    verify = verifier(keys.config(), token_cache_size=cache)
+    for _ in range(2):
+        assert verify.verify(bound_to_sent, as_a_view_sees_it).instance_id == "appareil-é"
+        assert verify.check(bound_to_sent.encode(), sent).instance_id == "appareil-é"
+        assert reason_of(verify, bound_to_mojibake, sent) is InvalidReason.WRONG_DEVICE
+        with pytest.raises(InvalidToken) as excinfo:
+            verify.verify(bound_to_mojibake, as_a_view_sees_it)
+        assert excinfo.value.reason is InvalidReason.WRONG_DEVICE
+
+
+@pytest.mark.parametrize(
+    ("instance_id", "device"),
+    [("appareil-\u20ac", "appareil-\u20ac"), ("dev-x", "dev-\udcff")],
+    ids=["beyond-latin-1", "lone-surrogate"],
+)
+def test_a_str_device_id_no_header_can_carry_is_a_wrong_device(
+    keys: Keys, instance_id: str, device: str
+) -> None:
+    # No header byte decodes to these characters, so no request could carry this device id:
+    # refused as a wrong device, never an encoding error escaping the verifier.
+    token = make_token(keys.jwt_secret, claims_at(instance_id=instance_id))
+    with pytest.raises(InvalidToken) as excinfo:
+        verifier(keys.config()).verify(token, device)
     assert excinfo.value.reason is InvalidReason.WRONG_DEVICE

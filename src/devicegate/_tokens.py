@@ -150,11 +150,17 @@ class TokenVerifier:
     def verify(self, token: bytes | str, device_id: bytes | str | None = None) -> Principal:
         """Verify ``token`` for a request whose device header is ``device_id``.
 
+        ``device_id`` is the header's value: its raw bytes, or the string a framework makes of
+        them (Starlette's ``request.headers``, Django's ``request.headers``), which decode header
+        bytes as Latin-1 and are encoded back the same way here. The comparison is always on the
+        bytes the client sent, as the middleware's is.
+
         Returns:
             the device-token :class:`Principal`.
 
         Raises:
-            InvalidToken: bad syntax, signature, algorithm or claims; expired; wrong device.
+            InvalidToken: bad syntax, signature, algorithm or claims; expired; wrong device (a
+                string with characters no header byte decodes to is no device's).
             InvalidRequest: the token is bound to a device and ``device_id`` is ``None``.
         """
         if isinstance(token, str):
@@ -163,7 +169,12 @@ class TokenVerifier:
             except UnicodeEncodeError:
                 raise InvalidToken(InvalidReason.MALFORMED) from None
         if isinstance(device_id, str):
-            device_id = device_id.encode()
+            try:
+                device_id = device_id.encode("latin-1")
+            except UnicodeEncodeError:
+                # Not a header value, so not any device's: refused as a wrong device once the
+                # token itself verified (an empty id never equals a bound one).
+                device_id = b""
         return self.check(token, device_id)
 
     def check(self, token: bytes, device_id: bytes | None) -> Principal:
