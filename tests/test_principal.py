@@ -103,3 +103,31 @@ def test_read_only_claims_still_serialise_copy_and_pickle_as_plain_values() -> N
         assert type(plain_list) is list
         plain_list.append("admin")
     assert claims == CLAIMS
+
+
+@pytest.mark.parametrize(
+    "principal",
+    [
+        device_principal(),
+        Principal(CredentialKind.API_KEY),
+        Principal(CredentialKind.MOBILE_API_KEY),
+    ],
+    ids=["device-token", "api-key", "mobile-key"],
+)
+def test_a_principal_copies_and_pickles(principal: Principal) -> None:
+    # An app that deep-copies its scope, or a task queue that pickles request.user, met
+    # "Principal is immutable" from the default protocols.
+    assert copy.copy(principal) is principal
+    scope = {"type": "http", "user": principal}
+    assert copy.deepcopy(scope)["user"] is principal
+    restored = pickle.loads(pickle.dumps(principal))  # noqa: S301 - our own bytes
+    assert type(restored) is Principal
+    assert restored == principal
+    assert restored.kind is principal.kind
+    assert restored.instance_id == principal.instance_id
+    # Rebuilt through __init__: as read-only as the original.
+    with pytest.raises(AttributeError):
+        restored.instance_id = "other"
+    if restored.claims:
+        with pytest.raises(TypeError):
+            restored.claims["roles"].append("admin")

@@ -146,6 +146,18 @@ class Principal(BaseUser):
     def __hash__(self) -> int:
         return hash((self.kind, self.instance_id, self.claims.get("jti")))
 
+    # Immutable, so a copy is the object itself; pickling rebuilds it through __init__, which
+    # freezes the claims again. (The defaults would set attributes, which __setattr__ refuses:
+    # copy.deepcopy(scope) or a task queue pickling request.user failed.)
+    def __copy__(self) -> Principal:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Principal:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_principal, (self.kind, self.instance_id, dict(self.claims))
+
     def __repr__(self) -> str:
         return f"Principal(kind={self.kind.value!r}, instance_id={self.instance_id!r})"
 
@@ -161,6 +173,12 @@ class Principal(BaseUser):
     def identity(self) -> str:
         jti = self.claims.get("jti")
         return jti if isinstance(jti, str) else self.display_name
+
+
+def _rebuild_principal(
+    kind: CredentialKind, instance_id: str | None, claims: Mapping[str, Any]
+) -> Principal:
+    return Principal(kind, instance_id=instance_id, claims=claims)
 
 
 def get_principal(source: Any) -> Principal | None:
