@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import secrets
+import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -824,6 +826,62 @@ def test_keys_with_too_few_distinct_characters_are_refused(field: str, value: st
     assert info.value.field == field
     assert "distinct characters" in str(info.value)
     assert value not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        pytest.param(lambda k: {"jwt_secret": k.api_key + " "}, "jwt_secret", id="trailing-space"),
+        pytest.param(lambda k: {"jwt_secret": " " + k.api_key}, "jwt_secret", id="leading-space"),
+        pytest.param(lambda k: {"jwt_secret": k.api_key + "\r"}, "jwt_secret", id="crlf-env-file"),
+        pytest.param(
+            lambda k: {"mobile_api_keys": k.api_key.swapcase()}, "mobile_api_keys", id="case"
+        ),
+        pytest.param(
+            lambda k: {"api_keys": [k.api_key, k.api_key.upper()]}, "api_keys", id="twice-by-case"
+        ),
+    ],
+)
+def test_keys_that_differ_only_in_case_or_spaces_are_the_same_key(
+    keys: Keys, build: Callable[[Keys], dict[str, Any]], field: str
+) -> None:
+    # The separation rule exists so that one leaked key opens no other door: a JWT secret that
+    # is the API key plus a space is that door.
+    options = {"api_keys": keys.api_key, **build(keys)}
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig(**options)
+    assert_error(excinfo.value, field, keys.api_key)
+    assert "ignoring case and surrounding spaces" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("api_keys", "your-api-key-here-0123456789"),
+        ("mobile_api_keys", "REPLACE-WITH-THE-MOBILE-KEY"),
+        ("jwt_secret", "change-me-to-a-long-random-secret-value"),
+        ("jwt_secret", "ChangeMe!ChangeMe!ChangeMe!ChangeMe!1"),
+        ("api_keys", "example-key-Z7q9LmW2xK"),
+        ("mobile_api_keys", "placeholder-9f8e7d6c5b4a"),
+    ],
+)
+def test_keys_that_read_like_placeholders_are_refused(field: str, value: str) -> None:
+    options: dict[str, Any] = {field: value}
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig(**options)
+    assert_error(excinfo.value, field, value)
+    assert "placeholder" in str(excinfo.value)
+
+
+def test_random_keys_never_read_like_placeholders() -> None:
+    # Seeded, so that the run is the same every time: 20,000 keys over the alphabets
+    # `devicegate init` and openssl use, at the shortest lengths allowed.
+    chooser = random.Random(20261128)
+    alphabets = [string.ascii_letters + string.digits + "-_", string.hexdigits.lower()]
+    for index in range(20_000):
+        alphabet = alphabets[index % 2]
+        key = "".join(chooser.choices(alphabet, k=16 if index % 4 < 2 else 43))
+        assert GateConfig(api_keys=key).api_keys == (key,)
 
 
 def test_jwt_secret_from_env_keeps_its_spaces(keys: Keys) -> None:

@@ -387,6 +387,13 @@ def test_the_gateway_refuses_the_upstreams_own_keys(
     assert shared not in str(info.value)
 
 
+def test_the_gateway_refuses_the_upstreams_key_in_another_case(keys: Keys) -> None:
+    with pytest.raises(ConfigError, match=r"^upstream_secrets_file: the upstream "):
+        build_app(
+            keys.config(), upstream="http://127.0.0.1:9", upstream_api_key=keys.api_key.swapcase()
+        )
+
+
 def test_the_gateway_starts_with_keys_of_its_own(keys: Keys) -> None:
     other = fresh_keys()
     app = build_app(

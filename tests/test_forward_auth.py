@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -401,6 +401,8 @@ async def test_clear_token_cache_forces_a_full_verification(keys: Keys) -> None:
         ({"shared_secret": "é" * 20}, "shared_secret"),
         ({"shared_secret": ""}, "shared_secret"),
         ({"shared_secret": "a" * 40}, "shared_secret"),  # a placeholder, as for keys
+        # The placeholder of our own nginx example, copied as it is.
+        ({"shared_secret": "REPLACE-WITH-THE-SHARED-SECRET"}, "shared_secret"),
         ({"realm": 'bad"realm'}, "realm"),
         ({"rules": ["/health"]}, "rules"),
     ],
@@ -412,9 +414,12 @@ def test_bad_configuration_is_refused(keys: Keys, options: dict[str, Any], field
 
 
 @pytest.mark.parametrize("which", ["api_key", "mobile_api_key", "jwt_secret"])
-def test_shared_secret_must_not_be_a_key(keys: Keys, which: str) -> None:
+@pytest.mark.parametrize("spelling", [str, str.swapcase], ids=["same", "other-case"])
+def test_shared_secret_must_not_be_a_key(
+    keys: Keys, which: str, spelling: Callable[[str], str]
+) -> None:
     with pytest.raises(ConfigError) as caught:
-        ForwardAuth(keys.config(), shared_secret=getattr(keys, which))
+        ForwardAuth(keys.config(), shared_secret=spelling(getattr(keys, which)))
     assert caught.value.field == "shared_secret"
     assert getattr(keys, which) not in str(caught.value)
 

@@ -18,7 +18,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._config import DEFAULT_UPSTREAM_TIMEOUT, GateConfig, read_secrets_document
+from ._config import (
+    DEFAULT_UPSTREAM_TIMEOUT,
+    GateConfig,
+    read_secrets_document,
+    separation_key,
+)
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._errors import ConfigError
 from ._middleware import DeviceAuthMiddleware
@@ -172,12 +177,15 @@ def build_app(
             raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
         inner = demo_app
     else:
-        gate_secrets = {*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets}
+        gate_secrets = {
+            separation_key(key)
+            for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
+        }
         for field, key in (
             ("upstream api_key", upstream_api_key),
             ("upstream mobile_api_key", upstream_mobile_api_key),
         ):
-            if key is not None and key in gate_secrets:
+            if key is not None and separation_key(key) in gate_secrets:
                 # Devices would hold the upstream's own key and could call it directly,
                 # which is what the gateway exists to prevent.
                 raise ConfigError(

@@ -20,6 +20,7 @@ __all__ = [
     "check_header_name",
     "check_key",
     "read_secrets_document",
+    "separation_key",
 ]
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
@@ -45,6 +46,16 @@ VENDOR_EXAMPLE_KEYS = frozenset(
 )
 
 # RFC 9110 §5.1 field-name token.
+_PLACEHOLDER_WORDS = (
+    "replace",
+    "changeme",
+    "change-me",
+    "change_me",
+    "your-",
+    "your_",
+    "example",
+    "placeholder",
+)
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # Keys travel as header values; whitespace would make ``Authorization: <key>`` ambiguous with
 # ``Authorization: <scheme> <token>``, so keys are visible ASCII only (RFC 9110 §5.5 VCHAR).
@@ -74,7 +85,7 @@ def check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True
     travel as a header value (``header_value``) must also be visible ASCII."""
     if not key:
         raise ConfigError(field, "an empty key is not allowed; generate one with `devicegate init`")
-    if key in VENDOR_EXAMPLE_KEYS:
+    if key.strip() in VENDOR_EXAMPLE_KEYS:
         raise ConfigError(
             field,
             "this is the example key from the SenseCrypt documentation, known to everyone; "
@@ -100,6 +111,22 @@ def check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True
             f"this key uses fewer than {required} distinct characters, so it is not random; "
             "generate one with `devicegate init`",
         )
+    # Placeholders copied from documentation ("REPLACE-WITH-THE-SHARED-SECRET" in ours). Words
+    # of five letters or more: a random key holds one with odds below one in a billion.
+    folded = key.casefold()
+    if any(word in folded for word in _PLACEHOLDER_WORDS):
+        raise ConfigError(
+            field,
+            "this key reads like a placeholder (it says 'replace', 'change me', 'your', "
+            "'example' or 'placeholder'); generate one with `devicegate init`",
+        )
+
+
+def separation_key(key: str) -> str:
+    """What two keys must not share: the same key with other surrounding spaces or in another
+    case is the same door (a leaked API key would give away a JWT secret that is that key
+    with a trailing space, or a mobile key that is it in lower case)."""
+    return key.strip().casefold()
 
 
 def _check_int(field: str, value: object, *, low: int, high: int | None = None) -> int:
@@ -210,15 +237,17 @@ class GateConfig:
             ("jwt_secret", secrets),
         ):
             for key in keys:
-                if key in seen:
-                    other = seen[key]
+                same = separation_key(key)
+                if same in seen:
+                    other = seen[same]
                     where = "twice" if other == field else f"both as {other} and as {field}"
                     raise ConfigError(
                         field,
-                        f"the same value is used {where}; every key and secret must be "
-                        "distinct so that one leak cannot open another door",
+                        f"the same value is used {where} (ignoring case and surrounding "
+                        "spaces); every key and secret must be distinct so that one leak "
+                        "cannot open another door",
                     )
-                seen[key] = field
+                seen[same] = field
         set_ = object.__setattr__
         set_(self, "_api_keys", api)
         set_(self, "_mobile_api_keys", mobile)
