@@ -617,6 +617,16 @@ def test_json_that_is_not_an_object(
             "jwt_expire_seconds",
             id="lifetime-zero",
         ),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": 86_401},
+            "jwt_expire_seconds",
+            id="lifetime-over-a-day",
+        ),
+        pytest.param(
+            lambda k: {"jwt_secret": k.jwt_secret, "jwt_expire_seconds": 300_000},
+            "jwt_expire_seconds",
+            id="lifetime-in-milliseconds",
+        ),
         pytest.param(lambda k: {"jwt_secret": "short"}, "jwt_secret", id="weak-jwt-secret"),
         pytest.param(
             lambda k: {"api_key": k.api_key, "mobile_api_key": k.api_key},
@@ -871,6 +881,15 @@ def test_keys_that_read_like_placeholders_are_refused(field: str, value: str) ->
         GateConfig(**options)
     assert_error(excinfo.value, field, value)
     assert "placeholder" in str(excinfo.value)
+
+
+def test_a_token_lifetime_of_a_day_is_the_longest(keys: Keys) -> None:
+    assert keys.config(jwt_expire_seconds=86_400).jwt_expire_seconds == 86_400
+    with pytest.raises(ConfigError, match=r"^jwt_expire_seconds: must be between 1 and 86400"):
+        keys.config(jwt_expire_seconds=86_401)
+    # Too long to print (str() refuses over 4,300 digits): still one clear error.
+    with pytest.raises(ConfigError, match=r"got a number of over 18 digits$"):
+        keys.config(jwt_expire_seconds=10**5000)
 
 
 def test_random_keys_never_read_like_placeholders() -> None:

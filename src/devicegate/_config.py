@@ -29,6 +29,9 @@ MIN_JWT_SECRET_BYTES = 32
 MIN_API_KEY_BYTES = 16
 MIN_DISTINCT_CHARACTERS = 8
 MAX_LEEWAY_SECONDS = 60
+# Device tokens are short-lived by design (SenseCrypt's default is 5 minutes) and nothing revokes
+# one before it expires: a day is the most a typo (milliseconds for seconds) may cost.
+MAX_TOKEN_LIFETIME_SECONDS = 86_400
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 # A SenseCrypt secrets.json is a few hundred bytes; this bounds what a wrong path can cost.
 _MAX_SECRETS_FILE_BYTES = 1024 * 1024
@@ -134,7 +137,9 @@ def _check_int(field: str, value: object, *, low: int, high: int | None = None) 
         raise ConfigError(field, f"must be an integer, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ConfigError(field, f"must be {bound}, got {value}")
+        # str() of an int of over 4,300 digits raises; nobody needs to read one back anyway.
+        shown = str(value) if abs(value) < 10**18 else "a number of over 18 digits"
+        raise ConfigError(field, f"must be {bound}, got {shown}")
     return value
 
 
@@ -255,7 +260,9 @@ class GateConfig:
         set_(
             self,
             "jwt_expire_seconds",
-            _check_int("jwt_expire_seconds", jwt_expire_seconds, low=1),
+            _check_int(
+                "jwt_expire_seconds", jwt_expire_seconds, low=1, high=MAX_TOKEN_LIFETIME_SECONDS
+            ),
         )
         set_(
             self,
