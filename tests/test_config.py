@@ -4,6 +4,7 @@ keeping secrets out of every message, repr and pickle."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import secrets
@@ -468,7 +469,7 @@ def test_unreadable_file_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         GateConfig.from_secrets_file(tmp_path)
     assert_error(excinfo.value, "secrets_file")
-    assert "cannot read" in str(excinfo.value)
+    assert "is not a regular file" in str(excinfo.value)
 
 
 def test_unreadable_file_not_utf8(tmp_path: Path, keys: Keys) -> None:
@@ -560,6 +561,36 @@ def test_an_oversized_file_is_refused_unread(tmp_path: Path, keys: Keys) -> None
         GateConfig.from_secrets_file(path)
     assert_error(excinfo.value, "secrets_file", keys.api_key)
     assert "is over 1,048,576 bytes" in str(excinfo.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="mode bits describe writers on POSIX only")
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o664, 0o620, 0o602])
+def test_a_file_other_users_may_write_is_refused(tmp_path: Path, keys: Keys, mode: int) -> None:
+    # Whoever can write it chooses the keys, and with the jwt_secret mints any token.
+    path = write_secrets(tmp_path / "secrets.json", keys)
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig.from_secrets_file(path)
+    assert_error(excinfo.value, "secrets_file", keys.api_key, keys.jwt_secret)
+    assert f"can be written by other users (mode {mode:04o})" in str(excinfo.value)
+    assert f"chmod go-w {path}" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644, 0o400, 0o444])
+def test_a_file_only_its_owner_may_write_is_read(tmp_path: Path, keys: Keys, mode: int) -> None:
+    # 0644 and 0444 are what Kubernetes and Docker secrets mount: readable is fine.
+    path = write_secrets(tmp_path / "secrets.json", keys)
+    path.chmod(mode)
+    assert GateConfig.from_secrets_file(path).api_keys == (keys.api_key,)
+
+
+def test_what_is_not_a_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    fifo = tmp_path / "secrets.fifo"
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer forever
+    for path in (fifo, tmp_path, Path(os.devnull)):
+        with pytest.raises(ConfigError) as excinfo:
+            GateConfig.from_secrets_file(path)
+        assert "is not a regular file" in str(excinfo.value)
 
 
 def test_a_byte_order_mark_is_allowed(tmp_path: Path, keys: Keys) -> None:

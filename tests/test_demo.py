@@ -540,7 +540,7 @@ def test_read_upstream_secrets_errors(
 
 
 def test_read_upstream_secrets_of_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="is not a regular file"):
         read_upstream_secrets(tmp_path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -410,13 +411,16 @@ def read_secrets_document(
     """The JSON object in a ``secrets.json``; errors name ``field`` and never its content.
 
     Raises:
-        ConfigError: the file is missing (the message ends with ``missing_hint``), unreadable,
-            not JSON (only the position is given: the document holds secrets), or not an
-            object.
+        ConfigError: the file is missing (the message ends with ``missing_hint``), not a
+            regular file, writable by other users, unreadable, over 1 MiB, not strict JSON
+            (only the position is given: the document holds secrets), or not an object.
     """
     file = Path(path)
     try:
+        # Checked before opening too: opening a FIFO would wait for a writer.
+        _check_file(field, file, file.stat())
         with file.open("rb") as stream:
+            _check_file(field, file, os.fstat(stream.fileno()))
             raw = stream.read(_MAX_SECRETS_FILE_BYTES + 1)
         # A byte-order mark, which some Windows editors write, is allowed (RFC 8259 §8.1).
         text = raw.decode("utf-8-sig")
@@ -443,6 +447,22 @@ def read_secrets_document(
     if not isinstance(data, dict):
         raise ConfigError(field, f"{file} must hold a JSON object")
     return data
+
+
+def _check_file(field: str, file: Path, status: os.stat_result) -> None:
+    """Refuse what is not a regular file, and a file other users may write."""
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigError(field, f"{file} is not a regular file")
+    # Whoever can write the file chooses the keys (and a jwt_secret mints any token), as ssh
+    # refuses an authorized_keys that others may write. POSIX only: elsewhere the mode bits do
+    # not describe who may write.
+    if os.name == "posix" and status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(status.st_mode)
+        raise ConfigError(
+            field,
+            f"{file} can be written by other users (mode {mode:04o}), who could then choose "
+            f"its keys; run: chmod go-w {file}",
+        )
 
 
 def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
