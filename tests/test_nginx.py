@@ -368,6 +368,32 @@ async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None
     assert "x-devicegate-forward-secret" not in got
 
 
+async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stack) -> None:
+    # The gateway drops these; behind nginx they rode along to the API on an admitted request.
+    claims = [
+        ("x-original-url", "/admin/users"),
+        ("x-rewrite-url", "/admin/users"),
+        ("x-original-uri", "/admin/users"),
+        ("x-forwarded-uri", "/admin/users"),
+        ("x-forwarded-prefix", "/admin"),
+        ("forwarded", "for=203.0.113.9;host=evil.example"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-real-ip", "203.0.113.9"),
+    ]
+    async with async_client(stack.nginx.url) as http:
+        response = await fetch(
+            http, "/mobile/x", [("authorization", stack.keys.mobile_api_key), *claims]
+        )
+    got = received(response)
+    assert got["x-devicegate-kind"] == ["mobile_api_key"]
+    for name in ("x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri"):
+        assert name not in got
+    assert "x-forwarded-prefix" not in got
+    assert "forwarded" not in got
+    assert got["x-forwarded-host"] == ["127.0.0.1"]
+    assert got["x-real-ip"] == ["127.0.0.1"]
+
+
 async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
     async with async_client(stack.nginx.url) as http:
         unauthorized = await http.get("/status/401", headers={"x-api-key": stack.keys.api_key})
