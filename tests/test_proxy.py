@@ -834,6 +834,78 @@ async def test_an_upstream_content_length_beside_transfer_encoding_is_dropped() 
     assert b"".join(m.get("body", b"") for m in result.messages[1:]) == b"ok"
 
 
+async def redirected(upstream: str, location: str, root_path: str = "") -> bytes:
+    """The ``Location`` a client gets through a proxy to ``upstream`` answering a 302 there."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": location})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        proxy = ReverseProxy(upstream, client=client)
+        scope = {**request_scope("/a"), "root_path": root_path, "user": api_key_user()}
+        result = await drive(proxy, scope)
+        await proxy.aclose()
+    assert result.status == 302
+    return result.headers[b"location"]
+
+
+@pytest.mark.parametrize(
+    ("location", "root_path", "expected"),
+    [
+        # To the upstream itself: the same place through the gateway, as a path.
+        ("http://upstream.invalid:8080/api/items/", "", "/items/"),
+        ("http://upstream.invalid:8080/api/items/?page=2#top", "", "/items/?page=2#top"),
+        ("HTTP://Upstream.Invalid:8080/api", "", "/"),
+        ("http://upstream.invalid:8080/api?next=1", "", "/?next=1"),
+        ("/api/items/", "", "/items/"),
+        ("/api/items/", "/gw", "/gw/items/"),
+        ("http://upstream.invalid:8080/api/x", "/g w", "/g%20w/x"),
+        # Anywhere else: left as it is.
+        ("http://elsewhere.example/api/x", "", "http://elsewhere.example/api/x"),
+        ("http://upstream.invalid:8081/api/x", "", "http://upstream.invalid:8081/api/x"),
+        ("/apix", "", "/apix"),
+        ("/other", "/gw", "/other"),
+        ("items/", "", "items/"),
+        ("//upstream.invalid:8080/api/x", "", "//upstream.invalid:8080/api/x"),
+    ],
+)
+async def test_a_redirect_to_the_upstream_leads_back_through_the_gateway(
+    location: str, root_path: str, expected: str
+) -> None:
+    # Relayed as they were, these leaked the upstream's internal address to the client and sent
+    # it where it cannot go (or past the gateway's base path).
+    got = await redirected("http://upstream.invalid:8080/api", location, root_path)
+    assert got == expected.encode()
+
+
+async def test_a_real_upstreams_redirect_comes_back_as_a_gateway_path(
+    upstream: Server, keys: Keys
+) -> None:
+    async with gateway(proxy_for(upstream), keys) as http:
+        response = await http.get("/redirect?items/", headers={"x-api-key": keys.api_key})
+    assert response.status_code == 307
+    # The upstream built http://127.0.0.1:<its port>/items/ from the Host the gateway sent.
+    assert response.json()["location"].startswith(upstream.url)
+    assert response.headers["location"] == "/items/"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "location", "root_path", "expected"),
+    [
+        ("http://upstream.invalid", "http://upstream.invalid:80/x", "", "/x"),
+        ("http://upstream.invalid", "http://upstream.invalid/x", "/gw", "/gw/x"),
+        ("https://upstream.invalid", "https://upstream.invalid:443/", "", "/"),
+        ("http://upstream.invalid", "/x", "/gw", "/gw/x"),
+        ("http://upstream.invalid", "/x", "", "/x"),
+        ("http://[::1]:9000", "http://[::1]:9000/x", "", "/x"),
+    ],
+)
+async def test_redirects_to_an_upstream_without_a_base_path(
+    upstream: str, location: str, root_path: str, expected: str
+) -> None:
+    assert await redirected(upstream, location, root_path) == expected.encode()
+
+
 async def test_a_client_that_follows_redirects_never_follows_one_here(keys: Keys) -> None:
     # httpx strips only Authorization when a redirect changes origin: following one would hand
     # the injected upstream key, and the original path, to whatever host the upstream named.

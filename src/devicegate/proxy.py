@@ -95,6 +95,7 @@ _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-
 
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
 _PATH_SAFE = "/!$&'()*+,;=:@"
+_URL_PART_ENDS = (b"", b"/", b"?", b"#")
 
 _BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
 _GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
@@ -192,7 +193,11 @@ class ReverseProxy:
     * keeps the method, the status, the path and query exactly as received (``raw_path`` and
       ``query_string`` bytes), and repeated headers in order. The raw path is forwarded only
       when it decodes to the route path the middleware judged (400 otherwise: a layer that
-      rewrites ``scope["path"]`` must rewrite or remove ``raw_path`` too);
+      rewrites ``scope["path"]`` must rewrite or remove ``raw_path`` too), and never when it
+      holds ``%2F``, ``%5C`` or ``#``, which the upstream may split otherwise (400);
+    * never follows a redirect, and turns one to the upstream itself into a path through the
+      gateway (the upstream's base path off, ``root_path`` on), as nginx's default
+      ``proxy_redirect`` does;
     * refuses ``TRACE``, ``TRACK`` and ``CONNECT`` with 405, also when named in a
       method-override header: a reflected request would carry the injected upstream key back
       to the client;
@@ -267,6 +272,7 @@ class ReverseProxy:
         self.upstream = _check_upstream(upstream)
         self._base_url = httpx.URL(self.upstream)
         self._base_path = self._base_url.raw_path.rstrip(b"/")
+        self._origins = _origins(self._base_url)
         self._upstream_api_key = _check_key("upstream_api_key", upstream_api_key)
         self._upstream_mobile_api_key = _check_key(
             "upstream_mobile_api_key", upstream_mobile_api_key
@@ -459,20 +465,20 @@ class ReverseProxy:
             await _send_error(scope, send, _BAD_GATEWAY)
             return
         try:
-            await self._relay(send, response)
+            await self._relay(send, response, scope.get("root_path", ""))
         finally:
             # Shielded: after a client disconnect cancelled the exchange, the connection must
             # still be released (or closed) properly.
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    async def _relay(self, send: Send, response: httpx.Response) -> None:
+    async def _relay(self, send: Send, response: httpx.Response, root_path: str) -> None:
+        headers = _response_headers(response.headers.raw)
+        for index, (name, value) in enumerate(headers):
+            if name == b"location":
+                headers[index] = (name, self._client_location(value, root_path))
         await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": _response_headers(response.headers.raw),
-            }
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         if response.is_stream_consumed:
             # Only test transports (httpx.MockTransport) hand back a response already read.
@@ -493,6 +499,34 @@ class ReverseProxy:
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _client_location(self, location: bytes, root_path: str) -> bytes:
+        """``location`` as the client must follow it: a redirect to the upstream itself becomes
+        one to the same place through this gateway, as nginx's default ``proxy_redirect`` does.
+
+        Given as a path (RFC 9110 §10.2.2 allows a relative reference), never with the host the
+        client sent: that would put a header the client chose into the response. Any other
+        location (another host, a path outside the upstream's base path) is left as it is.
+        """
+        value = location.strip()
+        lowered = value.lower()
+        for origin in self._origins:
+            if _has_prefix(lowered, origin):
+                value = value[len(origin) :]
+                break
+        else:
+            if not value.startswith(b"/") or value.startswith(b"//"):
+                return location
+        base = self._base_path
+        if base:
+            if not _has_prefix(value, base):
+                return location
+            value = value[len(base) :]
+        if not value.startswith(b"/"):
+            value = b"/" + value
+        if root_path:
+            value = quote(root_path, safe=_PATH_SAFE).encode("ascii") + value
+        return value
 
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
         """The headers to send upstream, and the body length the client declared.
@@ -599,6 +633,23 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
             continue
         headers.append((name, value))
     return headers
+
+
+def _has_prefix(value: bytes, prefix: bytes) -> bool:
+    """Whether ``value`` starts with ``prefix`` as a whole (``/api`` in ``/api/x``, ``/api?q``
+    and ``/api``, not in ``/apix``)."""
+    return value.startswith(prefix) and value[len(prefix) : len(prefix) + 1] in _URL_PART_ENDS
+
+
+def _origins(url: httpx.URL) -> tuple[bytes, ...]:
+    """The spellings of ``url``'s origin a redirect may use: lower case, with and without a
+    default port."""
+    scheme = url.scheme.encode("ascii")
+    netloc = url.netloc.lower()
+    default_port = b":443" if scheme == b"https" else b":80"
+    if url.port is None:
+        return (scheme + b"://" + netloc, scheme + b"://" + netloc + default_port)
+    return (scheme + b"://" + netloc,)
 
 
 def _raw_route_path(scope: Scope) -> bytes | None:

@@ -8,6 +8,7 @@ Run in a real server process (``uvicorn tests.servers.echo:app``). Endpoints:
 * ``/status/<code>``: the same JSON with that status (no body for 204 and 304).
 * ``/big?bytes=N``: reads the body (its length and digest go in ``x-received-length`` and
   ``x-received-sha256``), then streams N bytes back in 64 KiB chunks.
+* ``/redirect?<path>``: 307 to ``http://<the Host it was asked under>/<path>``.
 * ``/slow``: waits until the client goes away (at most 60 s), then answers.
 * ``/__seen``: every request target this process has received, and every ``/slow`` request
   whose client went away (``"disconnected <target>"``).
@@ -91,6 +92,14 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     target = _target(scope)
     SEEN.append(target)
     length, digest = await _read_body(receive)
+
+    if path == "/redirect":
+        # As a framework redirects (Starlette's redirect_slashes, say): an absolute URL built
+        # from the Host it was asked under.
+        host = dict(scope["headers"]).get(b"host", b"")
+        location = b"http://" + host + b"/" + scope["query_string"]
+        await _send_json(send, 307, {"location": location.decode()}, [(b"location", location)])
+        return
 
     if path == "/slow":
         disconnected = False
