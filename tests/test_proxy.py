@@ -584,8 +584,9 @@ async def test_a_content_length_of_thousands_of_digits_is_413_not_500(upstream: 
     assert result.headers[b"connection"] == b"close"
 
 
-async def test_leading_zeros_in_content_length_are_only_zeros(upstream: Server) -> None:
-    headers = [(b"content-length", b"0" * 40 + b"5")]
+@pytest.mark.parametrize("zeros", [40, 5000])
+async def test_leading_zeros_in_content_length_are_only_zeros(upstream: Server, zeros: int) -> None:
+    headers = [(b"content-length", b"0" * zeros + b"5")]
     scope = {**request_scope("/", method="POST", headers=headers), "user": api_key_user()}
     result = await through_proxy(upstream, scope, [b"12345"])
     assert result.status == 200

@@ -550,9 +550,10 @@ class ReverseProxy:
                 digits = value.strip()
                 if not digits.isdigit():
                     raise _Refused(_BAD_LENGTH)
-                if len(digits.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
-                    # Beyond any body we forward, and int() refuses past 4,300 digits.
-                    raise _Refused(_TOO_LARGE, close=True)
+                # Without its leading zeros: int() refuses over 4,300 digits, zeros included.
+                digits = digits.lstrip(b"0") or b"0"
+                if len(digits) > _MAX_LENGTH_DIGITS:
+                    raise _Refused(_TOO_LARGE, close=True)  # beyond any body we forward
                 length = int(digits)
                 if content_length is not None and length != content_length:
                     raise _Refused(_BAD_LENGTH)
