@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,6 +537,40 @@ def test_read_upstream_secrets_errors(
     with pytest.raises(ConfigError, match=f"^upstream_secrets_file: .*{message}") as info:
         read_upstream_secrets(path)
     assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("build", "what"),
+    [
+        # The upstream accepts every key of a rotation list, not only the one injected.
+        (lambda k: {"api_key": ["upstream-own-key-0123456789", k.api_key]}, "upstream api_key"),
+        (lambda k: {"mobile_api_key": [k.mobile_api_key.swapcase()]}, "upstream mobile_api_key"),
+        # A shared jwt_secret: the gateway's tokens would be the upstream's too.
+        (
+            lambda k: {"api_key": "upstream-own-key-0123456789", "jwt_secret": k.jwt_secret},
+            "upstream jwt_secret",
+        ),
+    ],
+)
+def test_upstream_secrets_sharing_any_value_with_the_gate_are_refused(
+    tmp_path: Path, keys: Keys, build: Callable[[Keys], dict[str, Any]], what: str
+) -> None:
+    path = write_json(tmp_path / "upstream.json", build(keys))
+    with pytest.raises(ConfigError, match=f"^upstream_secrets_file: the {what} is also") as info:
+        read_upstream_secrets(path, keys.config())
+    for secret in (keys.api_key, keys.mobile_api_key, keys.jwt_secret):
+        assert secret not in str(info.value)
+
+
+def test_upstream_secrets_of_their_own_are_read_with_the_gate(tmp_path: Path, keys: Keys) -> None:
+    other = fresh_keys()
+    document = {
+        "api_key": [other.api_key, "upstream-old-key-0123456789"],
+        "mobile_api_key": other.mobile_api_key,
+        "jwt_secret": other.jwt_secret,
+    }
+    path = write_json(tmp_path / "upstream.json", document)
+    assert read_upstream_secrets(path, keys.config()) == (other.api_key, other.mobile_api_key)
 
 
 def test_read_upstream_secrets_of_a_directory(tmp_path: Path) -> None:

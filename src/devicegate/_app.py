@@ -69,15 +69,20 @@ def load_config(
     return GateConfig.from_env(environ)
 
 
-def read_upstream_secrets(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+def read_upstream_secrets(
+    path: str | os.PathLike[str], gate: GateConfig | None = None
+) -> tuple[str | None, str | None]:
     """Read ``(api_key, mobile_api_key)`` from the upstream's SenseCrypt ``secrets.json``.
 
     These are the upstream's own credentials, injected into forwarded requests; their strength
     is the upstream's business, so they are not checked here. A list (rotation) yields its
-    first value.
+    first value. With ``gate``, no value the upstream accepts (every key of a rotation list,
+    and its ``jwt_secret``) may also be one of the gate's keys or its secret: devices would
+    then hold something the upstream takes directly.
 
     Raises:
-        ConfigError: the file is missing, unreadable, not a JSON object, or holds neither key.
+        ConfigError: the file is missing, unreadable, not a JSON object, holds neither key, or
+            shares a value with ``gate``.
     """
     field = "upstream_secrets_file"
     file = Path(path)
@@ -85,7 +90,31 @@ def read_upstream_secrets(path: str | os.PathLike[str]) -> tuple[str | None, str
     keys = (_first_key(field, data, "api_key"), _first_key(field, data, "mobile_api_key"))
     if keys == (None, None):
         raise ConfigError(field, f"{file} holds neither api_key nor mobile_api_key")
+    if gate is not None:
+        taken = _gate_secrets(gate)
+        for name in ("api_key", "mobile_api_key", "jwt_secret"):
+            value = data.get(name)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(item, str) and separation_key(item) in taken for item in values):
+                raise _shared_with_upstream(f"upstream {name}")
     return keys
+
+
+def _gate_secrets(config: GateConfig) -> set[str]:
+    return {
+        separation_key(key)
+        for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
+    }
+
+
+def _shared_with_upstream(what: str) -> ConfigError:
+    # Devices would hold the upstream's own key and could call it directly, which is what the
+    # gateway exists to prevent.
+    return ConfigError(
+        "upstream_secrets_file",
+        f"the {what} is also a key or secret of this gateway; give the gateway keys of its own "
+        "(devicegate init), so that devices never hold the upstream's",
+    )
 
 
 def _first_key(field: str, data: Mapping[str, Any], name: str) -> str | None:
@@ -177,23 +206,13 @@ def build_app(
             raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
         inner = demo_app
     else:
-        gate_secrets = {
-            separation_key(key)
-            for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
-        }
-        for field, key in (
+        taken = _gate_secrets(config)
+        for what, key in (
             ("upstream api_key", upstream_api_key),
             ("upstream mobile_api_key", upstream_mobile_api_key),
         ):
-            if key is not None and separation_key(key) in gate_secrets:
-                # Devices would hold the upstream's own key and could call it directly,
-                # which is what the gateway exists to prevent.
-                raise ConfigError(
-                    "upstream_secrets_file",
-                    f"the {field} is also a key or secret of this gateway; give the gateway "
-                    "keys of its own (devicegate init), so that devices never hold the "
-                    "upstream's",
-                )
+            if key is not None and separation_key(key) in taken:
+                raise _shared_with_upstream(what)
         from .proxy import ReverseProxy  # lazy: httpx is in the server extra
 
         # The gateway answers its own health check: an unauthenticated probe must not reach
@@ -333,7 +352,7 @@ class ServeSettings:
             config = self.load_config(environ)
         api_key = mobile_api_key = None
         if self.upstream_secrets_file is not None:
-            api_key, mobile_api_key = read_upstream_secrets(self.upstream_secrets_file)
+            api_key, mobile_api_key = read_upstream_secrets(self.upstream_secrets_file, config)
         secret = None
         if self.forward_auth_secret_env is not None:
             secret = environ.get(self.forward_auth_secret_env) or None
