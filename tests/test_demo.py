@@ -574,7 +574,7 @@ def test_upstream_secrets_of_their_own_are_read_with_the_gate(tmp_path: Path, ke
 
 
 def test_read_upstream_secrets_of_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="is not a regular file"):
+    with pytest.raises(ConfigError, match="cannot read"):
         read_upstream_secrets(tmp_path)
 
 

@@ -411,14 +411,13 @@ def read_secrets_document(
     """The JSON object in a ``secrets.json``; errors name ``field`` and never its content.
 
     Raises:
-        ConfigError: the file is missing (the message ends with ``missing_hint``), not a
-            regular file, writable by other users, unreadable, over 1 MiB, not strict JSON
-            (only the position is given: the document holds secrets), or not an object.
+        ConfigError: the file is missing (the message ends with ``missing_hint``), a
+            directory, another user's or writable by other users, unreadable, over 1 MiB, not
+            strict JSON (only the position is given: the document holds secrets), or not an
+            object.
     """
     file = Path(path)
     try:
-        # Checked before opening too: opening a FIFO would wait for a writer.
-        _check_file(field, file, file.stat())
         with file.open("rb") as stream:
             _check_file(field, file, os.fstat(stream.fileno()))
             raw = stream.read(_MAX_SECRETS_FILE_BYTES + 1)
@@ -450,13 +449,22 @@ def read_secrets_document(
 
 
 def _check_file(field: str, file: Path, status: os.stat_result) -> None:
-    """Refuse what is not a regular file, and a file other users may write."""
-    if not stat.S_ISREG(status.st_mode):
-        raise ConfigError(field, f"{file} is not a regular file")
-    # Whoever can write the file chooses the keys (and a jwt_secret mints any token), as ssh
-    # refuses an authorized_keys that others may write. POSIX only: elsewhere the mode bits do
-    # not describe who may write.
-    if os.name == "posix" and status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    """Refuse a regular file that another user could change.
+
+    Whoever can write the file chooses the keys (and a ``jwt_secret`` mints any token), so, as
+    ssh treats ``authorized_keys``: a regular file must belong to this user or to root and be
+    writable by its owner alone. Pipes pass (``--secrets <(vault read ...)`` keeps secrets off
+    disk), and so does everything on systems where the mode bits do not say who may write.
+    """
+    if os.name != "posix" or not stat.S_ISREG(status.st_mode):
+        return
+    if status.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            field,
+            f"{file} belongs to another user (uid {status.st_uid}), who could change its keys; "
+            "give it to the user devicegate runs as (chown)",
+        )
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         mode = stat.S_IMODE(status.st_mode)
         raise ConfigError(
             field,
