@@ -95,8 +95,11 @@ def test_benchmark_reports_the_http_rows_with_a_control(generator: str, tmp_path
     env = dict(os.environ)
     if generator != "wrk":
         env["PATH"] = str(tmp_path)  # the script needs nothing else from the PATH
-    else:
-        assert shutil.which("wrk"), "wrk is not installed (scripts/test installs it)"
+    elif not shutil.which("wrk"):
+        # Optional for a developer's own pytest run; CI (scripts/test installs it) must run it.
+        if os.environ.get("CI"):
+            pytest.fail("wrk is not installed (scripts/test installs it)")
+        pytest.skip("wrk is not installed; scripts/test installs it")
     result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
         [
             sys.executable,
@@ -128,7 +131,8 @@ def test_benchmark_reports_the_http_rows_with_a_control(generator: str, tmp_path
     for name in HTTP_ROWS[1:3]:
         assert rows[name][2].endswith("%"), rows[name]
     target = rows["≥ 97 % of the unprotected requests/s over uvicorn"]
-    assert "(control " in target[0]
+    assert "from the time inside uvicorn (" in target[0]
+    assert "by requests/s, control " in target[0]
     assert target[-1] in {"yes", "**no**"}
     assert "this run's noise" in result.stdout
     assert "Timed inside uvicorn, devicegate with a cached token adds " in result.stdout
