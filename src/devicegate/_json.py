@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 __all__ = ["DuplicateMember", "loads_strict_json"]
@@ -23,11 +24,8 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # RFC 7515 §4 / RFC 7519 §4: duplicate member names are refused, so no other parser can
         # read a different instance_id or exp from the same token (or another jwt_secret from
         # the same secrets file: most parsers keep the last one, some the first).
-        seen: set[str] = set()
-        for name, _ in pairs:
-            if name in seen:
-                raise DuplicateMember(name)
-            seen.add(name)
+        counts = Counter(name for name, _ in pairs)
+        raise DuplicateMember(next(name for name, count in counts.items() if count > 1))
     return obj
 
 
