@@ -868,15 +868,25 @@ async def redirected(upstream: str, location: str, root_path: str = "") -> bytes
         ("/other", "/gw", "/other"),
         ("items/", "", "items/"),
         ("//upstream.invalid:8080/api/x", "", "//upstream.invalid:8080/api/x"),
+        # Never cut down to another site, nor out of the mount point: relayed as written.
+        ("http://upstream.invalid:8080/api//evil.example/", "", None),
+        ("http://upstream.invalid:8080/api/\\evil.example", "", None),
+        ("http://upstream.invalid:8080/api/%5Cevil.example", "", None),
+        ("http://upstream.invalid:8080/api/%09/evil.example", "", None),
+        ("/api//evil.example", "", None),
+        ("/api/../../x", "/gw", None),
+        ("/api/%2e%2e/x", "/gw", None),
+        # A mount point written with its trailing slash does not double it.
+        ("/api/x", "/gw/", "/gw/x"),
     ],
 )
 async def test_a_redirect_to_the_upstream_leads_back_through_the_gateway(
-    location: str, root_path: str, expected: str
+    location: str, root_path: str, expected: str | None
 ) -> None:
     # Relayed as they were, these leaked the upstream's internal address to the client and sent
-    # it where it cannot go (or past the gateway's base path).
+    # it where it cannot go (or past the gateway's base path). None: relayed unchanged.
     got = await redirected("http://upstream.invalid:8080/api", location, root_path)
-    assert got == expected.encode()
+    assert got == (location if expected is None else expected).encode()
 
 
 async def test_a_real_upstreams_redirect_comes_back_as_a_gateway_path(
@@ -888,6 +898,12 @@ async def test_a_real_upstreams_redirect_comes_back_as_a_gateway_path(
     # The upstream built http://127.0.0.1:<its port>/items/ from the Host the gateway sent.
     assert response.json()["location"].startswith(upstream.url)
     assert response.headers["location"] == "/items/"
+    # An upstream that puts a "local" next= path after its own origin stays on its own host:
+    # cut down to a path, "//evil.example/" would be an open redirect through the gateway.
+    async with gateway(proxy_for(upstream), keys) as http:
+        response = await http.get("/redirect?/evil.example/", headers={"x-api-key": keys.api_key})
+    assert response.headers["location"] == response.json()["location"]
+    assert response.headers["location"].startswith(upstream.url)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from ._asgi import send_json, serve_lifespan
 from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
-from ._rules import decode_path, has_ambiguous_separators, route_path
+from ._rules import decode_path, has_ambiguous_separators, has_unsafe_segments, route_path
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
@@ -524,8 +524,15 @@ class ReverseProxy:
             value = value[len(base) :]
         if not value.startswith(b"/"):
             value = b"/" + value
+        # What is left must be a plain path: "http://upstream//evil.example/" cut down to
+        # "//evil.example/" (or "/\\evil.example", which browsers read alike) would send the
+        # client to another site, and dot segments could climb out of the mount point. Such a
+        # location is relayed as the upstream wrote it, on the upstream's own host.
+        path = value.split(b"?", 1)[0].split(b"#", 1)[0]
+        if has_unsafe_segments(decode_path(path)):
+            return location
         if root_path:
-            value = quote(root_path, safe=_PATH_SAFE).encode("ascii") + value
+            value = quote(root_path.rstrip("/"), safe=_PATH_SAFE).encode("ascii") + value
         return value
 
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
