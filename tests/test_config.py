@@ -9,6 +9,7 @@ import pickle
 import random
 import secrets
 import string
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -617,6 +618,43 @@ def test_a_file_of_a_user_neither_root_nor_this_one_is_refused(
     monkeypatch.setattr(os, "fstat", fstat_of_another_owner)
     with pytest.raises(ConfigError) as excinfo:
         GateConfig.from_secrets_file(path)
+    assert "belongs to another user (uid 4242)" in str(excinfo.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and uids are POSIX")
+def test_another_users_fifo_is_refused_before_anything_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A FIFO planted by another user would feed devicegate any jwt_secret it likes.
+    fifo = tmp_path / "secrets.json"
+    os.mkfifo(fifo, 0o600)
+    real_fstat = os.fstat
+
+    def fstat_of_another_owner(fd: int) -> os.stat_result:
+        status = list(real_fstat(fd))
+        status[4] = 4242  # st_uid
+        return os.stat_result(status)
+
+    monkeypatch.setattr(os, "fstat", fstat_of_another_owner)
+    # A writer, so that opening the FIFO for reading does not wait. It goes away after a few
+    # seconds: were the check no longer made before reading, the test would fail, not hang.
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    closed = threading.Event()
+
+    def close_writer() -> None:
+        if not closed.is_set():
+            closed.set()
+            os.close(writer)
+
+    timer = threading.Timer(5.0, close_writer)
+    timer.start()
+    try:
+        with pytest.raises(ConfigError) as excinfo:
+            GateConfig.from_secrets_file(fifo)
+    finally:
+        timer.cancel()
+        timer.join()
+        close_writer()
     assert "belongs to another user (uid 4242)" in str(excinfo.value)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -441,28 +442,28 @@ def read_secrets_document(
 
 
 def _check_file(field: str, file: Path, status: os.stat_result) -> None:
-    """Refuse a regular file that another user could change.
+    """Refuse a file that another user could change.
 
     Whoever can write the file chooses the keys (and a ``jwt_secret`` mints any token), so, as
-    ssh treats ``authorized_keys``: a regular file must belong to this user or to root and be
-    writable by its owner alone. Pipes pass (``--secrets <(vault read ...)`` keeps secrets off
-    disk), and so does everything on systems where the mode bits do not say who may write.
+    ssh treats ``authorized_keys``: it must belong to this user or to root and be writable by
+    its owner alone. That holds for pipes too (a FIFO planted by another user is refused; the
+    pipe of ``--secrets <(vault read ...)`` is the caller's, mode 0600). Not on Windows, where
+    neither uids nor these mode bits say who may write.
     """
-    if os.name != "posix" or not stat.S_ISREG(status.st_mode):
-        return
-    if status.st_uid not in (0, os.geteuid()):
-        raise ConfigError(
-            field,
-            f"{file} belongs to another user (uid {status.st_uid}), who could change its keys; "
-            "give it to the user devicegate runs as (chown)",
-        )
-    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = stat.S_IMODE(status.st_mode)
-        raise ConfigError(
-            field,
-            f"{file} can be written by other users (mode {mode:04o}), who could then choose "
-            f"its keys; run: chmod go-w {file}",
-        )
+    if sys.platform != "win32":
+        if status.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                field,
+                f"{file} belongs to another user (uid {status.st_uid}), who could change its "
+                "keys; give it to the user devicegate runs as (chown)",
+            )
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            mode = stat.S_IMODE(status.st_mode)
+            raise ConfigError(
+                field,
+                f"{file} can be written by other users (mode {mode:04o}), who could then "
+                f"choose its keys; run: chmod go-w {file}",
+            )
 
 
 def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
