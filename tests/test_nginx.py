@@ -381,6 +381,9 @@ async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stac
         ("x-forwarded-port", "443"),
         ("x-forwarded-ssl", "on"),
         ("x-forwarded-server", "evil.example"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-protocol", "https"),
+        ("x-forwarded-client-cert", "Subject=claimed"),
         ("x-original-host", "evil.example"),
         ("forwarded", "for=203.0.113.9;host=evil.example"),
         ("x-forwarded-host", "evil.example"),
@@ -397,6 +400,8 @@ async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stac
     for name in ("x-forwarded-prefix", "x-forwarded-path", "x-forwarded-method"):
         assert name not in got
     for name in ("x-forwarded-port", "x-forwarded-ssl", "x-forwarded-server", "x-original-host"):
+        assert name not in got
+    for name in ("x-forwarded-scheme", "x-forwarded-protocol", "x-forwarded-client-cert"):
         assert name not in got
     assert "forwarded" not in got
     assert got["x-forwarded-host"] == ["127.0.0.1"]

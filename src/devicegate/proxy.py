@@ -64,7 +64,14 @@ _REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 # route by (X-Original-URL, X-Rewrite-URL) and the X-Original-URI of forward-auth set-ups:
 # each would name a path the rules never judged.
 _CLIENT_CLAIMS = frozenset(
-    {b"forwarded", b"x-real-ip", b"x-original-url", b"x-original-uri", b"x-rewrite-url"}
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-original-host",
+        b"x-rewrite-url",
+    }
 )
 _FORWARDED_FOR = b"x-forwarded-for"
 # Any X-Devicegate-* (the identity this proxy states) and any other X-Forwarded-*.
@@ -204,8 +211,8 @@ class ReverseProxy:
     * removes hop-by-hop headers (RFC 9110 §7.6.1) both ways, and the upstream's ``Date`` and
       ``Server`` (the serving ASGI server sets its own). It appends the client address to
       ``X-Forwarded-For`` and sets ``X-Forwarded-Proto`` and ``X-Forwarded-Host``; the
-      client's ``Forwarded``, ``X-Real-IP``, other ``X-Forwarded-*``, ``X-Original-URL`` and
-      ``X-Rewrite-URL`` are dropped;
+      client's ``Forwarded``, ``X-Real-IP``, other ``X-Forwarded-*``, ``X-Original-URL``,
+      ``X-Original-URI``, ``X-Original-Host`` and ``X-Rewrite-URL`` are dropped;
     * translates credentials: the client's ``Authorization``, API key and device headers are
       removed, and the upstream's own key is injected for the principal the middleware stored:
       ``X-API-Key: <upstream_api_key>`` for a server API key, ``Authorization:
