@@ -21,8 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._config import (
     DEFAULT_UPSTREAM_TIMEOUT,
     GateConfig,
+    opens_a_door_of,
     read_secrets_document,
-    separation_key,
 )
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._errors import ConfigError
@@ -91,20 +91,12 @@ def read_upstream_secrets(
     if keys == (None, None):
         raise ConfigError(field, f"{file} holds neither api_key nor mobile_api_key")
     if gate is not None:
-        taken = _gate_secrets(gate)
         for name in ("api_key", "mobile_api_key", "jwt_secret"):
             value = data.get(name)
             values = value if isinstance(value, list) else [value]
-            if any(isinstance(item, str) and separation_key(item) in taken for item in values):
+            if any(isinstance(item, str) and opens_a_door_of(gate, item) for item in values):
                 raise _shared_with_upstream(f"upstream {name}")
     return keys
-
-
-def _gate_secrets(config: GateConfig) -> set[str]:
-    return {
-        separation_key(key)
-        for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
-    }
 
 
 def _shared_with_upstream(what: str) -> ConfigError:
@@ -206,12 +198,11 @@ def build_app(
             raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
         inner = demo_app
     else:
-        taken = _gate_secrets(config)
         for what, key in (
             ("upstream api_key", upstream_api_key),
             ("upstream mobile_api_key", upstream_mobile_api_key),
         ):
-            if key is not None and separation_key(key) in taken:
+            if key is not None and opens_a_door_of(config, key):
                 raise _shared_with_upstream(what)
         from .proxy import ReverseProxy  # lazy: httpx is in the server extra
 

@@ -21,6 +21,7 @@ __all__ = [
     "GateConfig",
     "check_header_name",
     "check_key",
+    "opens_a_door_of",
     "read_secrets_document",
     "separation_key",
 ]
@@ -124,6 +125,16 @@ def separation_key(key: str) -> str:
     case is the same door (a leaked API key would give away a JWT secret that is that key
     with a trailing space, or a mobile key that is it in lower case)."""
     return key.strip().casefold()
+
+
+def opens_a_door_of(config: GateConfig, value: str) -> bool:
+    """Whether ``value`` is one of ``config``'s keys or its JWT secret, as
+    :func:`separation_key` compares them: a secret of something else must never be."""
+    same = separation_key(value)
+    return any(
+        separation_key(key) == same
+        for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
+    )
 
 
 def _check_int(field: str, value: object, *, low: int, high: int | None = None) -> int:
@@ -404,8 +415,8 @@ def read_secrets_document(
     """The JSON object in a ``secrets.json``; errors name ``field`` and never its content.
 
     Raises:
-        ConfigError: the file is missing (the message ends with ``missing_hint``), a
-            directory, another user's or writable by other users, unreadable, over 1 MiB, not
+        ConfigError: the file is missing (the message ends with ``missing_hint``), another
+            user's or writable by other users, unreadable (a directory, say), over 1 MiB, not
             strict JSON (only the position is given: the document holds secrets), or not an
             object.
     """

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from starlette.types import Receive, Scope, Send
 
 from ._asgi import send_error, send_json, serve_lifespan
-from ._config import MIN_API_KEY_BYTES, GateConfig, check_key, separation_key
+from ._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
 from ._principal import get_principal
@@ -246,9 +246,7 @@ def _check_secret(config: GateConfig, secret: object) -> bytes:
         raise ConfigError(field, "must be a string of visible ASCII (it travels in a header)")
     # It travels in a header and guards the endpoint like a key: the keys' rules apply.
     check_key(field, secret, MIN_API_KEY_BYTES)
-    taken = {separation_key(key) for key in (*config.api_keys, *config.mobile_api_keys)}
-    taken.update(separation_key(key) for key in config.jwt_secrets)
-    if separation_key(secret) in taken:
+    if opens_a_door_of(config, secret):
         raise ConfigError(
             field,
             "is also used as a key or jwt_secret; every secret must be distinct so that one "
