@@ -603,39 +603,38 @@ def test_another_users_file_is_refused(
     assert f"belongs to another user (uid {owner})" in str(excinfo.value)
 
 
-@pytest.mark.skipif(os.name != "posix", reason="owners are uids on POSIX only")
-def test_a_file_of_a_user_neither_root_nor_this_one_is_refused(
-    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = write_secrets(tmp_path / "secrets.json", keys)
+ANOTHER_UID = 4242
+
+
+@pytest.fixture
+def owned_by_another_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file devicegate opens reads as owned by ANOTHER_UID, neither root nor this user
+    (a test cannot chown unless it runs as root)."""
     real_fstat = os.fstat
 
     def fstat_of_another_owner(fd: int) -> os.stat_result:
         status = list(real_fstat(fd))
-        status[4] = 4242  # st_uid
+        status[4] = ANOTHER_UID  # st_uid
         return os.stat_result(status)
 
     monkeypatch.setattr(os, "fstat", fstat_of_another_owner)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="owners are uids on POSIX only")
+@pytest.mark.usefixtures("owned_by_another_user")
+def test_a_file_of_a_user_neither_root_nor_this_one_is_refused(tmp_path: Path, keys: Keys) -> None:
+    path = write_secrets(tmp_path / "secrets.json", keys)
     with pytest.raises(ConfigError) as excinfo:
         GateConfig.from_secrets_file(path)
     assert "belongs to another user (uid 4242)" in str(excinfo.value)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="FIFOs and uids are POSIX")
-def test_another_users_fifo_is_refused_before_anything_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("owned_by_another_user")
+def test_another_users_fifo_is_refused_before_anything_is_read(tmp_path: Path) -> None:
     # A FIFO planted by another user would feed devicegate any jwt_secret it likes.
     fifo = tmp_path / "secrets.json"
     os.mkfifo(fifo, 0o600)
-    real_fstat = os.fstat
-
-    def fstat_of_another_owner(fd: int) -> os.stat_result:
-        status = list(real_fstat(fd))
-        status[4] = 4242  # st_uid
-        return os.stat_result(status)
-
-    monkeypatch.setattr(os, "fstat", fstat_of_another_owner)
     # A writer, so that opening the FIFO for reading does not wait. It goes away after a few
     # seconds: were the check no longer made before reading, the test would fail, not hang.
     writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)

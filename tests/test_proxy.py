@@ -261,6 +261,24 @@ async def through_proxy(
         await proxy.aclose()
 
 
+async def through_mock_upstream(
+    handler: Callable[[httpx.Request], httpx.Response],
+    scope: Scope,
+    upstream: str = "http://upstream.invalid",
+    **client_options: Any,
+) -> Exchange:
+    """:func:`drive` a new proxy to ``upstream`` whose requests ``handler`` answers in-process
+    (an httpx client with ``client_options``), then close it."""
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(handler), **client_options
+    ) as client:
+        proxy = ReverseProxy(upstream, upstream_api_key=UPSTREAM_API_KEY, client=client)
+        try:
+            return await drive(proxy, scope)
+        finally:
+            await proxy.aclose()
+
+
 # -- credential translation and identity ----------------------------------------------------------
 
 
@@ -711,9 +729,7 @@ async def test_response_cut_off_upstream_ends_unfinished(error: Exception) -> No
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-length": "100"}, stream=Broken())
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        proxy = ReverseProxy("http://upstream.invalid", client=client)
-        result = await drive(proxy, request_scope("/"))
+    result = await through_mock_upstream(handler, request_scope("/"))
     assert result.status == 200
     assert result.body_bytes == len(b"first part")
     # No final body message: the server drops the connection, the client sees a short body.
@@ -825,10 +841,7 @@ async def test_an_upstream_content_length_beside_transfer_encoding_is_dropped() 
         headers = [(b"transfer-encoding", b"chunked"), (b"content-length", b"100")]
         return httpx.Response(200, headers=headers, stream=httpx.ByteStream(b"ok"))
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        proxy = ReverseProxy("http://upstream.invalid", client=client)
-        result = await drive(proxy, {**request_scope("/a"), "user": api_key_user()})
-        await proxy.aclose()
+    result = await through_mock_upstream(handler, {**request_scope("/a"), "user": api_key_user()})
     assert result.status == 200
     assert b"content-length" not in result.headers
     assert b"transfer-encoding" not in result.headers
@@ -841,11 +854,8 @@ async def redirected(upstream: str, location: str, root_path: str = "") -> bytes
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(302, headers={"location": location})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        proxy = ReverseProxy(upstream, client=client)
-        scope = {**request_scope("/a"), "root_path": root_path, "user": api_key_user()}
-        result = await drive(proxy, scope)
-        await proxy.aclose()
+    scope = {**request_scope("/a"), "root_path": root_path, "user": api_key_user()}
+    result = await through_mock_upstream(handler, scope, upstream)
     assert result.status == 302
     return result.headers[b"location"]
 
@@ -932,15 +942,8 @@ async def test_a_client_that_follows_redirects_never_follows_one_here(keys: Keys
         requests.append(request)
         return httpx.Response(302, headers={"location": "http://elsewhere.invalid/x"})
 
-    async with httpx.AsyncClient(
-        transport=httpx.MockTransport(handler), follow_redirects=True
-    ) as client:
-        proxy = ReverseProxy(
-            "http://upstream.invalid", upstream_api_key=UPSTREAM_API_KEY, client=client
-        )
-        scope = {**request_scope("/a"), "user": api_key_user()}
-        result = await drive(proxy, scope)
-        await proxy.aclose()
+    scope = {**request_scope("/a"), "user": api_key_user()}
+    result = await through_mock_upstream(handler, scope, follow_redirects=True)
     assert result.status == 302
     assert result.headers[b"location"] == b"http://elsewhere.invalid/x"
     assert [request.url.host for request in requests] == ["upstream.invalid"]
@@ -1364,10 +1367,8 @@ async def test_any_upstream_failure_before_the_response_is_a_502_not_a_500(
     def handler(request: httpx.Request) -> httpx.Response:
         raise error
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-        proxy = ReverseProxy("http://upstream.invalid", client=client)
-        with caplog.at_level(logging.WARNING, logger="devicegate"):
-            result = await drive(proxy, request_scope("/"))
+    with caplog.at_level(logging.WARNING, logger="devicegate"):
+        result = await through_mock_upstream(handler, request_scope("/"))
     assert result.status == 502
     assert result.json() == {
         "error": "bad_gateway",
