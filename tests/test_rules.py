@@ -7,12 +7,15 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.authentication import UnauthenticatedUser
 from starlette.routing import Mount
 from starlette.types import Message
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, GateConfig, Rule
+from devicegate._rules import RuleTable
 from tests.helpers import (
     FORBIDDEN,
     REALM_ONLY,
@@ -170,6 +173,59 @@ MATCHES = [
 @pytest.mark.parametrize(("rule_path", "path", "expected"), MATCHES)
 def test_rule_matches(rule_path: str, path: str, expected: bool) -> None:
     assert Rule(rule_path).matches(path) is expected
+
+
+# -- RuleTable: the rules compiled for the middleware -----------------------------------------
+
+
+def first_match(rules: list[Rule], path: str) -> int | None:
+    """What a RuleTable must answer: the index of the first rule that matches, by hand."""
+    return next((index for index, rule in enumerate(rules) if rule.matches(path)), None)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/a", 0),  # two exact rules in one run: the earlier keeps the paths they share
+        ("/a/", 0),
+        ("/b", 2),
+        ("/c/x", 3),  # a prefix rule between two runs of exact rules...
+        ("/c/d", 3),  # ...wins over a later exact rule for the same path
+        ("/c", 3),
+        ("/e/", 5),
+        ("/f", None),
+        ("/", None),
+    ],
+)
+def test_rule_table_answers_the_first_matching_rule(path: str, expected: int | None) -> None:
+    rules = [Rule("/a"), Rule("/a/"), Rule("/b"), Rule("/c/*"), Rule("/c/d"), Rule("/e")]
+    table = RuleTable(((rule, index) for index, rule in enumerate(rules)), default=None)
+    assert table.lookup(path) == expected == first_match(rules, path)
+
+
+def test_an_empty_rule_table_answers_its_default() -> None:
+    assert RuleTable((), default="default").lookup("/anything") == "default"
+
+
+# Few names, so that generated rules overlap and shadow each other and paths hit them.
+_NAMES = st.lists(st.sampled_from(["a", "b", "ab"]), max_size=3)
+_RULE_PATHS = st.builds(
+    lambda names, ending: ("/" + "/".join(names)).rstrip("/") + ending or "/",
+    _NAMES,
+    st.sampled_from(["", "/", "/*"]),
+)
+
+
+@given(
+    rule_paths=st.lists(_RULE_PATHS, max_size=6),
+    path=st.lists(st.sampled_from(["a", "b", "ab", ""]), max_size=4).map(
+        lambda segments: "/" + "/".join(segments)
+    ),
+)
+def test_rule_table_agrees_with_walking_the_rules(rule_paths: list[str], path: str) -> None:
+    rules = [Rule(rule_path) for rule_path in rule_paths]
+    table = RuleTable(((rule, index) for index, rule in enumerate(rules)), default=None)
+    assert table.lookup(path) == first_match(rules, path)
 
 
 # -- Rules through the middleware -------------------------------------------------------------

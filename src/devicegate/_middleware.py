@@ -24,7 +24,7 @@ from ._errors import (
     check_realm,
 )
 from ._principal import CredentialKind, Principal
-from ._rules import Rule, has_unsafe_segments, route_path
+from ._rules import Rule, RuleTable, has_unsafe_segments, strip_root_path
 
 __all__ = ["DeviceAuthMiddleware", "ErrorHandler"]
 
@@ -128,10 +128,10 @@ class DeviceAuthMiddleware:
         self._realm = realm
         # Every decision a path can get, built once: the remembered routes share them.
         self._token_route = _Route(_TOKEN_PATH_KINDS, False, self._endpoint)
-        self._rule_routes = tuple(
-            (rule, _Route(rule.accept, rule.public, None)) for rule in self._rules
+        self._rule_table = RuleTable(
+            ((rule, _Route(rule.accept, rule.public, None)) for rule in self._rules),
+            default=_Route(configured, False, None),
         )
-        self._default_route = _Route(configured, False, None)
         # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,
         # so a path's route never changes; remembering it spares the path checks and the
         # walk through the rules on every request.
@@ -184,7 +184,7 @@ class DeviceAuthMiddleware:
             key = (root_path, path) if root_path else path
             route = self._routes.get(key)
             if route is None:
-                route = self._route(scope)  # raises for an unsafe path, which is not kept
+                route = self._route(path, root_path)  # raises for an unsafe path: not kept
                 if len(path) <= _MAX_CACHED_PATH:
                     if len(self._routes) >= _ROUTE_CACHE_SIZE:
                         # Full when paths carry ids: start over, rather than pay for LRU
@@ -224,17 +224,15 @@ class DeviceAuthMiddleware:
         else:
             await self.app(scope, receive, send)
 
-    def _route(self, scope: Scope) -> _Route:
+    def _route(self, path: str, root_path: str | None) -> _Route:
         """What the request's path accepts; refuses a path that could mean another one."""
-        if has_unsafe_segments(scope["path"]):
+        if has_unsafe_segments(path):
             raise InvalidRequest(_UNSAFE_PATH)
-        path = route_path(scope)
+        if root_path:
+            path = strip_root_path(path, root_path)
         if path == self._token_path:
             return self._token_route
-        for rule, route in self._rule_routes:
-            if rule.matches(path):
-                return route
-        return self._default_route
+        return self._rule_table.lookup(path)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: AuthError) -> None:
         # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The

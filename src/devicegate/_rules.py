@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from ._errors import ConfigError
@@ -11,11 +11,15 @@ from ._principal import ALL_KINDS, CredentialKind
 
 __all__ = [
     "Rule",
+    "RuleTable",
     "decode_path",
     "has_ambiguous_separators",
     "has_unsafe_segments",
     "route_path",
+    "strip_root_path",
 ]
+
+V = TypeVar("V")
 
 
 class Rule:
@@ -42,7 +46,7 @@ class Rule:
     public: bool
     _exact: frozenset[str]
     _prefix: str | None
-    _root: str | None
+    _root: str
 
     def __init__(
         self,
@@ -89,7 +93,9 @@ class Rule:
         stem = body.rstrip("/") or "/"
         set_(self, "_exact", frozenset() if prefix is not None else frozenset({stem, stem + "/"}))
         set_(self, "_prefix", prefix)
-        set_(self, "_root", stem if prefix is not None else None)
+        # What a prefix rule matches besides what starts with its prefix (an exact rule matches
+        # its _exact alone).
+        set_(self, "_root", stem if prefix is not None else "")
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Rule is immutable")
@@ -118,14 +124,56 @@ class Rule:
         return path in self._exact
 
 
+class RuleTable(Generic[V]):
+    """Rules in order, each with a value, compiled once for deciding paths.
+
+    :meth:`lookup` answers what walking the rules with :meth:`Rule.matches` would answer (the
+    value of the first rule that matches, else ``default``), without a method call per rule:
+    a run of exact rules becomes one dictionary, and a prefix rule two string tests.
+    """
+
+    __slots__ = ("_default", "_steps")
+
+    def __init__(self, pairs: Iterable[tuple[Rule, V]], default: V) -> None:
+        # A step is (prefix, root, None, value) for a prefix rule, or ("", "", paths, default)
+        # for a run of consecutive exact rules, where an earlier rule keeps a path it shares.
+        steps: list[tuple[str, str, dict[str, V] | None, V]] = []
+        run: dict[str, V] | None = None
+        for rule, value in pairs:
+            if rule._prefix is not None:
+                steps.append((rule._prefix, rule._root, None, value))
+                run = None
+                continue
+            if run is None:
+                run = {}
+                steps.append(("", "", run, default))
+            for path in rule._exact:
+                run.setdefault(path, value)
+        self._steps = tuple(steps)
+        self._default = default
+
+    def lookup(self, path: str) -> V:
+        """The value of the first rule matching the route path ``path``, else the default."""
+        for prefix, root, exact, value in self._steps:
+            if exact is None:
+                if path.startswith(prefix) or path == root:
+                    return value
+            elif path in exact:
+                return exact[path]
+        return self._default
+
+
 def route_path(scope: Mapping[str, Any]) -> str:
     """The path below ``root_path``: what the app's router will match on.
 
     ASGI puts the full path in ``scope["path"]`` and the mount point in ``root_path``; rules are
     written against the app's own routes, so they match the remainder.
     """
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
+    return strip_root_path(scope["path"], scope.get("root_path", ""))
+
+
+def strip_root_path(path: str, root_path: str) -> str:
+    """:func:`route_path` for a path and mount point already read from the scope."""
     if root_path and path.startswith(root_path):
         rest = path[len(root_path) :]
         if not rest:
