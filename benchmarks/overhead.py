@@ -56,11 +56,18 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from devicegate import DeviceAuthMiddleware, GateConfig, TokenIssuer, TokenVerifier
+from devicegate import DeviceAuthMiddleware, GateConfig, Rule, TokenIssuer, TokenVerifier
 
 DEVICE_ID = "device-0123456789abcdef"
 PATH = "/items"
 TOKEN_PATH = "/gen-jwt"
+# The rules of every devicegate under test, in process and over HTTP: a typical set. A path seen
+# before has its route remembered; a new one is walked through these.
+BENCH_RULES = (
+    Rule("/health", public=True),
+    Rule("/admin/*", accept={"api_key"}),
+    Rule("/devices/*", accept={"device_token", "mobile_api_key"}),
+)
 # What curl sends; every in-process request carries these besides its credential.
 BASE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"host", b"127.0.0.1:8000"),
@@ -296,6 +303,7 @@ DG_CACHED = "raw + devicegate, cached device token"
 DG_API_KEY = "raw + devicegate, API key"
 DG_MOBILE = "raw + devicegate, mobile API key"
 DG_COLD = "raw + devicegate, never-seen token (cold)"
+DG_NEW_PATHS = "raw + devicegate, cached device token, a new path every request"
 STARLETTE = "Starlette hello-world"
 STARLETTE_DG = "Starlette + devicegate, cached device token"
 STARLETTE_PYJWT = "Starlette + AuthenticationMiddleware + PyJWT"
@@ -310,6 +318,7 @@ IN_PROCESS_ROWS = (
     DG_API_KEY,
     DG_MOBILE,
     DG_COLD,
+    DG_NEW_PATHS,
     STARLETTE,
     STARLETTE_DG,
     STARLETTE_PYJWT,
@@ -324,6 +333,7 @@ BASELINES = {
     DG_API_KEY: RAW,
     DG_MOBILE: RAW,
     DG_COLD: RAW,
+    DG_NEW_PATHS: RAW,
     STARLETTE_DG: STARLETTE,
     STARLETTE_PYJWT: STARLETTE,
     LITESTAR_JWT: LITESTAR,
@@ -343,7 +353,7 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
     secret = config.jwt_secrets[0]
     issuer = TokenIssuer(config)
     token = issuer.issue(DEVICE_ID).access_token
-    gate = DeviceAuthMiddleware(raw_app, config=config, token_path=TOKEN_PATH)
+    gate = DeviceAuthMiddleware(raw_app, config=config, rules=BENCH_RULES, token_path=TOKEN_PATH)
 
     # The cold path: a token never seen before on every request, all minted beforehand.
     fresh_tokens = iter(
@@ -352,6 +362,17 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
 
     def cold_scopes(count: int) -> list[dict[str, Any]]:
         return [fresh_scope(http_scope(bearer(next(fresh_tokens)))) for _ in range(count)]
+
+    # Ids in the path, as in most APIs: every request's path is one the gate has not seen.
+    device_numbers = iter(range(10**12))
+
+    def new_path_scopes(count: int) -> list[dict[str, Any]]:
+        return [
+            fresh_scope(
+                http_scope(bearer(token), path=f"/devices/{next(device_numbers):012d}/events")
+            )
+            for _ in range(count)
+        ]
 
     starlette_plain = starlette_app()
     starlette_gate = DeviceAuthMiddleware(starlette_app(), config=config)
@@ -382,6 +403,7 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
             repeat_scope(http_scope([(b"authorization", config.mobile_api_keys[0].encode())])),
         ),
         AsgiCase(DG_COLD, gate, cold_scopes),
+        AsgiCase(DG_NEW_PATHS, gate, new_path_scopes),
         AsgiCase(STARLETTE, starlette_plain, repeat_scope(http_scope())),
         AsgiCase(STARLETTE_DG, starlette_gate, repeat_scope(http_scope(bearer(token)))),
         AsgiCase(STARLETTE_PYJWT, starlette_pyjwt, repeat_scope(http_scope(bearer(token)))),
@@ -544,7 +566,9 @@ def serve(kind: str, port: int, cpu: int | None) -> None:
         os.sched_setaffinity(0, {cpu})
     app: ASGIApp = raw_app
     if kind == "devicegate":
-        app = DeviceAuthMiddleware(raw_app, config=GateConfig.from_env(), token_path=TOKEN_PATH)
+        app = DeviceAuthMiddleware(
+            raw_app, config=GateConfig.from_env(), rules=BENCH_RULES, token_path=TOKEN_PATH
+        )
     uvicorn.run(Timed(app), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -22,6 +22,7 @@ IN_PROCESS_ROWS = [
     "raw + devicegate, API key",
     "raw + devicegate, mobile API key",
     "raw + devicegate, never-seen token (cold)",
+    "raw + devicegate, cached device token, a new path every request",
     "Starlette hello-world",
     "Starlette + devicegate, cached device token",
     "Starlette + AuthenticationMiddleware + PyJWT",
