@@ -1,13 +1,14 @@
-"""A real nginx (``auth_request``) asking a real devicegate about every request.
+"""Real proxies asking a real devicegate about every request: nginx (``auth_request``) and Caddy.
 
-nginx runs with ``docs/nginx.conf.example`` itself (only its addresses and shared secret are
-replaced), so the documented configuration is the tested one. devicegate runs two ways: the
-library (``ForwardAuth`` with path rules, ``tests/servers/forward_auth_app.py``) and the command
-line (``devicegate serve --forward-auth-path``). Each request's outcome through nginx is compared
-with what DeviceAuthMiddleware decides for the same request in-process.
+nginx runs with ``docs/nginx.conf.example`` itself and Caddy with ``docs/Caddyfile.example``
+(only their addresses and shared secret are replaced), so the documented configurations are the
+tested ones. devicegate runs two ways: the library (``ForwardAuth`` with path rules,
+``tests/servers/forward_auth_app.py``) and the command line (``devicegate serve
+--forward-auth-path``). Each request's outcome through a proxy is compared with what
+DeviceAuthMiddleware decides for the same request in-process.
 
-nginx is required: the test fails, never skips, when the binary is missing (``.ci/run`` and the
-README's test command install Debian's ``nginx`` package).
+Both proxies are required: the tests fail, never skip, when a binary is missing (``.ci/run`` and
+the README's test command install Debian's ``nginx`` and ``caddy`` packages).
 """
 
 from __future__ import annotations
@@ -50,22 +51,29 @@ from tests.servers.process import (
     uvicorn_command,
 )
 
-EXAMPLE = ROOT / "docs" / "nginx.conf.example"
-# What the example says, and what the test puts in its place.
+NGINX_EXAMPLE = ROOT / "docs" / "nginx.conf.example"
+CADDY_EXAMPLE = ROOT / "docs" / "Caddyfile.example"
+# What the examples say, and what the tests put in its place.
 DEVICEGATE_ADDRESS = "server 127.0.0.1:8000;"
 API_ADDRESS = "server 127.0.0.1:9000;"
 LISTEN = "listen 127.0.0.1:8080;"
 SECRET_PLACEHOLDER = "REPLACE-WITH-THE-SHARED-SECRET"
+CADDY_SITE = "api.example.com {"
+CADDY_DEVICEGATE = "reverse_proxy 127.0.0.1:8000"
+CADDY_API = "reverse_proxy 127.0.0.1:9000"
+CADDY_SECRET_ENV = "DEVICEGATE_FORWARD_SECRET"
 CLI_RULES = (Rule("/health", public=True),)
+PROXIES = ("nginx", "caddy")
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+def binary(name: str) -> str:
+    """The path of a proxy's binary; a missing one fails the test (it must run, never skip)."""
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
     )
     if found is None:
         pytest.fail(
-            "nginx is not installed; install it (Debian/Ubuntu: apt-get install -y nginx). "
+            f"{name} is not installed; install it (Debian/Ubuntu: apt-get install -y {name}). "
             "These tests must run, never skip."
         )
     return found
@@ -73,7 +81,7 @@ def nginx_binary() -> str:
 
 def nginx_site(devicegate_port: int, api_port: int, listen_port: int, secret: str) -> str:
     """docs/nginx.conf.example with the test's addresses and secret."""
-    text = EXAMPLE.read_text()
+    text = NGINX_EXAMPLE.read_text()
     for placeholder in (DEVICEGATE_ADDRESS, API_ADDRESS, LISTEN):
         assert text.count(placeholder) == 1, f"docs/nginx.conf.example lost {placeholder!r}"
     assert SECRET_PLACEHOLDER in text
@@ -113,7 +121,7 @@ http {{
 def running_nginx(
     directory: Path, *, devicegate_port: int, api_port: int, secret: str
 ) -> Iterator[Server]:
-    binary = nginx_binary()
+    nginx = binary("nginx")
     directory.mkdir(parents=True, exist_ok=True)
 
     def command(port: int) -> list[str]:
@@ -121,7 +129,7 @@ def running_nginx(
         (directory / "devicegate.conf").write_text(site)
         (directory / "nginx.conf").write_text(nginx_main(directory))
         return [
-            binary,
+            nginx,
             "-p", str(directory),
             "-c", str(directory / "nginx.conf"),
             "-e", str(directory / "error.log"),
@@ -131,11 +139,60 @@ def running_nginx(
         yield server
 
 
+def caddy_site(devicegate_port: int, api_port: int, listen_port: int) -> str:
+    """docs/Caddyfile.example with the test's addresses, served over plain HTTP, and global
+    options that keep Caddy's admin endpoint off."""
+    text = CADDY_EXAMPLE.read_text()
+    for placeholder, count in ((CADDY_SITE, 1), (CADDY_DEVICEGATE, 2), (CADDY_API, 1)):
+        assert text.count(placeholder) == count, f"docs/Caddyfile.example lost {placeholder!r}"
+    assert "{env." + CADDY_SECRET_ENV + "}" in text
+    site = (
+        text.replace(CADDY_SITE, f"http://{HOST}:{listen_port} {{")
+        .replace(CADDY_DEVICEGATE, f"reverse_proxy {HOST}:{devicegate_port}")
+        .replace(CADDY_API, f"reverse_proxy {HOST}:{api_port}")
+    )
+    return "{\n\tadmin off\n}\n\n" + site
+
+
+@contextlib.contextmanager
+def running_caddy(
+    directory: Path, *, devicegate_port: int, api_port: int, secret: str
+) -> Iterator[Server]:
+    caddy = binary("caddy")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "Caddyfile"
+
+    def command(port: int) -> list[str]:
+        config.write_text(caddy_site(devicegate_port, api_port, port))
+        return [caddy, "run", "--config", str(config), "--adapter", "caddyfile"]
+
+    # Everything Caddy writes (its autosaved configuration, certificate storage) stays inside
+    # ``directory``.
+    env = {
+        CADDY_SECRET_ENV: secret,
+        "HOME": str(directory),
+        "XDG_CONFIG_HOME": str(directory / "config"),
+        "XDG_DATA_HOME": str(directory / "data"),
+    }
+    with serve(command, directory / "caddy.out", env=env) as server:
+        yield server
+
+
+def running_proxy(
+    kind: str, directory: Path, *, devicegate_port: int, api_port: int, secret: str
+) -> contextlib.AbstractContextManager[Server]:
+    """nginx or Caddy, run with its documented configuration in ``directory``."""
+    start = running_nginx if kind == "nginx" else running_caddy
+    return start(directory, devicegate_port=devicegate_port, api_port=api_port, secret=secret)
+
+
 @dataclass
 class Stack:
-    """nginx in front of the echo API, asking a devicegate run with ``rules``."""
+    """A proxy (nginx or Caddy) in front of the echo API, asking a devicegate run with
+    ``rules``."""
 
-    nginx: Server
+    kind: str
+    proxy: Server
     devicegate: Server
     upstream: Server
     keys: Keys
@@ -167,7 +224,11 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="module", params=["library", "cli"])
+@pytest.fixture(
+    scope="module",
+    params=[(proxy, runs) for proxy in PROXIES for runs in ("library", "cli")],
+    ids=lambda param: "-".join(param),
+)
 def stack(
     request: pytest.FixtureRequest,
     api: Server,
@@ -175,11 +236,12 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     keys = keys_for_stack
+    kind, runs = request.param
     secret = secrets.token_urlsafe(32)
-    directory = tmp_path_factory.mktemp(f"nginx-{request.param}")
+    directory = tmp_path_factory.mktemp(f"{kind}-{runs}")
     env = {SECRET_ENV: secret}
     command: Callable[[int], list[str]]
-    if request.param == "library":
+    if runs == "library":
         env.update(
             DEVICEGATE_API_KEYS=keys.api_key,
             DEVICEGATE_MOBILE_API_KEYS=keys.mobile_api_key,
@@ -202,11 +264,15 @@ def stack(
         rules = CLI_RULES
     with (
         serve(command, directory / "devicegate.log", env=env) as devicegate,
-        running_nginx(
-            directory / "nginx", devicegate_port=devicegate.port, api_port=api.port, secret=secret
-        ) as nginx,
+        running_proxy(
+            kind,
+            directory / kind,
+            devicegate_port=devicegate.port,
+            api_port=api.port,
+            secret=secret,
+        ) as proxy,
     ):
-        yield Stack(nginx, devicegate, api, keys, secret, rules)
+        yield Stack(kind, proxy, devicegate, api, keys, secret, rules)
 
 
 async def fetch(
@@ -274,12 +340,12 @@ def _case_ids() -> list[str]:
 
 
 @pytest.mark.parametrize("case", _case_ids())
-async def test_nginx_decides_as_the_middleware(stack: Stack, case: str) -> None:
+async def test_proxy_decides_as_the_middleware(stack: Stack, case: str) -> None:
     _, target, headers = next(c for c in _cases(stack.keys) if c[0] == case)
     marker = secrets.token_hex(8)
     target += ("&" if "?" in target else "?") + f"probe={marker}"
     expected = await stack.expected(target, headers)
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         response = await fetch(http, target, headers)
     if expected.status == 200:
         seen = expected.json()
@@ -311,21 +377,28 @@ async def test_parity_table_covers_every_outcome(stack: Stack) -> None:
 # nginx forwards $request_uri as received, so the API may split it otherwise than devicegate's
 # decoded judgement: "/admin#x" reached Express-style routers as /admin with a mobile key.
 @pytest.mark.parametrize("target", ["/admin#x", "/admin/users#", "/mobile%2Fx", "/admin%5Cusers"])
-async def test_a_target_the_api_may_split_otherwise_is_400_through_nginx(
+async def test_a_target_the_api_may_split_otherwise_never_reaches_it(
     stack: Stack, target: str
 ) -> None:
     marker = secrets.token_hex(8)
-    async with async_client(stack.nginx.url) as http:
-        response = await fetch(
-            http, f"{target}?probe={marker}", [("authorization", stack.keys.mobile_api_key)]
-        )
+    headers = [("authorization", stack.keys.mobile_api_key)]
+    async with async_client(stack.proxy.url) as http:
+        response = await fetch(http, f"{target}?probe={marker}", headers)
+    if stack.kind == "caddy" and "#" in target:
+        # Caddy passes a '#' on encoded (%23), to devicegate and to the API alike: the API
+        # routes by the very path devicegate judged, '#' included.
+        expected = await stack.expected(target.replace("#", "%23"), headers)
+        assert response.status_code == expected.status
+        if expected.status == 200:
+            assert response.json()["path"] == target
+        return
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
     assert not [t for t in await seen_by(stack.upstream) if marker in t]
 
 
-async def test_minted_token_works_through_nginx(stack: Stack) -> None:
-    async with async_client(stack.nginx.url) as http:
+async def test_minted_token_works_through_the_proxy(stack: Stack) -> None:
+    async with async_client(stack.proxy.url) as http:
         token = await mint(http, stack.keys.api_key, "phone-5")
         allowed = await http.get("/mobile/verify", headers=bearer(token, "phone-5"))
         other_phone = await http.get("/mobile/verify", headers=bearer(token, "phone-6"))
@@ -348,7 +421,7 @@ async def test_client_cannot_name_another_uri(stack: Stack) -> None:
         ("x-forwarded-uri", "/health"),
         ("x-forwarded-method", "GET"),
     ]
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         response = await fetch(http, "/orders", spoofed)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == REALM_ONLY
@@ -361,7 +434,7 @@ async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None
         ("x-devicegate-instance-id", "victim-phone"),
         ("x-devicegate-forward-secret", "guess"),
     ]
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         got = received(await fetch(http, "/orders", headers))
     assert got["x-devicegate-kind"] == ["api_key"]
     assert "x-devicegate-instance-id" not in got
@@ -389,7 +462,7 @@ async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stac
         ("x-forwarded-host", "evil.example"),
         ("x-real-ip", "203.0.113.9"),
     ]
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         response = await fetch(
             http, "/mobile/x", [("authorization", stack.keys.mobile_api_key), *claims]
         )
@@ -404,15 +477,17 @@ async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stac
     for name in ("x-forwarded-scheme", "x-forwarded-protocol", "x-forwarded-client-cert"):
         assert name not in got
     assert "forwarded" not in got
-    assert got["x-forwarded-host"] == ["127.0.0.1"]
-    assert got["x-real-ip"] == ["127.0.0.1"]
+    # What the proxy itself saw: nginx sends the host without the port, Caddy with it, and
+    # only nginx sends X-Real-IP.
+    assert got["x-forwarded-host"] in (["127.0.0.1"], [f"127.0.0.1:{stack.proxy.port}"])
+    assert got.get("x-real-ip", ["127.0.0.1"]) == ["127.0.0.1"]
 
 
 async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         unauthorized = await http.get("/status/401", headers={"x-api-key": stack.keys.api_key})
         failed = await http.get("/status/500", headers={"x-api-key": stack.keys.api_key})
-    # The API's own 401 and 500 are its answers, not devicegate's: nginx must not re-ask.
+    # The API's own 401 and 500 are its answers, not devicegate's: the proxy must not re-ask.
     assert unauthorized.status_code == 401
     assert unauthorized.json()["path"] == "/status/401"
     assert "www-authenticate" not in unauthorized.headers
@@ -422,7 +497,7 @@ async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
 
 async def test_request_bodies_reach_the_api(stack: Stack) -> None:
     payload = secrets.token_bytes(256 * 1024)
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         allowed = await http.post(
             "/orders", content=payload, headers={"x-api-key": stack.keys.api_key}
         )
@@ -435,35 +510,42 @@ async def test_request_bodies_reach_the_api(stack: Stack) -> None:
 
 async def test_forward_auth_endpoint_is_internal(stack: Stack) -> None:
     headers = {"x-original-uri": "/orders", "x-api-key": stack.keys.api_key}
-    async with async_client(stack.nginx.url) as http:
-        through_nginx = await http.get(FORWARD_AUTH_PATH, headers=headers)
+    async with async_client(stack.proxy.url) as http:
+        through_proxy = await http.get(FORWARD_AUTH_PATH, headers=headers)
     async with async_client(stack.devicegate.url) as http:
         without_secret = await http.get(FORWARD_AUTH_PATH, headers=headers)
         with_secret = await http.get(
             FORWARD_AUTH_PATH, headers={**headers, "x-devicegate-forward-secret": stack.secret}
         )
-    assert through_nginx.status_code == 404  # `internal`: clients cannot reach it via nginx
+    if stack.kind == "nginx":
+        assert through_proxy.status_code == 404  # `internal`: clients cannot reach it
+    else:
+        # Caddy sends every path but /gen-jwt to the API: there, the path is the API's.
+        assert received(through_proxy)["x-devicegate-kind"] == ["api_key"]
+        assert through_proxy.json()["path"] == FORWARD_AUTH_PATH
     assert without_secret.status_code == 403
     assert without_secret.json()["error"] == "forbidden"
     assert with_secret.status_code == 204
     assert with_secret.headers["x-devicegate-kind"] == "api_key"
 
 
+@pytest.mark.parametrize("kind", PROXIES)
 async def test_devicegate_down_fails_closed(
-    api: Server, keys_for_stack: Keys, tmp_path: Path
+    kind: str, api: Server, keys_for_stack: Keys, tmp_path: Path
 ) -> None:
     # A bound socket that never listens stands for a stopped devicegate.
     with (
         bound_port() as dead,
-        running_nginx(
-            tmp_path / "nginx",
+        running_proxy(
+            kind,
+            tmp_path / kind,
             devicegate_port=dead,
             api_port=api.port,
             secret=secrets.token_urlsafe(32),
-        ) as nginx,
+        ) as proxy,
     ):
         marker = secrets.token_hex(8)
-        async with async_client(nginx.url) as http:
+        async with async_client(proxy.url) as http:
             response = await http.get(
                 f"/orders?probe={marker}", headers={"x-api-key": keys_for_stack.api_key}
             )
@@ -471,11 +553,16 @@ async def test_devicegate_down_fails_closed(
     assert not [t for t in await seen_by(api) if marker in t]
 
 
-def test_deployment_guide_shows_the_tested_configuration() -> None:
+@pytest.mark.parametrize(
+    ("fence", "example"),
+    [("nginx", NGINX_EXAMPLE), ("caddyfile", CADDY_EXAMPLE)],
+    ids=["nginx", "caddy"],
+)
+def test_deployment_guide_shows_the_tested_configuration(fence: str, example: Path) -> None:
     guide = (ROOT / "docs" / "deployment.md").read_text()
-    blocks = guide.split("```nginx\n")[1:]
+    blocks = guide.split(f"```{fence}\n")[1:]
     shown = [block.split("```", 1)[0] for block in blocks]
-    assert EXAMPLE.read_text() in shown, "docs/deployment.md must show docs/nginx.conf.example"
+    assert example.read_text() in shown, f"docs/deployment.md must show docs/{example.name}"
 
 
 # -- regressions: look-alike header names ----------------------------------------------------------
@@ -484,7 +571,8 @@ def test_deployment_guide_shows_the_tested_configuration() -> None:
 async def test_look_alike_identity_headers_never_reach_the_api(stack: Stack) -> None:
     # CGI, WSGI and PHP read X_Devicegate_Kind and X.Devicegate.Kind as X-Devicegate-Kind.
     # nginx drops such names by default (ignore_invalid_headers on, underscores_in_headers
-    # off), which docs/deployment.md relies on: keep those defaults.
+    # off), which docs/deployment.md relies on: keep those defaults. The Caddyfile deletes
+    # them.
     headers = [
         ("x-api-key", stack.keys.api_key),
         ("x_devicegate_kind", "claimed-kind"),
@@ -493,7 +581,7 @@ async def test_look_alike_identity_headers_never_reach_the_api(stack: Stack) -> 
         ("x_api_key", "claimed-key"),
         ("x_instance_id", "victim-phone"),
     ]
-    async with async_client(stack.nginx.url) as http:
+    async with async_client(stack.proxy.url) as http:
         got = received(await fetch(http, "/orders", headers))
     names = {"".join(c if c.isalnum() else "-" for c in name) for name in got}
     assert got["x-devicegate-kind"] == ["api_key"]
