@@ -207,6 +207,33 @@ def test_an_empty_rule_table_answers_its_default() -> None:
     assert RuleTable((), default="default").lookup("/anything") == "default"
 
 
+class CaseBlindRule(Rule):
+    """A rule of a user's own: it matches whatever the path's case."""
+
+    __slots__ = ()
+
+    def matches(self, path: str) -> bool:
+        return super().matches(path.lower())
+
+
+def test_rule_table_asks_a_rule_with_its_own_matches() -> None:
+    rules = [Rule("/a"), CaseBlindRule("/admin/*"), Rule("/ADMIN/x"), Rule("/b/*")]
+    table = RuleTable(((rule, index) for index, rule in enumerate(rules)), default=None)
+    for path, expected in [("/a", 0), ("/ADMIN/x", 1), ("/Admin", 1), ("/b/c", 3), ("/c", None)]:
+        assert table.lookup(path) == expected == first_match(rules, path)
+
+
+async def test_middleware_honours_a_rule_with_its_own_matches(
+    keys: Keys, app: RecordingApp, headers: dict[str, dict[str, str]]
+) -> None:
+    rule = CaseBlindRule("/admin/*", accept=[API_KEY])
+    async with client(DeviceAuthMiddleware(app, config=keys.config(), rules=[rule])) as http:
+        refused = await http.get("/ADMIN/users", headers=headers["mobile_api_key"])
+        admitted = await http.get("/ADMIN/users", headers=headers["api_key"])
+    assert refused.status_code == 403
+    assert kind_seen(admitted) == "api_key"
+
+
 # Few names, so that generated rules overlap and shadow each other and paths hit them.
 _NAMES = st.lists(st.sampled_from(["a", "b", "ab"]), max_size=3)
 _RULE_PATHS = st.builds(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -129,37 +129,45 @@ class RuleTable(Generic[V]):
 
     :meth:`lookup` answers what walking the rules with :meth:`Rule.matches` would answer (the
     value of the first rule that matches, else ``default``), without a method call per rule:
-    a run of exact rules becomes one dictionary, and a prefix rule two string tests.
+    a run of exact rules becomes one dictionary, and a prefix rule two string tests. A rule
+    whose class overrides :meth:`Rule.matches` is asked through its own method instead.
     """
 
     __slots__ = ("_default", "_steps")
 
     def __init__(self, pairs: Iterable[tuple[Rule, V]], default: V) -> None:
-        # A step is (prefix, root, None, value) for a prefix rule, or ("", "", paths, default)
-        # for a run of consecutive exact rules, where an earlier rule keeps a path it shares.
-        steps: list[tuple[str, str, dict[str, V] | None, V]] = []
+        # A step is (prefix, root, None, None, value) for a prefix rule, ("", "", paths, None,
+        # default) for a run of consecutive exact rules, where an earlier rule keeps a path it
+        # shares, and ("", "", None, matches, value) for a rule with a matches() of its own.
+        steps: list[tuple[str, str, dict[str, V] | None, Callable[[str], bool] | None, V]] = []
         run: dict[str, V] | None = None
         for rule, value in pairs:
-            if rule._prefix is not None:
-                steps.append((rule._prefix, rule._root, None, value))
+            if type(rule).matches is not Rule.matches:
+                steps.append(("", "", None, rule.matches, value))
                 run = None
-                continue
-            if run is None:
-                run = {}
-                steps.append(("", "", run, default))
-            for path in rule._exact:
-                run.setdefault(path, value)
+            elif rule._prefix is not None:
+                steps.append((rule._prefix, rule._root, None, None, value))
+                run = None
+            else:
+                if run is None:
+                    run = {}
+                    steps.append(("", "", run, None, default))
+                for path in rule._exact:
+                    run.setdefault(path, value)
         self._steps = tuple(steps)
         self._default = default
 
     def lookup(self, path: str) -> V:
         """The value of the first rule matching the route path ``path``, else the default."""
-        for prefix, root, exact, value in self._steps:
-            if exact is None:
-                if path.startswith(prefix) or path == root:
+        for prefix, root, exact, matches, value in self._steps:
+            if exact is not None:
+                if path in exact:
+                    return exact[path]
+            elif matches is not None:
+                if matches(path):
                     return value
-            elif path in exact:
-                return exact[path]
+            elif path.startswith(prefix) or path == root:
+                return value
         return self._default
 
 
