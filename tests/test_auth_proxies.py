@@ -14,15 +14,20 @@ the README's test command install Debian's ``nginx`` and ``caddy`` packages).
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
+import anyio
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from devicegate import DeviceAuthMiddleware, Rule
 from tests.helpers import (
@@ -391,6 +396,8 @@ async def test_a_target_the_api_may_split_otherwise_never_reaches_it(
         assert response.status_code == expected.status
         if expected.status == 200:
             assert response.json()["path"] == target
+        else:
+            assert not [t for t in await seen_by(stack.upstream) if marker in t]
         return
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
@@ -477,10 +484,14 @@ async def test_client_path_and_forwarding_claims_never_reach_the_api(stack: Stac
     for name in ("x-forwarded-scheme", "x-forwarded-protocol", "x-forwarded-client-cert"):
         assert name not in got
     assert "forwarded" not in got
-    # What the proxy itself saw: nginx sends the host without the port, Caddy with it, and
-    # only nginx sends X-Real-IP.
-    assert got["x-forwarded-host"] in (["127.0.0.1"], [f"127.0.0.1:{stack.proxy.port}"])
-    assert got.get("x-real-ip", ["127.0.0.1"]) == ["127.0.0.1"]
+    # What the proxy itself saw: nginx sends the host without the port and X-Real-IP, Caddy
+    # the host with the port and no X-Real-IP.
+    if stack.kind == "nginx":
+        assert got["x-forwarded-host"] == ["127.0.0.1"]
+        assert got["x-real-ip"] == ["127.0.0.1"]
+    else:
+        assert got["x-forwarded-host"] == [f"127.0.0.1:{stack.proxy.port}"]
+        assert "x-real-ip" not in got
 
 
 async def test_api_errors_pass_through_untouched(stack: Stack) -> None:
@@ -563,6 +574,64 @@ def test_deployment_guide_shows_the_tested_configuration(fence: str, example: Pa
     blocks = guide.split(f"```{fence}\n")[1:]
     shown = [block.split("```", 1)[0] for block in blocks]
     assert example.read_text() in shown, f"docs/deployment.md must show docs/{example.name}"
+
+
+# -- websockets and methods that are never forwarded ---------------------------------------------
+
+
+def websocket_echo(stack: Stack, target: str, headers: Sequence[tuple[str, str]]) -> Any:
+    """Open a websocket through the proxy: the echo API's message, or the refusal's status."""
+    try:
+        with connect(
+            f"ws://{HOST}:{stack.proxy.port}{target}",
+            additional_headers=list(headers),
+            open_timeout=30,
+            proxy=None,
+        ) as websocket:
+            return json.loads(websocket.recv(timeout=30))
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+async def test_websockets_are_judged_and_forwarded(stack: Stack) -> None:
+    token = make_token(stack.keys.jwt_secret, instance_id="device-1")
+    marker = secrets.token_hex(8)
+    admitted = await anyio.to_thread.run_sync(
+        websocket_echo,
+        stack,
+        "/mobile/ws",
+        [("authorization", f"Bearer {token}"), ("x-instance-id", "device-1")],
+    )
+    refused = await anyio.to_thread.run_sync(
+        websocket_echo, stack, f"/mobile/ws?probe={marker}", []
+    )
+    assert admitted["path"] == "/mobile/ws"
+    got = dict(admitted["headers"])
+    assert got["x-devicegate-kind"] == "device_token"
+    assert got["x-devicegate-instance-id"] == "device-1"
+    assert "authorization" not in got
+    assert "x-instance-id" not in got
+    assert refused == 401
+    assert not [t for t in await seen_by(stack.upstream) if marker in t]
+
+
+async def test_methods_never_forwarded_never_reach_the_api(stack: Stack) -> None:
+    # TRACE reflects the request; a CONNECT's host:port target is no path (Caddy names it "/").
+    marker = secrets.token_hex(8)
+    tunnel = f"127.0.0.1:{secrets.randbelow(50_000) + 10_000}"
+    async with async_client(stack.proxy.url) as http:
+        trace = await fetch(
+            http, f"/health?probe={marker}", [("x-api-key", stack.keys.api_key)], method="TRACE"
+        )
+        connect_ = await fetch(http, tunnel, [("x-api-key", stack.keys.api_key)], method="CONNECT")
+    if stack.kind == "nginx":
+        assert (trace.status_code, connect_.status_code) == (405, 400)  # nginx's own refusals
+    else:
+        for response in (trace, connect_):
+            assert response.status_code == 405
+            assert response.json()["error"] == "method_not_allowed"
+    seen = await seen_by(stack.upstream)
+    assert not [t for t in seen if marker in t or tunnel in t]
 
 
 # -- regressions: look-alike header names ----------------------------------------------------------

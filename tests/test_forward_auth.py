@@ -279,6 +279,29 @@ async def test_bad_original_request_is_400(
     assert answered.header("x-devicegate-kind") is None
 
 
+# As the gateway refuses them: TRACE (and IIS's TRACK) reflect the request to the client, and
+# Caddy names a CONNECT's host:port target "/", which a public root rule would have let through.
+@pytest.mark.parametrize("method", ["TRACE", "TRACK", "CONNECT", "connect", "Trace"])
+@pytest.mark.parametrize("method_header", ["x-original-method", "x-forwarded-method"])
+async def test_methods_never_forwarded_are_405(keys: Keys, method: str, method_header: str) -> None:
+    public_root = forward_auth(keys, rules=[Rule("/", public=True)])
+    for credentials in ([], [("x-api-key", keys.api_key)]):
+        scope = http_scope(
+            AUTH_PATH, [*credentials, ("x-forwarded-uri", "/"), (method_header, method)]
+        )
+        answered = await answer(public_root, scope)
+        assert answered.status == 405
+        assert answered.json()["error"] == "method_not_allowed"
+        assert answered.header("allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        assert answered.header("x-devicegate-kind") is None
+
+
+async def test_the_shared_secret_is_checked_before_the_method(keys: Keys) -> None:
+    gate = forward_auth(keys, shared_secret=SECRET)
+    scope = http_scope(AUTH_PATH, [("x-original-uri", "/"), ("x-original-method", "TRACE")])
+    assert (await answer(gate, scope)).status == 403
+
+
 async def test_method_is_optional(keys: Keys) -> None:
     scope = http_scope(AUTH_PATH, [("x-api-key", keys.api_key), ("x-original-uri", "/a")])
     assert (await answer(forward_auth(keys), scope)).status == 204

@@ -16,6 +16,8 @@ from starlette.types import Receive, Scope, Send
 from ._errors import DEFAULT_REALM, AuthError
 
 __all__ = [
+    "FORWARDED_METHODS",
+    "UNFORWARDED_METHODS",
     "error_response_parts",
     "json_body",
     "send_error",
@@ -26,6 +28,15 @@ __all__ = [
 
 # The websocket close code for "policy violation" (RFC 6455 §7.4.1).
 WS_POLICY_VIOLATION = 1008
+
+# Methods neither the gateway nor the forward-auth endpoint lets through, whatever their case.
+# RFC 9110 §9.3.8: TRACE echoes the request it received, headers included, so a key injected on
+# the way would travel back to the client; TRACK is IIS's TRACE. CONNECT asks for a tunnel
+# (§9.3.6), and its target is a host and port, not a path any rule could judge.
+UNFORWARDED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
+# What their 405 names as allowed (RFC 9110 §15.5.6); which of these the app behind serves is
+# the app's to say.
+FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 def json_body(payload: Any) -> bytes:

@@ -22,7 +22,13 @@ from collections.abc import Iterable, Sequence
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import send_error, send_json, serve_lifespan
+from ._asgi import (
+    FORWARDED_METHODS,
+    UNFORWARDED_METHODS,
+    send_error,
+    send_json,
+    serve_lifespan,
+)
 from ._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
 from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
 from ._middleware import DeviceAuthMiddleware
@@ -51,6 +57,10 @@ _BAD_METHOD = "The original method is malformed or given more than once."
 _FORBIDDEN = {
     "error": "forbidden",
     "error_description": "This endpoint answers only the configured proxy.",
+}
+_METHOD_NOT_ALLOWED = {
+    "error": "method_not_allowed",
+    "error_description": "This method is not let through.",
 }
 
 
@@ -82,6 +92,9 @@ class ForwardAuth:
       path; or when the method is malformed.
     * 403 ``forbidden`` when ``shared_secret`` is set and the request does not carry it in
       ``X-Devicegate-Forward-Secret``: the credentials are then not even looked at.
+    * 405 ``method_not_allowed`` (with ``Allow``) when the original method is ``TRACE``,
+      ``TRACK`` or ``CONNECT``, as the gateway refuses them: TRACE reflects the request, and a
+      CONNECT target is no path (Caddy names it ``/``).
 
     The proxy must set the header it uses, overwriting any copy the client sent; every snippet
     in ``docs/deployment.md`` does. Keep the endpoint reachable only from the proxy (bind it to
@@ -170,6 +183,9 @@ class ForwardAuth:
             method, raw_path, path = _original_request(headers)
         except _OriginalRequestError as exc:
             await send_error(scope, send, InvalidRequest(exc.description), self._realm)
+            return
+        if method is not None and method.upper().encode() in UNFORWARDED_METHODS:
+            await send_json(scope, send, 405, _METHOD_NOT_ALLOWED, (b"allow", FORWARDED_METHODS))
             return
         original: Scope = {
             "type": "http",

@@ -23,7 +23,7 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import send_json, serve_lifespan
+from ._asgi import FORWARDED_METHODS, UNFORWARDED_METHODS, send_json, serve_lifespan
 from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
@@ -93,11 +93,7 @@ _FOLD = bytes(
 # the client two Date headers (RFC 9110 §6.6.1 allows one) and name the upstream's software.
 _SERVER_SET = frozenset({b"date", b"server"})
 
-# RFC 9110 §9.3.8: TRACE echoes the request it received, headers included, so the upstream's
-# own key injected here would travel back to the client; TRACK is IIS's TRACE. CONNECT asks for
-# a tunnel (§9.3.6), which this gateway does not offer. Refused whatever the case, here and in
-# the method-override fields some frameworks honour.
-_REFUSED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
+# UNFORWARDED_METHODS are refused here and in the method-override fields some frameworks honour.
 _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
@@ -123,7 +119,6 @@ _AMBIGUOUS_TARGET = (
     "The request path has an encoded slash or backslash, or a '#'.",
 )
 _METHOD_NOT_ALLOWED = (405, "method_not_allowed", "This gateway does not forward this method.")
-_FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websockets.")
 
 _Error = tuple[int, str, str]
@@ -366,7 +361,7 @@ class ReverseProxy:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if scope["method"].upper().encode() in _REFUSED_METHODS:
+            if scope["method"].upper().encode() in UNFORWARDED_METHODS:
                 raise _Refused(_METHOD_NOT_ALLOWED)
             headers, content_length = self._request_headers(scope)
             if content_length is not None and content_length > self.max_body_bytes:
@@ -593,7 +588,7 @@ class ReverseProxy:
                 or key.startswith(_REMOVED_PREFIXES)
             ):
                 continue
-            if key in _METHOD_OVERRIDES and value.strip().upper() in _REFUSED_METHODS:
+            if key in _METHOD_OVERRIDES and value.strip().upper() in UNFORWARDED_METHODS:
                 raise _Refused(_METHOD_NOT_ALLOWED)
             headers.append((name, value))
         if transfer_encoding and content_length is not None:
@@ -723,9 +718,7 @@ async def _send_error(scope: Scope, send: Send, error: _Error, *, close: bool = 
     # after the answer rather than parse the rest as a next request.
     extra = [(b"connection", b"close")] if close else []
     if status == 405:
-        # RFC 9110 §15.5.6: a 405 names what is allowed; which of these the upstream serves is
-        # the upstream's to say.
-        extra.append((b"allow", _FORWARDED_METHODS))
+        extra.append((b"allow", FORWARDED_METHODS))
     await send_json(scope, send, status, {"error": code, "error_description": description}, *extra)
 
 

@@ -12,6 +12,8 @@ Run in a real server process (``uvicorn tests.servers.echo:app``). Endpoints:
 * ``/slow``: waits until the client goes away (at most 60 s), then answers.
 * ``/__seen``: every request target this process has received, and every ``/slow`` request
   whose client went away (``"disconnected <target>"``).
+* a websocket on any path: accepted, then one text message with the path and the headers of
+  the handshake (as the HTTP echo gives them), then closed.
 """
 
 from __future__ import annotations
@@ -79,9 +81,26 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+def _headers(scope: Scope) -> list[list[str]]:
+    return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in scope["headers"]]
+
+
+async def _echo_websocket(scope: Scope, receive: Receive, send: Send) -> None:
+    if (await receive())["type"] != "websocket.connect":
+        return
+    SEEN.append(_target(scope))
+    await send({"type": "websocket.accept"})
+    payload = {"path": scope["path"], "headers": _headers(scope)}
+    await send({"type": "websocket.send", "text": json.dumps(payload)})
+    await send({"type": "websocket.close", "code": 1000})
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await serve_lifespan(receive, send)
+        return
+    if scope["type"] == "websocket":
+        await _echo_websocket(scope, receive, send)
         return
     if scope["type"] != "http":
         return
@@ -144,9 +163,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         "path": path,
         "raw_path": (scope.get("raw_path") or b"").decode("latin-1"),
         "query_string": scope["query_string"].decode("latin-1"),
-        "headers": [
-            [name.decode("latin-1"), value.decode("latin-1")] for name, value in scope["headers"]
-        ],
+        "headers": _headers(scope),
         "client": None if client is None else client[0],
         "body_length": length,
         "body_sha256": digest,
