@@ -615,23 +615,53 @@ async def test_websockets_are_judged_and_forwarded(stack: Stack) -> None:
     assert not [t for t in await seen_by(stack.upstream) if marker in t]
 
 
-async def test_methods_never_forwarded_never_reach_the_api(stack: Stack) -> None:
-    # TRACE reflects the request; a CONNECT's host:port target is no path (Caddy names it "/").
+@pytest.mark.parametrize(
+    ("method", "target", "extra"),
+    [
+        # TRACE (and IIS's TRACK) reflect the request; a CONNECT's host:port target is no path
+        # (Caddy names it "/"); frameworks that honour an override field would run TRACE.
+        pytest.param("TRACE", "/health", [], id="trace"),
+        pytest.param("TRACK", "/health", [], id="track"),
+        pytest.param("CONNECT", "127.0.0.1:{port}", [], id="connect"),
+        pytest.param("GET", "/health", [("x-http-method-override", "TRACE")], id="override"),
+    ],
+)
+async def test_methods_never_forwarded_never_reach_the_api(
+    stack: Stack, method: str, target: str, extra: list[tuple[str, str]]
+) -> None:
     marker = secrets.token_hex(8)
-    tunnel = f"127.0.0.1:{secrets.randbelow(50_000) + 10_000}"
-    async with async_client(stack.proxy.url) as http:
-        trace = await fetch(
-            http, f"/health?probe={marker}", [("x-api-key", stack.keys.api_key)], method="TRACE"
-        )
-        connect_ = await fetch(http, tunnel, [("x-api-key", stack.keys.api_key)], method="CONNECT")
-    if stack.kind == "nginx":
-        assert (trace.status_code, connect_.status_code) == (405, 400)  # nginx's own refusals
+    if method == "CONNECT":
+        target = target.format(port=secrets.randbelow(50_000) + 10_000)
+        marker = target
     else:
-        for response in (trace, connect_):
-            assert response.status_code == 405
-            assert response.json()["error"] == "method_not_allowed"
-    seen = await seen_by(stack.upstream)
-    assert not [t for t in seen if marker in t or tunnel in t]
+        target += f"?probe={marker}"
+    async with async_client(stack.proxy.url) as http:
+        response = await fetch(
+            http, target, [("x-api-key", stack.keys.api_key), *extra], method=method
+        )
+    if stack.kind == "nginx" and method in ("TRACE", "CONNECT"):
+        # nginx's own refusals, before it asks devicegate.
+        assert response.status_code == (405 if method == "TRACE" else 400)
+    else:
+        assert response.status_code == 405
+        assert response.json()["error"] == "method_not_allowed"
+        assert response.headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert not [t for t in await seen_by(stack.upstream) if marker in t]
+
+
+@pytest.mark.parametrize("upgrade", ["h2c", "websocket, h2c", "TLS/1.2"])
+async def test_no_upgrade_but_websocket_reaches_the_api(stack: Stack, upgrade: str) -> None:
+    # After a 101 to "Upgrade: h2c" the connection would carry HTTP/2 requests straight to the
+    # API, none of them judged: the proxies pass on no upgrade but a websocket one.
+    headers = [
+        ("connection", "Upgrade, HTTP2-Settings"),
+        ("upgrade", upgrade),
+        ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+    ]
+    async with async_client(stack.proxy.url) as http:
+        got = received(await fetch(http, "/health", headers))
+    assert "upgrade" not in got
+    assert "connection" not in got
 
 
 # -- regressions: look-alike header names ----------------------------------------------------------

@@ -296,6 +296,18 @@ async def test_methods_never_forwarded_are_405(keys: Keys, method: str, method_h
         assert answered.header("x-devicegate-kind") is None
 
 
+@pytest.mark.parametrize(
+    "override", ["x-http-method-override", "x-http-method", "x-method-override"]
+)
+async def test_a_method_override_naming_such_a_method_is_405(keys: Keys, override: str) -> None:
+    public_root = forward_auth(keys, rules=[Rule("/", public=True)])
+    for value, status in [(" trace ", 405), ("TRACK", 405), ("Connect", 405), ("DELETE", 204)]:
+        scope = http_scope(
+            AUTH_PATH, [(override, value), ("x-forwarded-uri", "/"), ("x-forwarded-method", "GET")]
+        )
+        assert (await answer(public_root, scope)).status == status
+
+
 async def test_the_shared_secret_is_checked_before_the_method(keys: Keys) -> None:
     gate = forward_auth(keys, shared_secret=SECRET)
     scope = http_scope(AUTH_PATH, [("x-original-uri", "/"), ("x-original-method", "TRACE")])

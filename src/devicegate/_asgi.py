@@ -17,9 +17,11 @@ from ._errors import DEFAULT_REALM, AuthError
 
 __all__ = [
     "FORWARDED_METHODS",
+    "METHOD_OVERRIDES",
     "UNFORWARDED_METHODS",
     "error_response_parts",
     "json_body",
+    "overrides_to_unforwarded",
     "send_error",
     "send_json",
     "send_response",
@@ -34,9 +36,16 @@ WS_POLICY_VIOLATION = 1008
 # the way would travel back to the client; TRACK is IIS's TRACE. CONNECT asks for a tunnel
 # (§9.3.6), and its target is a host and port, not a path any rule could judge.
 UNFORWARDED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
+# Also refused when named in the method-override fields some frameworks honour.
+METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 # What their 405 names as allowed (RFC 9110 §15.5.6); which of these the app behind serves is
 # the app's to say.
 FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def overrides_to_unforwarded(name: bytes, value: bytes) -> bool:
+    """Whether the header ``name: value`` overrides the method with one of UNFORWARDED_METHODS."""
+    return name in METHOD_OVERRIDES and value.strip().upper() in UNFORWARDED_METHODS
 
 
 def json_body(payload: Any) -> bytes:

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ._asgi import (
     FORWARDED_METHODS,
     UNFORWARDED_METHODS,
+    overrides_to_unforwarded,
     send_error,
     send_json,
     serve_lifespan,
@@ -93,8 +94,9 @@ class ForwardAuth:
     * 403 ``forbidden`` when ``shared_secret`` is set and the request does not carry it in
       ``X-Devicegate-Forward-Secret``: the credentials are then not even looked at.
     * 405 ``method_not_allowed`` (with ``Allow``) when the original method is ``TRACE``,
-      ``TRACK`` or ``CONNECT``, as the gateway refuses them: TRACE reflects the request, and a
-      CONNECT target is no path (Caddy names it ``/``).
+      ``TRACK`` or ``CONNECT``, or a method-override field (``X-HTTP-Method-Override``,
+      ``X-HTTP-Method``, ``X-Method-Override``) names one, as the gateway refuses them: TRACE
+      reflects the request, and a CONNECT target is no path (Caddy names it ``/``).
 
     The proxy must set the header it uses, overwriting any copy the client sent; every snippet
     in ``docs/deployment.md`` does. Keep the endpoint reachable only from the proxy (bind it to
@@ -184,7 +186,9 @@ class ForwardAuth:
         except _OriginalRequestError as exc:
             await send_error(scope, send, InvalidRequest(exc.description), self._realm)
             return
-        if method is not None and method.upper().encode() in UNFORWARDED_METHODS:
+        if (method is not None and method.upper().encode() in UNFORWARDED_METHODS) or any(
+            overrides_to_unforwarded(name, value) for name, value in headers
+        ):
             await send_json(scope, send, 405, _METHOD_NOT_ALLOWED, (b"allow", FORWARDED_METHODS))
             return
         original: Scope = {

@@ -23,7 +23,13 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from ._asgi import FORWARDED_METHODS, UNFORWARDED_METHODS, send_json, serve_lifespan
+from ._asgi import (
+    FORWARDED_METHODS,
+    UNFORWARDED_METHODS,
+    overrides_to_unforwarded,
+    send_json,
+    serve_lifespan,
+)
 from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from ._errors import ConfigError
 from ._principal import CredentialKind, get_principal
@@ -93,8 +99,6 @@ _FOLD = bytes(
 # the client two Date headers (RFC 9110 §6.6.1 allows one) and name the upstream's software.
 _SERVER_SET = frozenset({b"date", b"server"})
 
-# UNFORWARDED_METHODS are refused here and in the method-override fields some frameworks honour.
-_METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
 
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
 _PATH_SAFE = "/!$&'()*+,;=:@"
@@ -588,7 +592,7 @@ class ReverseProxy:
                 or key.startswith(_REMOVED_PREFIXES)
             ):
                 continue
-            if key in _METHOD_OVERRIDES and value.strip().upper() in UNFORWARDED_METHODS:
+            if overrides_to_unforwarded(key, value):
                 raise _Refused(_METHOD_NOT_ALLOWED)
             headers.append((name, value))
         if transfer_encoding and content_length is not None:
