@@ -649,13 +649,22 @@ async def test_methods_never_forwarded_never_reach_the_api(
     assert not [t for t in await seen_by(stack.upstream) if marker in t]
 
 
-@pytest.mark.parametrize("upgrade", ["h2c", "websocket, h2c", "TLS/1.2"])
-async def test_no_upgrade_but_websocket_reaches_the_api(stack: Stack, upgrade: str) -> None:
+@pytest.mark.parametrize(
+    "upgrades",
+    [
+        pytest.param(["h2c"], id="h2c"),
+        pytest.param(["websocket, h2c"], id="listed-after-websocket"),
+        pytest.param(["TLS/1.2"], id="tls"),
+        # A proxy that checked any of the values, then upgraded by the first, would pass h2c.
+        pytest.param(["h2c", "websocket"], id="two-fields"),
+    ],
+)
+async def test_no_upgrade_but_websocket_reaches_the_api(stack: Stack, upgrades: list[str]) -> None:
     # After a 101 to "Upgrade: h2c" the connection would carry HTTP/2 requests straight to the
     # API, none of them judged: the proxies pass on no upgrade but a websocket one.
     headers = [
         ("connection", "Upgrade, HTTP2-Settings"),
-        ("upgrade", upgrade),
+        *[("upgrade", upgrade) for upgrade in upgrades],
         ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
     ]
     async with async_client(stack.proxy.url) as http:
