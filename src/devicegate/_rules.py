@@ -130,7 +130,7 @@ class RuleTable(Generic[V]):
     :meth:`lookup` answers what walking the rules with :meth:`Rule.matches` would answer (the
     value of the first rule that matches, else ``default``), without a method call per rule:
     a run of exact rules becomes one dictionary, and a prefix rule two string tests. A rule
-    whose class overrides :meth:`Rule.matches` is asked through its own method instead.
+    with a ``matches`` of its own (a subclass's) is asked through it instead.
     """
 
     __slots__ = ("_default", "_steps")
