@@ -650,6 +650,27 @@ async def test_methods_never_forwarded_never_reach_the_api(
 
 
 @pytest.mark.parametrize(
+    "connection",
+    ["x-devicegate-instance-id", "keep-alive, X-Devicegate-Kind", "Upgrade, x-devicegate-kind"],
+)
+async def test_the_client_connection_field_cannot_drop_the_identity(
+    stack: Stack, connection: str
+) -> None:
+    # A proxy drops the fields a Connection field names: the client's must not name ours.
+    token = make_token(stack.keys.jwt_secret, instance_id="device-1")
+    headers = [
+        ("authorization", f"Bearer {token}"),
+        ("x-instance-id", "device-1"),
+        ("connection", connection),
+        ("upgrade", "h2c"),
+    ]
+    async with async_client(stack.proxy.url) as http:
+        got = received(await fetch(http, "/mobile/verify", headers))
+    assert got["x-devicegate-kind"] == ["device_token"]
+    assert got["x-devicegate-instance-id"] == ["device-1"]
+
+
+@pytest.mark.parametrize(
     "upgrades",
     [
         pytest.param(["h2c"], id="h2c"),
