@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import secrets
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -1164,9 +1165,58 @@ async def test_cli_gateway_upstream_down_is_502(tmp_path: Path, cli_gateway: Gat
     assert response.json()["error"] == "bad_gateway"
 
 
-async def test_cli_gateway_slow_upstream_is_504(tmp_path: Path, upstream: Server) -> None:
-    # End to end: a real `devicegate serve --upstream-timeout` in front of the real echo
-    # upstream, whose /slow never answers while the client waits.
+def stalling(messages: Sequence[Message]) -> Receive:
+    """A client that sends ``messages``, then nothing more, and never hangs up."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    return receive
+
+
+# A client that trickles its body, or stops sending it, held a pooled upstream connection for
+# as long as it liked: a hundred of them took the default pool.
+@pytest.mark.parametrize(
+    ("framing", "first"),
+    [
+        pytest.param((b"content-length", b"100"), b"x" * 10, id="declared-length"),
+        pytest.param((b"transfer-encoding", b"chunked"), b"x" * 10, id="chunked"),
+        pytest.param((b"transfer-encoding", b"chunked"), b"", id="chunked-nothing-yet"),
+    ],
+)
+async def test_a_stalled_request_body_is_408_and_frees_the_upstream(
+    upstream: Server, framing: tuple[bytes, bytes], first: bytes
+) -> None:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
+        proxy = proxy_for(upstream, timeout=0.3, client=client)
+        scope = request_scope("/v1/enroll", method="POST", headers=[framing], user=api_key_user())
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(HANG_GUARD_SECONDS):
+            await proxy(
+                scope, stalling([{"type": "http.request", "body": first, "more_body": True}]), send
+            )
+        # The pool's one connection is free again: the next request goes through.
+        after = await drive(proxy, request_scope("/v1/next", user=api_key_user()))
+    assert sent[0]["status"] == 408
+    assert dict(sent[0]["headers"])[b"connection"] == b"close"
+    assert json.loads(b"".join(message.get("body", b"") for message in sent[1:])) == {
+        "error": "request_timeout",
+        "error_description": "The request body stopped arriving.",
+    }
+    assert after.status == 200
+
+
+@contextlib.contextmanager
+def impatient_cli_gateway(tmp_path: Path, upstream: Server) -> Iterator[tuple[Server, Keys]]:
+    """A real ``devicegate serve --upstream`` with ``--upstream-timeout 0.5``, and its keys."""
     keys = fresh_keys()
     secrets_file = write_secrets(tmp_path / "secrets.json", keys)
     command = devicegate_command(
@@ -1175,6 +1225,37 @@ async def test_cli_gateway_slow_upstream_is_504(tmp_path: Path, upstream: Server
         "--log-level", "warning",
     )  # fmt: skip
     with serve(command, tmp_path / "gateway.log") as server:
+        yield server, keys
+
+
+async def test_cli_gateway_answers_a_stalled_body_with_408(
+    tmp_path: Path, upstream: Server
+) -> None:
+    def stall(port: int, api_key: str) -> bytes:
+        # Send part of the body, then wait for the whole answer: the gateway closes after it.
+        request = (
+            b"POST /v1/enroll HTTP/1.1\r\nHost: gateway\r\nX-API-Key: "
+            + api_key.encode()
+            + b"\r\nContent-Length: 100\r\n\r\n"
+            + b"x" * 10
+        )
+        with socket.create_connection((HOST, port), timeout=30) as sock:
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    with impatient_cli_gateway(tmp_path, upstream) as (server, keys):
+        answer = await anyio.to_thread.run_sync(stall, server.port, keys.api_key)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"error":"request_timeout"' in answer
+
+
+async def test_cli_gateway_slow_upstream_is_504(tmp_path: Path, upstream: Server) -> None:
+    # End to end: a real `devicegate serve --upstream-timeout` in front of the real echo
+    # upstream, whose /slow never answers while the client waits.
+    with impatient_cli_gateway(tmp_path, upstream) as (server, keys):
         async with async_client(server.url) as http:
             response = await http.get("/slow", headers={"x-api-key": keys.api_key})
     assert response.status_code == 504

@@ -180,7 +180,7 @@ def build_app(
         upstream_api_key: the upstream's server key, injected into forwarded server calls.
         upstream_mobile_api_key: the upstream's mobile key, injected into forwarded mobile calls.
         upstream_timeout: seconds to wait for the upstream to connect, accept the body or
-            answer before a 504.
+            answer before a 504, and for the client's body to go on before a 408.
         public: route paths (exact, or prefixes ending in ``/*``) that need no credential.
         forward_auth_path: the path of the forward-auth endpoint, or ``None``.
         forward_auth_secret: a shared secret the proxy must send to the forward-auth endpoint.

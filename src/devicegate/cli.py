@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream-timeout",
         metavar="SECONDS",
         help="how long to wait for the upstream to connect, take the body or answer before "
-        "answering 504 (env DEVICEGATE_UPSTREAM_TIMEOUT; default 30)",
+        "answering 504, and for the client's body to go on before answering 408 "
+        "(env DEVICEGATE_UPSTREAM_TIMEOUT; default 30)",
     )
     serve.add_argument(
         "--no-upstream-check",

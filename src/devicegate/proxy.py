@@ -108,6 +108,7 @@ _BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
 _GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
 _TOO_LARGE = (413, "invalid_request", "The request body is larger than this gateway accepts.")
 _BAD_LENGTH = (400, "invalid_request", "The Content-Length header is invalid.")
+_BODY_TIMEOUT = (408, "request_timeout", "The request body stopped arriving.")
 _MAX_LENGTH_DIGITS = 18  # without leading zeros: up to an exabyte
 _BAD_FRAMING = (
     400,
@@ -151,9 +152,17 @@ class _RequestBody:
     """
 
     def __init__(
-        self, receive: Receive, first: bytes, more: bool, limit: int, length: int | None = None
+        self,
+        receive: Receive,
+        first: bytes,
+        more: bool,
+        limit: int,
+        length: int | None = None,
+        *,
+        idle_seconds: float,
     ) -> None:
         self._receive = receive
+        self._idle_seconds = idle_seconds
         self._pending = first
         self._more = more
         self._size = len(first)
@@ -175,7 +184,7 @@ class _RequestBody:
                 if self._length is not None and self._size != self._length:
                     raise _Refused(_BAD_LENGTH, close=True)
                 raise StopAsyncIteration
-            message = await self._receive()
+            message = await _receive_within(self._receive, self._idle_seconds)
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             self._pending = message.get("body", b"")
@@ -223,8 +232,9 @@ class ReverseProxy:
       ``X.Api.Key``), which CGI, WSGI and PHP upstreams read as the dashed name;
     * refuses a request with both ``Content-Length`` and ``Transfer-Encoding`` (400, RFC 9112
       §6.1), bounds the request body (413, by ``Content-Length`` up front and while
-      streaming), and answers 502 when the upstream cannot be reached or the exchange fails
-      before the response started, and 504 when it is too slow, with a JSON ``{"error": ...,
+      streaming), answers 408 (and closes the connection) when the body pauses for longer
+      than ``timeout``, 502 when the upstream cannot be reached or the exchange fails before
+      the response started, and 504 when it is too slow, with a JSON ``{"error": ...,
       "error_description": ...}`` body of fixed text.
 
     Websockets are not forwarded: the handshake is denied (501 with the websocket
@@ -246,7 +256,8 @@ class ReverseProxy:
         upstream_mobile_api_key: the upstream's mobile key, sent raw in ``Authorization`` for
             callers that presented a mobile key or a device token.
         timeout: seconds allowed to connect, to send each part of the request, to wait for
-            each part of the response, and to get a pooled connection.
+            each part of the response, and to get a pooled connection; also the longest the
+            client's body may pause between two parts before a 408.
         max_body_bytes: the largest request body forwarded.
         client: the httpx client to send with (see above).
         api_key_header: the header the gate reads the server API key from (removed).
@@ -388,7 +399,14 @@ class ReverseProxy:
 
         body: _RequestBody | None = None
         if content_length:
-            body = _RequestBody(receive, b"", True, self.max_body_bytes, content_length)
+            body = _RequestBody(
+                receive,
+                b"",
+                True,
+                self.max_body_bytes,
+                content_length,
+                idle_seconds=self.timeout,
+            )
             headers.append((b"content-length", str(content_length).encode()))
         else:
             # No declared length (a chunked body, an HTTP/2 body, or none at all), or zero:
@@ -397,7 +415,11 @@ class ReverseProxy:
             # disconnect watcher starts listening.
             chunk, more = b"", True
             while more and not chunk:
-                message = await receive()
+                try:
+                    message = await _receive_within(receive, self.timeout)
+                except _Refused as refused:
+                    await _send_error(scope, send, refused.error, close=refused.close)
+                    return
                 if message["type"] == "http.disconnect":
                     return
                 chunk = message.get("body", b"")
@@ -411,7 +433,9 @@ class ReverseProxy:
                 if len(chunk) > self.max_body_bytes:
                     await _send_error(scope, send, _TOO_LARGE, close=True)
                     return
-                body = _RequestBody(receive, chunk, more, self.max_body_bytes)
+                body = _RequestBody(
+                    receive, chunk, more, self.max_body_bytes, idle_seconds=self.timeout
+                )
 
         request = httpx.Request(
             scope["method"],
@@ -701,6 +725,16 @@ def _below_root_path(raw: bytes, root_path: str) -> bytes:
         if end < 0:
             return raw
         end = raw.find(b"/", end + 1)
+
+
+async def _receive_within(receive: Receive, seconds: float) -> Message:
+    """The client's next message, or a 408 when its body stalls for ``seconds``: a client that
+    trickles a body (or stops sending it) must not hold a pooled upstream connection."""
+    try:
+        with anyio.fail_after(seconds):
+            return await receive()
+    except TimeoutError:
+        raise _Refused(_BODY_TIMEOUT, close=True) from None
 
 
 async def _watch_disconnect(
