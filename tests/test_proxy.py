@@ -1178,8 +1178,13 @@ def stalling(messages: Sequence[Message]) -> Receive:
     return receive
 
 
-# A client that trickles its body, or stops sending it, held a pooled upstream connection for
-# as long as it liked: a hundred of them took the default pool.
+def body_of(exchange: Exchange) -> Any:
+    """The JSON an exchange's response carried."""
+    return json.loads(b"".join(m.get("body", b"") for m in exchange.messages[1:]))
+
+
+# A client that stopped sending its body held a pooled upstream connection for as long as it
+# liked: a hundred of them took the default pool.
 @pytest.mark.parametrize(
     ("framing", "first"),
     [
@@ -1203,7 +1208,8 @@ async def test_a_stalled_request_body_is_408_and_frees_the_upstream(
             await proxy(
                 scope, stalling([{"type": "http.request", "body": first, "more_body": True}]), send
             )
-        # The pool's one connection is free again: the next request goes through.
+        # The pool's one connection is free again, and the next request is what the upstream
+        # reads: not the rest of a half-sent one.
         after = await drive(proxy, request_scope("/v1/next", user=api_key_user()))
     assert sent[0]["status"] == 408
     assert dict(sent[0]["headers"])[b"connection"] == b"close"
@@ -1212,6 +1218,37 @@ async def test_a_stalled_request_body_is_408_and_frees_the_upstream(
         "error_description": "The request body stopped arriving.",
     }
     assert after.status == 200
+    assert body_of(after)["path"] == "/v1/next"
+
+
+async def test_a_body_that_keeps_arriving_is_not_cut(upstream: Server) -> None:
+    # The limit is on each pause, not on the whole body: five parts, each well within the
+    # timeout, together take longer than it.
+    parts = [secrets.token_bytes(1000) for _ in range(5)]
+
+    async def receive() -> Message:
+        if not parts:  # the whole body is in: the client waits for the answer
+            await anyio.sleep_forever()
+        await anyio.sleep(0.12)
+        body = parts.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(parts)}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    proxy = proxy_for(upstream, timeout=0.3)
+    scope = request_scope(
+        "/v1/upload", method="POST", headers=[(b"content-length", b"5000")], user=api_key_user()
+    )
+    try:
+        with anyio.fail_after(HANG_GUARD_SECONDS):
+            await proxy(scope, receive, send)
+    finally:
+        await proxy.aclose()
+    assert sent[0]["status"] == 200
+    assert body_of(Exchange(sent))["body_length"] == 5000
 
 
 @contextlib.contextmanager
@@ -1239,7 +1276,7 @@ async def test_cli_gateway_answers_a_stalled_body_with_408(
             + b"\r\nContent-Length: 100\r\n\r\n"
             + b"x" * 10
         )
-        with socket.create_connection((HOST, port), timeout=30) as sock:
+        with socket.create_connection((HOST, port), timeout=10) as sock:
             sock.sendall(request)
             answer = b""
             while chunk := sock.recv(65536):

@@ -728,13 +728,14 @@ def _below_root_path(raw: bytes, root_path: str) -> bytes:
 
 
 async def _receive_within(receive: Receive, seconds: float) -> Message:
-    """The client's next message, or a 408 when its body stalls for ``seconds``: a client that
-    trickles a body (or stops sending it) must not hold a pooled upstream connection."""
-    try:
-        with anyio.fail_after(seconds):
-            return await receive()
-    except TimeoutError:
-        raise _Refused(_BODY_TIMEOUT, close=True) from None
+    """The client's next message, or a 408 when its body pauses for ``seconds``: a client that
+    stops sending its body must not hold a pooled upstream connection. (Each part resets the
+    wait, as nginx's ``client_body_timeout`` does: a client that keeps trickling is not cut.)"""
+    with anyio.move_on_after(seconds):
+        return await receive()
+    # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
+    # through as itself).
+    raise _Refused(_BODY_TIMEOUT, close=True)
 
 
 async def _watch_disconnect(
