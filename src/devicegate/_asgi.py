@@ -20,6 +20,7 @@ __all__ = [
     "METHOD_OVERRIDES",
     "UNFORWARDED_METHODS",
     "error_response_parts",
+    "is_unforwarded",
     "json_body",
     "overrides_to_unforwarded",
     "send_error",
@@ -41,6 +42,11 @@ METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-m
 # What their 405 names as allowed (RFC 9110 §15.5.6); which of these the app behind serves is
 # the app's to say.
 FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def is_unforwarded(method: str) -> bool:
+    """Whether ``method``, in any case, is one of UNFORWARDED_METHODS."""
+    return method.upper().encode() in UNFORWARDED_METHODS
 
 
 def overrides_to_unforwarded(name: bytes, value: bytes) -> bool:

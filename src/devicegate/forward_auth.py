@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from ._asgi import (
     FORWARDED_METHODS,
-    UNFORWARDED_METHODS,
+    is_unforwarded,
     overrides_to_unforwarded,
     send_error,
     send_json,
@@ -186,7 +186,7 @@ class ForwardAuth:
         except _OriginalRequestError as exc:
             await send_error(scope, send, InvalidRequest(exc.description), self._realm)
             return
-        if (method is not None and method.upper().encode() in UNFORWARDED_METHODS) or any(
+        if (method is not None and is_unforwarded(method)) or any(
             overrides_to_unforwarded(name, value) for name, value in headers
         ):
             await send_json(scope, send, 405, _METHOD_NOT_ALLOWED, (b"allow", FORWARDED_METHODS))

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._asgi import (
     FORWARDED_METHODS,
-    UNFORWARDED_METHODS,
+    is_unforwarded,
     overrides_to_unforwarded,
     send_json,
     serve_lifespan,
@@ -98,7 +98,6 @@ _FOLD = bytes(
 # Response fields the serving ASGI server sets itself: passing the upstream's on would send
 # the client two Date headers (RFC 9110 §6.6.1 allows one) and name the upstream's software.
 _SERVER_SET = frozenset({b"date", b"server"})
-
 
 # The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
 _PATH_SAFE = "/!$&'()*+,;=:@"
@@ -376,7 +375,7 @@ class ReverseProxy:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if scope["method"].upper().encode() in UNFORWARDED_METHODS:
+            if is_unforwarded(scope["method"]):
                 raise _Refused(_METHOD_NOT_ALLOWED)
             headers, content_length = self._request_headers(scope)
             if content_length is not None and content_length > self.max_body_bytes:
