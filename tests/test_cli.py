@@ -181,6 +181,8 @@ def test_python_dash_m_runs_main(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["devicegate", "init", "--path", "from-main.json"])
+    # As on a real `python -m devicegate`: not imported yet (an earlier test may have).
+    monkeypatch.delitem(sys.modules, "devicegate.__main__", raising=False)
     with pytest.raises(SystemExit) as info:
         runpy.run_module("devicegate", run_name="__main__")
     assert info.value.code == 0
