@@ -1,11 +1,19 @@
 """Deciding who a request's credential belongs to. Raw headers in, a Principal or an error out.
 
 Shared by the middleware and the token endpoint so that both apply the same rules.
+
+The common admissions (a known key, a cached token for its device) have a compiled fast path,
+:mod:`devicegate._speedups`, built when the package is installed with a C compiler. It only
+ever admits what :meth:`Authenticator.authenticate` admits, with the same principal, and hands
+everything else to it, refusals included. A non-empty ``DEVICEGATE_NO_EXTENSIONS`` in the
+environment turns it off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
@@ -13,19 +21,42 @@ from ._errors import InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
 
-__all__ = ["Authenticator"]
+__all__ = ["Authenticator", "compiled_fast_path"]
+
+EXTENSIONS_DISABLED = bool(os.environ.get("DEVICEGATE_NO_EXTENSIONS"))
+"""Whether the environment turns the compiled fast path off (any non-empty value does)."""
+
+FastPath: Any
+try:
+    from ._speedups import FastPath
+except ImportError:  # pragma: no cover - no compiler at install time, or not CPython
+    FastPath = None
+if EXTENSIONS_DISABLED:
+    FastPath = None
+
+
+def compiled_fast_path() -> bool:
+    """Whether authenticators built now use the compiled fast path."""
+    return FastPath is not None
 
 
 class Authenticator:
-    """Checks the single credential in a request's headers against a :class:`GateConfig`."""
+    """Checks the single credential in a request's headers against a :class:`GateConfig`.
+
+    :attr:`admit` is the fast way in; :meth:`authenticate` decides everything. A subclass that
+    overrides :meth:`authenticate`, or a verifier whose class overrides
+    :meth:`TokenVerifier.check`, is always asked: the compiled fast path mirrors the methods
+    defined here, and steps aside for any other.
+    """
 
     __slots__ = (
         "_api_key_header",
         "_api_keys",
         "_device_header",
+        "_fast",
         "_mobile_api_keys",
+        "_verifier",
         "configured_kinds",
-        "verifier",
     )
 
     def __init__(self, config: GateConfig) -> None:
@@ -33,6 +64,16 @@ class Authenticator:
         self._mobile_api_keys = tuple(key.encode() for key in config.mobile_api_keys)
         self._api_key_header = config.api_key_header.encode("latin-1")
         self._device_header = config.device_header.encode("latin-1")
+        self._fast: Any = None
+        if FastPath is not None and type(self).authenticate is Authenticator.authenticate:
+            self._fast = FastPath(
+                self._api_key_header,
+                self._device_header,
+                self._api_keys,
+                self._mobile_api_keys,
+                _API_KEY_PRINCIPAL,
+                _MOBILE_API_KEY_PRINCIPAL,
+            )
         self.verifier = TokenVerifier(config)
         kinds = set()
         if self._api_keys:
@@ -42,6 +83,32 @@ class Authenticator:
         if config.jwt_secrets:
             kinds.add(CredentialKind.DEVICE_TOKEN)
         self.configured_kinds = frozenset(kinds)
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        """The verifier of device tokens; may be replaced (the fast path follows it)."""
+        return self._verifier
+
+    @verifier.setter
+    def verifier(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+        if self._fast is not None:
+            # Cached tokens are admitted on the fast path only for the check() it mirrors.
+            mirrored = type(verifier).check is TokenVerifier.check
+            self._fast.verifier = verifier if mirrored else None
+
+    @property
+    def admit(self) -> Callable[[Iterable[tuple[bytes, bytes]]], Principal | None]:
+        """``admit(headers)``: the principal of a request the fast path can admit, or ``None``
+        when :meth:`authenticate` must decide (and refuse, if it refuses). Without the compiled
+        module this is :meth:`authenticate` itself, which never returns ``None``.
+
+        The function stays valid when :attr:`verifier` is replaced, so a caller may keep it.
+        """
+        if self._fast is None:
+            return self.authenticate
+        admit: Callable[[Iterable[tuple[bytes, bytes]]], Principal | None] = self._fast.admit
+        return admit
 
     def __repr__(self) -> str:
         kinds = ", ".join(sorted(kind.value for kind in self.configured_kinds))

@@ -103,6 +103,7 @@ class DeviceAuthMiddleware:
         self._config = config
         self._rules = tuple(rules)
         self._authenticator = Authenticator(config)
+        self._admit = self._authenticator.admit
         self._authenticate = self._authenticator.authenticate
         configured = self._authenticator.configured_kinds
         for rule in self._rules:
@@ -195,7 +196,12 @@ class DeviceAuthMiddleware:
             if public:
                 principal = None
             else:
-                principal = self._authenticate(scope["headers"])
+                headers = scope["headers"]
+                # The fast path admits the common cases; anything else, refusals included,
+                # is decided in full.
+                principal = self._admit(headers)
+                if principal is None:
+                    principal = self._authenticate(headers)
                 if principal.kind not in accepted:
                     raise InsufficientScope()
         except AuthError as error:
