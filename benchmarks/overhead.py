@@ -57,6 +57,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devicegate import DeviceAuthMiddleware, GateConfig, Rule, TokenIssuer, TokenVerifier
+from devicegate import _auth as devicegate_auth
 
 DEVICE_ID = "device-0123456789abcdef"
 PATH = "/items"
@@ -304,6 +305,9 @@ DG_API_KEY = "raw + devicegate, API key"
 DG_MOBILE = "raw + devicegate, mobile API key"
 DG_COLD = "raw + devicegate, never-seen token (cold)"
 DG_NEW_PATHS = "raw + devicegate, cached device token, a new path every request"
+PY_CACHED = "raw + devicegate, pure Python, cached device token"
+PY_API_KEY = "raw + devicegate, pure Python, API key"
+PY_MOBILE = "raw + devicegate, pure Python, mobile API key"
 STARLETTE = "Starlette hello-world"
 STARLETTE_DG = "Starlette + devicegate, cached device token"
 STARLETTE_PYJWT = "Starlette + AuthenticationMiddleware + PyJWT"
@@ -319,6 +323,9 @@ IN_PROCESS_ROWS = (
     DG_MOBILE,
     DG_COLD,
     DG_NEW_PATHS,
+    PY_CACHED,
+    PY_API_KEY,
+    PY_MOBILE,
     STARLETTE,
     STARLETTE_DG,
     STARLETTE_PYJWT,
@@ -334,6 +341,9 @@ BASELINES = {
     DG_MOBILE: RAW,
     DG_COLD: RAW,
     DG_NEW_PATHS: RAW,
+    PY_CACHED: RAW,
+    PY_API_KEY: RAW,
+    PY_MOBILE: RAW,
     STARLETTE_DG: STARLETTE,
     STARLETTE_PYJWT: STARLETTE,
     LITESTAR_JWT: LITESTAR,
@@ -341,6 +351,18 @@ BASELINES = {
 
 
 WARM_UP = 200
+
+
+@contextmanager
+def pure_python() -> Iterator[None]:
+    """Middlewares built inside authenticate in pure Python, as on an install without a C
+    compiler (or on PyPy, or with DEVICEGATE_NO_EXTENSIONS=1)."""
+    saved = devicegate_auth.FastPath
+    devicegate_auth.FastPath = None
+    try:
+        yield
+    finally:
+        devicegate_auth.FastPath = saved
 
 
 def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]:
@@ -354,6 +376,10 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
     issuer = TokenIssuer(config)
     token = issuer.issue(DEVICE_ID).access_token
     gate = DeviceAuthMiddleware(raw_app, config=config, rules=BENCH_RULES, token_path=TOKEN_PATH)
+    with pure_python():
+        pure_gate = DeviceAuthMiddleware(
+            raw_app, config=config, rules=BENCH_RULES, token_path=TOKEN_PATH
+        )
 
     # The cold path: a token never seen before on every request, all minted beforehand.
     fresh_tokens = iter(
@@ -389,21 +415,18 @@ def build_cases(cold_requests: int) -> tuple[list[AsgiCase], Callable[[], None]]
         method="POST",
         path=TOKEN_PATH,
     )
+    api_key = repeat_scope(http_scope([(b"x-api-key", config.api_keys[0].encode())]))
+    mobile_key = repeat_scope(http_scope([(b"authorization", config.mobile_api_keys[0].encode())]))
     cases = [
         AsgiCase(RAW, raw_app, repeat_scope(http_scope())),
         AsgiCase(DG_CACHED, gate, repeat_scope(http_scope(bearer(token)))),
-        AsgiCase(
-            DG_API_KEY,
-            gate,
-            repeat_scope(http_scope([(b"x-api-key", config.api_keys[0].encode())])),
-        ),
-        AsgiCase(
-            DG_MOBILE,
-            gate,
-            repeat_scope(http_scope([(b"authorization", config.mobile_api_keys[0].encode())])),
-        ),
+        AsgiCase(DG_API_KEY, gate, api_key),
+        AsgiCase(DG_MOBILE, gate, mobile_key),
         AsgiCase(DG_COLD, gate, cold_scopes),
         AsgiCase(DG_NEW_PATHS, gate, new_path_scopes),
+        AsgiCase(PY_CACHED, pure_gate, repeat_scope(http_scope(bearer(token)))),
+        AsgiCase(PY_API_KEY, pure_gate, api_key),
+        AsgiCase(PY_MOBILE, pure_gate, mobile_key),
         AsgiCase(STARLETTE, starlette_plain, repeat_scope(http_scope())),
         AsgiCase(STARLETTE_DG, starlette_gate, repeat_scope(http_scope(bearer(token)))),
         AsgiCase(STARLETTE_PYJWT, starlette_pyjwt, repeat_scope(http_scope(bearer(token)))),
@@ -858,6 +881,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    fast_path = (
+        "compiled (devicegate._speedups)"
+        if devicegate_auth.compiled_fast_path()
+        else "pure Python (no compiled module)"
+    )
     packages = ", ".join(
         f"{name} {_package(name)}"
         for name in ("devicegate", "starlette", "litestar", "pyjwt", "uvicorn", "anyio")
@@ -866,6 +894,7 @@ def machine() -> str:
         f"- CPU: {cpu}, {os.cpu_count()} logical cores; {platform.system()} {platform.release()}\n"
         f"- Python {platform.python_version()} ({platform.python_implementation()})\n"
         f"- {packages}\n"
+        f"- devicegate's fast path: {fast_path}\n"
         f"- load generator: {'wrk' if shutil.which('wrk') else 'anyio/httpx (wrk not found)'}"
     )
 

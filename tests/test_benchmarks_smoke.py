@@ -23,6 +23,9 @@ IN_PROCESS_ROWS = [
     "raw + devicegate, mobile API key",
     "raw + devicegate, never-seen token (cold)",
     "raw + devicegate, cached device token, a new path every request",
+    "raw + devicegate, pure Python, cached device token",
+    "raw + devicegate, pure Python, API key",
+    "raw + devicegate, pure Python, mobile API key",
     "Starlette hello-world",
     "Starlette + devicegate, cached device token",
     "Starlette + AuthenticationMiddleware + PyJWT",
@@ -87,6 +90,7 @@ def test_benchmark_reports_every_in_process_row() -> None:
     assert "tokens/s in-process" in result.stdout
     assert "bytes per entry" in result.stdout
     assert "Python " in result.stdout  # the machine is stated
+    assert "fast path: compiled (devicegate._speedups)" in result.stdout
 
 
 @pytest.mark.parametrize("generator", ["wrk", "anyio/httpx"])
