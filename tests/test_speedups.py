@@ -368,6 +368,42 @@ def test_a_verifier_whose_check_is_overridden_decides_every_token() -> None:
     assert authenticator.admit(bearer(TOKENS["unbound"], None)) is not None
 
 
+def _deny(token: bytes, device_id: bytes | None) -> Principal:
+    raise AuthError("revoked")
+
+
+def test_a_check_patched_on_the_verifier_decides_every_token() -> None:
+    authenticator = compiled_authenticator()
+    verifier = authenticator.verifier
+    verifier.check = _deny  # type: ignore[method-assign]
+    assert authenticator.admit(bearer(TOKENS["bound"])) is None
+    assert full_outcome(authenticator, bearer(TOKENS["bound"])) == "AuthError"
+    del verifier.check
+    assert authenticator.admit(bearer(TOKENS["bound"])) is not None
+
+
+def test_a_check_patched_on_the_class_later_decides_every_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    authenticator = compiled_authenticator()
+    monkeypatch.setattr(TokenVerifier, "check", lambda self, token, device_id: _deny(token, None))
+    assert authenticator.admit(bearer(TOKENS["bound"])) is None
+    assert full_outcome(authenticator, bearer(TOKENS["bound"])) == "AuthError"
+
+
+def test_any_verifier_can_be_put_in() -> None:
+    class DuckVerifier:
+        def __getattr__(self, name: str) -> Any:
+            if name == "check":
+                return _deny
+            raise AttributeError(name)
+
+    authenticator = compiled_authenticator()
+    authenticator.verifier = DuckVerifier()  # type: ignore[assignment]
+    assert authenticator.admit(bearer(TOKENS["bound"])) is None
+    assert full_outcome(authenticator, bearer(TOKENS["bound"])) == "AuthError"
+
+
 def test_a_verifier_that_only_counts_its_verifications_keeps_the_fast_path() -> None:
     class Counting(TokenVerifier):
         def _verify_uncached(self, token: bytes) -> Any:
@@ -379,17 +415,29 @@ def test_a_verifier_that_only_counts_its_verifications_keeps_the_fast_path() -> 
     assert authenticator.admit(bearer(TOKENS["bound"])) is not None
 
 
-def test_an_authenticator_whose_authenticate_is_overridden_decides_everything() -> None:
-    class Strict(Authenticator):
-        __slots__ = ()
+class _Strict(Authenticator):
+    __slots__ = ()
 
-        def authenticate(self, headers: Any) -> Principal:
-            raise AuthError("nobody")
+    def authenticate(self, headers: Any) -> Principal:
+        raise AuthError("nobody")
 
-    strict = Strict(CONFIG)
-    assert strict.admit == strict.authenticate
+
+class _NoKeys(Authenticator):
+    """Changes what authenticate() sees without overriding it."""
+
+    __slots__ = ()
+
+    def __init__(self, config: GateConfig) -> None:
+        super().__init__(config)
+        self._api_keys = ()
+
+
+@pytest.mark.parametrize("subclass", [_Strict, _NoKeys])
+def test_a_subclass_of_authenticator_decides_everything(subclass: type[Authenticator]) -> None:
+    authenticator = subclass(CONFIG)
+    assert authenticator.admit == authenticator.authenticate
     with pytest.raises(AuthError):
-        strict.admit([(b"x-api-key", API_KEYS[0].encode())])
+        authenticator.admit([(b"x-api-key", API_KEYS[0].encode())])
 
 
 def test_an_authenticator_is_freed_without_the_cycle_collector() -> None:
@@ -489,9 +537,16 @@ def test_the_fast_path_shows_no_key_in_its_repr() -> None:
 def test_the_fast_path_refuses_arguments_of_the_wrong_types() -> None:
     assert _auth.FastPath is not None
     principal = Principal(CredentialKind.API_KEY)
-    good: list[Any] = [b"x-api-key", b"x-instance-id", (b"key",), (), principal, principal]
+    check = TokenVerifier.check
+    good: list[Any] = [check, b"x-api-key", b"x-instance-id", (b"key",), (), principal, principal]
     assert _auth.FastPath(*good).admit([(b"x-api-key", b"key")]) is principal
-    for position, wrong in [(0, "x-api-key"), (1, bytearray(b"x")), (2, [b"key"]), (3, ("key",))]:
+    for position, wrong in [
+        (0, print),
+        (1, "x-api-key"),
+        (2, bytearray(b"x")),
+        (3, [b"key"]),
+        (4, ("key",)),
+    ]:
         arguments = list(good)
         arguments[position] = wrong
         with pytest.raises(TypeError, match="must be"):

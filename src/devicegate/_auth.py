@@ -12,6 +12,7 @@ environment turns it off.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,13 +27,14 @@ __all__ = ["Authenticator", "compiled_fast_path"]
 EXTENSIONS_DISABLED = bool(os.environ.get("DEVICEGATE_NO_EXTENSIONS"))
 """Whether the environment turns the compiled fast path off (any non-empty value does)."""
 
-FastPath: Any
-try:
-    from ._speedups import FastPath
-except ImportError:  # pragma: no cover - no compiler at install time, or not CPython
-    FastPath = None
-if EXTENSIONS_DISABLED:
-    FastPath = None
+FastPath: Any = None
+# Not even imported when switched off, nor where the interpreter runs without the GIL: the
+# extension relies on it, and importing it there would turn the GIL back on, with a warning.
+if not EXTENSIONS_DISABLED and getattr(sys, "_is_gil_enabled", lambda: True)():
+    try:
+        from ._speedups import FastPath
+    except ImportError:  # pragma: no cover - no compiler at install time, or not CPython
+        FastPath = None
 
 
 def compiled_fast_path() -> bool:
@@ -43,10 +45,10 @@ def compiled_fast_path() -> bool:
 class Authenticator:
     """Checks the single credential in a request's headers against a :class:`GateConfig`.
 
-    :attr:`admit` is the fast way in; :meth:`authenticate` decides everything. A subclass that
-    overrides :meth:`authenticate`, or a verifier whose class overrides
-    :meth:`TokenVerifier.check`, is always asked: the compiled fast path mirrors the methods
-    defined here, and steps aside for any other.
+    :attr:`admit` is the fast way in; :meth:`authenticate` decides everything. The compiled
+    fast path mirrors the code here and in :meth:`TokenVerifier.check`, so it steps aside for a
+    subclass of this class, and for cached tokens whenever ``verifier.check`` is another method
+    (a subclass's, or a patch).
     """
 
     __slots__ = (
@@ -65,8 +67,9 @@ class Authenticator:
         self._api_key_header = config.api_key_header.encode("latin-1")
         self._device_header = config.device_header.encode("latin-1")
         self._fast: Any = None
-        if FastPath is not None and type(self).authenticate is Authenticator.authenticate:
+        if FastPath is not None and type(self) is Authenticator:
             self._fast = FastPath(
+                TokenVerifier.check,
                 self._api_key_header,
                 self._device_header,
                 self._api_keys,
@@ -93,9 +96,7 @@ class Authenticator:
     def verifier(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
         if self._fast is not None:
-            # Cached tokens are admitted on the fast path only for the check() it mirrors.
-            mirrored = type(verifier).check is TokenVerifier.check
-            self._fast.verifier = verifier if mirrored else None
+            self._fast.verifier = verifier
 
     @property
     def admit(self) -> Callable[[Iterable[tuple[bytes, bytes]]], Principal | None]:

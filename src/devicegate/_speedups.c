@@ -18,9 +18,9 @@
  *     to the bound id.
  * Keys and device ids are compared in time that does not depend on where they differ.
  *
- * Cached tokens are admitted only through the TokenVerifier in the `verifier` attribute, which
- * the Authenticator sets to its verifier when that verifier's check() is TokenVerifier.check
- * (and to None otherwise, so that a subclass's own check always decides).
+ * Cached tokens are admitted only through the verifier in the `verifier` attribute, which the
+ * Authenticator keeps set to its own, and only while `verifier.check` is TokenVerifier.check
+ * itself: a subclass, an instance or a patch that puts another check there always decides.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -38,12 +38,14 @@ static const char BEARER_PREFIX[] = "Bearer ";
 /* Module state kept in statics: the module has no per-interpreter data beyond these. */
 static PyObject *ordered_dict_type;  /* collections.OrderedDict */
 static PyObject *str_cache;          /* interned attribute and method names */
+static PyObject *str_check;
 static PyObject *str_clock;
 static PyObject *str_move_to_end;
 
 typedef struct {
     PyObject_HEAD
     PyObject *verifier;       /* a TokenVerifier, or NULL: then no token is admitted here */
+    PyObject *check;          /* the function TokenVerifier.check, which this code mirrors */
     PyObject *api_key_header; /* bytes */
     PyObject *device_header;  /* bytes */
     PyObject *api_keys;       /* tuple of bytes */
@@ -159,8 +161,8 @@ decline(void)
 static int
 admit_cached_token(FastPath *self, PyObject *token, PyObject *device, PyObject **principal)
 {
-    PyObject *verifier = self->verifier, *cache = NULL, *clock = NULL, *entry = NULL;
-    PyObject *now = NULL, *moved = NULL;
+    PyObject *verifier = self->verifier, *check = NULL, *cache = NULL, *clock = NULL;
+    PyObject *entry = NULL, *now = NULL, *moved = NULL;
     PyObject *expires_at, *valid_from, *bound;
     int in_window, status;
 
@@ -169,6 +171,13 @@ admit_cached_token(FastPath *self, PyObject *token, PyObject *device, PyObject *
         return 0;
     }
     Py_INCREF(verifier); /* Python code below may replace self->verifier */
+    /* What the full path would call, looked up as it looks it up: TokenVerifier.check bound to
+       this verifier, or another check that must decide for itself. */
+    check = PyObject_GetAttr(verifier, str_check);
+    if (check == NULL || !PyMethod_Check(check) || PyMethod_GET_FUNCTION(check) != self->check
+        || PyMethod_GET_SELF(check) != verifier) {
+        goto done;
+    }
     cache = PyObject_GetAttr(verifier, str_cache);
     /* Only the exact OrderedDict the verifier makes: a subclass could answer differently. */
     if (cache == NULL || (PyObject *)Py_TYPE(cache) != ordered_dict_type) {
@@ -221,6 +230,7 @@ done:
     Py_XDECREF(clock);
     Py_XDECREF(entry);
     Py_XDECREF(cache);
+    Py_XDECREF(check);
     Py_DECREF(verifier);
     if (status < 0) {
         Py_CLEAR(*principal);
@@ -351,14 +361,18 @@ is_tuple_of_bytes(PyObject *value)
 static int
 FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"api_key_header", "device_header", "api_keys", "mobile_keys",
-                               "api_principal", "mobile_principal", NULL};
-    PyObject *api_key_header, *device_header, *api_keys, *mobile_keys;
+    static char *keywords[] = {"check", "api_key_header", "device_header", "api_keys",
+                               "mobile_keys", "api_principal", "mobile_principal", NULL};
+    PyObject *check, *api_key_header, *device_header, *api_keys, *mobile_keys;
     PyObject *api_principal, *mobile_principal;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO:FastPath", keywords, &api_key_header,
-                                     &device_header, &api_keys, &mobile_keys, &api_principal,
-                                     &mobile_principal)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO:FastPath", keywords, &check,
+                                     &api_key_header, &device_header, &api_keys, &mobile_keys,
+                                     &api_principal, &mobile_principal)) {
+        return -1;
+    }
+    if (!PyFunction_Check(check)) {
+        PyErr_SetString(PyExc_TypeError, "check must be the function TokenVerifier.check");
         return -1;
     }
     if (!PyBytes_CheckExact(api_key_header) || !PyBytes_CheckExact(device_header)) {
@@ -369,6 +383,8 @@ FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "keys must be tuples of bytes");
         return -1;
     }
+    Py_INCREF(check);
+    Py_XSETREF(self->check, check);
     Py_INCREF(api_key_header);
     Py_XSETREF(self->api_key_header, api_key_header);
     Py_INCREF(device_header);
@@ -388,6 +404,7 @@ static int
 FastPath_traverse(FastPath *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->verifier);
+    Py_VISIT(self->check);
     Py_VISIT(self->api_key_header);
     Py_VISIT(self->device_header);
     Py_VISIT(self->api_keys);
@@ -401,6 +418,7 @@ static int
 FastPath_clear(FastPath *self)
 {
     Py_CLEAR(self->verifier);
+    Py_CLEAR(self->check);
     Py_CLEAR(self->api_key_header);
     Py_CLEAR(self->device_header);
     Py_CLEAR(self->api_keys);
@@ -459,6 +477,7 @@ FastPath_set_verifier(FastPath *self, PyObject *value, void *closure)
     }
     if (value == Py_None) {
         Py_CLEAR(self->verifier);
+    Py_CLEAR(self->check);
     }
     else {
         Py_INCREF(value);
@@ -479,7 +498,7 @@ static PyMethodDef FastPath_methods[] = {
 };
 
 PyDoc_STRVAR(FastPath_doc,
-"FastPath(api_key_header, device_header, api_keys, mobile_keys, api_principal, "
+"FastPath(check, api_key_header, device_header, api_keys, mobile_keys, api_principal, "
 "mobile_principal)\n--\n\n"
 "Admits the requests an Authenticator admits on its common paths; None means decide in full.");
 
@@ -516,6 +535,9 @@ PyInit__speedups(void)
         return NULL;
     }
     if (str_cache == NULL && (str_cache = PyUnicode_InternFromString("_cache")) == NULL) {
+        return NULL;
+    }
+    if (str_check == NULL && (str_check = PyUnicode_InternFromString("check")) == NULL) {
         return NULL;
     }
     if (str_clock == NULL && (str_clock = PyUnicode_InternFromString("_clock")) == NULL) {

@@ -1,4 +1,5 @@
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._principal import Principal
 from ._tokens import TokenVerifier
@@ -11,6 +12,7 @@ class FastPath:
     verifier: TokenVerifier | None
     def __init__(
         self,
+        check: Callable[..., Any],
         api_key_header: bytes,
         device_header: bytes,
         api_keys: tuple[bytes, ...],
