@@ -37,6 +37,10 @@ if not EXTENSIONS_DISABLED and getattr(sys, "_is_gil_enabled", lambda: True)():
         FastPath = None
 
 
+Admit = Callable[[Iterable[tuple[bytes, bytes]]], Principal | None]
+"""``admit(headers)``: a principal, or ``None`` to decide in full."""
+
+
 def compiled_fast_path() -> bool:
     """Whether authenticators built now use the compiled fast path."""
     return FastPath is not None
@@ -99,7 +103,7 @@ class Authenticator:
             self._fast.verifier = verifier
 
     @property
-    def admit(self) -> Callable[[Iterable[tuple[bytes, bytes]]], Principal | None]:
+    def admit(self) -> Admit:
         """``admit(headers)``: the principal of a request the fast path can admit, or ``None``
         when :meth:`authenticate` must decide (and refuse, if it refuses). Without the compiled
         module this is :meth:`authenticate` itself, which never returns ``None``.
@@ -108,7 +112,7 @@ class Authenticator:
         """
         if self._fast is None:
             return self.authenticate
-        admit: Callable[[Iterable[tuple[bytes, bytes]]], Principal | None] = self._fast.admit
+        admit: Admit = self._fast.admit
         return admit
 
     def __repr__(self) -> str:

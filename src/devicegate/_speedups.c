@@ -133,13 +133,6 @@ is_bare_bearer(const char *value, Py_ssize_t length)
     return 1;
 }
 
-static PyObject *
-return_principal(PyObject *principal)
-{
-    Py_INCREF(principal);
-    return principal;
-}
-
 /*
  * Leave the decision to the full path: forget an ordinary error (the full path meets it again
  * and answers it), but let KeyboardInterrupt, SystemExit and their kind through.
@@ -219,8 +212,7 @@ admit_cached_token(FastPath *self, PyObject *token, PyObject *device, PyObject *
         || (device != NULL && PyBytes_CheckExact(bound)
             && equal_in_constant_time(PyBytes_AS_STRING(bound), PyBytes_GET_SIZE(bound),
                                       PyBytes_AS_STRING(device), PyBytes_GET_SIZE(device)))) {
-        *principal = PyTuple_GET_ITEM(entry, 3);
-        Py_INCREF(*principal);
+        *principal = Py_NewRef(PyTuple_GET_ITEM(entry, 3));
     }
 
 done:
@@ -296,7 +288,7 @@ FastPath_admit(FastPath *self, PyObject *headers)
             Py_RETURN_NONE;
         }
         if (matches_a_key(self->api_keys, PyBytes_AS_STRING(api_key), length)) {
-            return return_principal(self->api_principal);
+            return Py_NewRef(self->api_principal);
         }
         Py_RETURN_NONE;
     }
@@ -338,7 +330,7 @@ FastPath_admit(FastPath *self, PyObject *headers)
         Py_RETURN_NONE;
     }
     if (matches_a_key(self->mobile_keys, value, length)) {
-        return return_principal(self->mobile_principal);
+        return Py_NewRef(self->mobile_principal);
     }
     Py_RETURN_NONE;
 }
@@ -383,20 +375,13 @@ FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "keys must be tuples of bytes");
         return -1;
     }
-    Py_INCREF(check);
-    Py_XSETREF(self->check, check);
-    Py_INCREF(api_key_header);
-    Py_XSETREF(self->api_key_header, api_key_header);
-    Py_INCREF(device_header);
-    Py_XSETREF(self->device_header, device_header);
-    Py_INCREF(api_keys);
-    Py_XSETREF(self->api_keys, api_keys);
-    Py_INCREF(mobile_keys);
-    Py_XSETREF(self->mobile_keys, mobile_keys);
-    Py_INCREF(api_principal);
-    Py_XSETREF(self->api_principal, api_principal);
-    Py_INCREF(mobile_principal);
-    Py_XSETREF(self->mobile_principal, mobile_principal);
+    Py_XSETREF(self->check, Py_NewRef(check));
+    Py_XSETREF(self->api_key_header, Py_NewRef(api_key_header));
+    Py_XSETREF(self->device_header, Py_NewRef(device_header));
+    Py_XSETREF(self->api_keys, Py_NewRef(api_keys));
+    Py_XSETREF(self->mobile_keys, Py_NewRef(mobile_keys));
+    Py_XSETREF(self->api_principal, Py_NewRef(api_principal));
+    Py_XSETREF(self->mobile_principal, Py_NewRef(mobile_principal));
     return 0;
 }
 
@@ -464,8 +449,7 @@ FastPath_get_verifier(FastPath *self, void *closure)
     if (self->verifier == NULL) {
         Py_RETURN_NONE;
     }
-    Py_INCREF(self->verifier);
-    return self->verifier;
+    return Py_NewRef(self->verifier);
 }
 
 static int
@@ -480,8 +464,7 @@ FastPath_set_verifier(FastPath *self, PyObject *value, void *closure)
     Py_CLEAR(self->check);
     }
     else {
-        Py_INCREF(value);
-        Py_XSETREF(self->verifier, value);
+        Py_XSETREF(self->verifier, Py_NewRef(value));
     }
     return 0;
 }
