@@ -64,7 +64,7 @@ from devicegate import (
 )
 from devicegate import _credentials as credentials_module
 from devicegate import _tokens as tokens_module
-from devicegate._asgi import error_response_parts
+from devicegate._asgi import refusal_parts
 from tests.helpers import make_token
 
 pytestmark = pytest.mark.anyio
@@ -364,7 +364,7 @@ def _server_vocabulary() -> bytes:
             if isinstance(value, str) and value.endswith(".")
         ]
     for error in errors:
-        _, headers, body = error_response_parts(error)
+        _, headers, body = refusal_parts(error)
         parts += [body, *(value for _, value in headers)]
     return b"\n".join(parts)
 

@@ -19,6 +19,7 @@ from ._errors import (
     InvalidRequest,
     InvalidToken,
     MissingCredentials,
+    Refusal,
 )
 from ._middleware import DeviceAuthMiddleware
 from ._principal import CredentialKind, Principal, get_principal
@@ -44,6 +45,7 @@ __all__ = [
     "IssuedToken",
     "MissingCredentials",
     "Principal",
+    "Refusal",
     "Rule",
     "TokenEndpoint",
     "TokenIssuer",

@@ -13,18 +13,18 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ._errors import DEFAULT_REALM, AuthError
+from ._errors import DEFAULT_REALM, Refusal
 
 __all__ = [
     "FORWARDED_METHODS",
     "METHOD_OVERRIDES",
     "UNFORWARDED_METHODS",
-    "error_response_parts",
     "is_unforwarded",
     "json_body",
     "overrides_to_unforwarded",
-    "send_error",
+    "refusal_parts",
     "send_json",
+    "send_refusal",
     "send_response",
     "serve_lifespan",
 ]
@@ -72,24 +72,32 @@ def json_response_parts(
     return headers, body
 
 
-def error_response_parts(
-    error: AuthError, realm: str = DEFAULT_REALM
+def refusal_parts(
+    refusal: Refusal, realm: str = DEFAULT_REALM
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Return ``(status, headers, body)`` of the RFC 6750 response for ``error``.
+    """Return ``(status, headers, body)`` of the response for ``refusal``.
 
     The body is JSON ``{"error": ..., "error_description": ...}``; with no credential at all the
-    body says ``"unauthorized"`` while the challenge carries no ``error`` attribute.
+    body says ``"unauthorized"`` while the challenge carries no ``error`` attribute. An
+    :class:`~devicegate.AuthError` carries a ``WWW-Authenticate`` challenge (RFC 6750 §3: it
+    belongs on 401 and, for insufficient_scope, 403; a 400 may carry it too, and always sending
+    it tells clients the scheme).
     """
-    challenge = f'Bearer realm="{realm}"'
-    if error.error is not None:
-        challenge += f', error="{error.error}", error_description="{error.description}"'
-    # RFC 6750 §3: the challenge belongs on 401 and, for insufficient_scope, 403. A 400 may
-    # carry it too; we always send it so that clients learn the scheme.
+    extra = list(refusal.headers)
+    if refusal.challenge:
+        challenge = f'Bearer realm="{realm}"'
+        if refusal.error is not None:
+            challenge += f', error="{refusal.error}", error_description="{refusal.description}"'
+        extra.append((b"www-authenticate", challenge.encode()))
+    if refusal.close:
+        # The client may still be sending a body we will not read: end the connection after
+        # the answer rather than parse the rest as a next request.
+        extra.append((b"connection", b"close"))
     headers, body = json_response_parts(
-        {"error": error.error or "unauthorized", "error_description": error.description},
-        (b"www-authenticate", challenge.encode()),
+        {"error": refusal.error or "unauthorized", "error_description": refusal.description},
+        *extra,
     )
-    return error.status_code, headers, body
+    return refusal.status_code, headers, body
 
 
 async def send_response(
@@ -117,11 +125,11 @@ async def send_response(
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(
-    scope: Scope, send: Send, error: AuthError, realm: str = DEFAULT_REALM
+async def send_refusal(
+    scope: Scope, send: Send, refusal: Refusal, realm: str = DEFAULT_REALM
 ) -> None:
-    """Send the RFC 6750 response for ``error``."""
-    status, headers, body = error_response_parts(error, realm)
+    """Send the response for ``refusal``: the one way every part of devicegate answers no."""
+    status, headers, body = refusal_parts(refusal, realm)
     await send_response(scope, send, status, headers, body)
 
 

@@ -6,15 +6,15 @@ import logging
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import send_error, send_json, send_response, serve_lifespan
+from ._asgi import send_json, send_refusal, serve_lifespan
 from ._auth import Authenticator
 from ._config import GateConfig
 from ._errors import (
     UNREADABLE_REQUEST,
-    AuthError,
     ConfigError,
     InsufficientScope,
     InvalidRequest,
+    Refusal,
     check_realm,
 )
 from ._json import loads_strict_json
@@ -28,23 +28,31 @@ logger = logging.getLogger("devicegate")
 MAX_BODY_BYTES = 4096
 
 
-class _BadBody(Exception):
-    def __init__(self, status: int, error: str, description: str) -> None:
-        super().__init__(description)
-        self.status = status
-        self.error = error
-        self.description = description
+# Refusals of the body: not about the credential, so no RFC 6750 challenge. Built fresh each
+# time (a shared instance would carry one request's traceback into the next).
+def _too_large() -> Refusal:
+    return Refusal(
+        f"The request body is larger than {MAX_BODY_BYTES} bytes.", status_code=413, close=True
+    )
 
 
-_TOO_LARGE = (413, "invalid_request", "The request body is larger than 4096 bytes.")
-_NOT_OBJECT = (400, "invalid_request", "The body must be empty or a JSON object.")
-_BAD_INSTANCE_ID = (
-    400,
-    "invalid_request",
-    "instance_id must be a string of 1 to 256 printable ASCII characters without surrounding "
-    "spaces.",
-)
-_BINDING_REQUIRED = (400, "invalid_request", "This server only mints device-bound tokens.")
+def _not_object() -> Refusal:
+    return Refusal("The body must be empty or a JSON object.")
+
+
+def _bad_instance_id() -> Refusal:
+    return Refusal(
+        "instance_id must be a string of 1 to 256 printable ASCII characters without "
+        "surrounding spaces."
+    )
+
+
+def _binding_required() -> Refusal:
+    return Refusal("This server only mints device-bound tokens.")
+
+
+def _use_post() -> Refusal:
+    return Refusal("Use POST.", status_code=405, headers=[(b"allow", b"POST")])
 
 
 class TokenEndpoint:
@@ -93,39 +101,27 @@ class TokenEndpoint:
             principal = self._authenticator.authenticate(scope["headers"])
             if principal.kind is not CredentialKind.API_KEY:
                 raise InsufficientScope()
-        except AuthError as error:
-            await send_error(scope, send, error, self._realm)
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal, self._realm)
             return
         except Exception as exc:  # fail closed, as the middleware does
             logger.error(
                 "devicegate token endpoint could not read a request (%s)", type(exc).__name__
             )
-            await send_error(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
+            await send_refusal(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
             return
         await self.mint(scope, receive, send)
 
     async def mint(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer an already-authenticated request (the middleware's entry point)."""
-        if scope["type"] != "http":
-            await send_response(scope, send, 405, (), b"")
-            return
-        if scope["method"] != "POST":
-            await send_json(
-                scope,
-                send,
-                405,
-                {"error": "invalid_request", "error_description": "Use POST."},
-                (b"allow", b"POST"),
-            )
-            return
         try:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                raise _use_post()
             body = await _read_body(scope, receive)
             instance_id = self._parse(body)
             token = self.issuer.issue(instance_id)
-        except _BadBody as exc:
-            await send_json(
-                scope, send, exc.status, {"error": exc.error, "error_description": exc.description}
-            )
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal, self._realm)
             return
         except _Disconnected:
             return
@@ -140,17 +136,17 @@ class TokenEndpoint:
             try:
                 data = loads_strict_json(body.decode("utf-8"))
             except (ValueError, RecursionError):
-                raise _BadBody(*_NOT_OBJECT) from None
+                raise _not_object() from None
         if not isinstance(data, dict):
-            raise _BadBody(*_NOT_OBJECT)
+            raise _not_object()
         if "instance_id" not in data:
             if self.issuer.requires_binding:
-                raise _BadBody(*_BINDING_REQUIRED)
+                raise _binding_required()
             return None
         try:
             return validate_instance_id(data["instance_id"])
         except ValueError:
-            raise _BadBody(*_BAD_INSTANCE_ID) from None
+            raise _bad_instance_id() from None
 
 
 class _Disconnected(Exception):
@@ -165,7 +161,7 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
             except ValueError:
                 declared = 0
             if declared > MAX_BODY_BYTES:
-                raise _BadBody(*_TOO_LARGE)
+                raise _too_large()
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -175,7 +171,7 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise _BadBody(*_TOO_LARGE)
+            raise _too_large()
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -1,25 +1,34 @@
-"""The devicegate exception tree and its RFC 6750 rendering.
+"""The devicegate exception tree: one problem type for every refusal.
 
     DeviceGateError
     ├── ConfigError              bad configuration, raised at start-up
-    └── AuthError                a request is refused (carries status and RFC 6750 code)
-        ├── MissingCredentials   401, no ``error`` attribute in WWW-Authenticate
-        ├── InvalidRequest       400 invalid_request
-        ├── InvalidToken         401 invalid_token (``reason`` says why, for logs and tools)
-        └── InsufficientScope    403 insufficient_scope
+    └── Refusal                  any answer devicegate sends instead of the app's: status,
+        │                        error code, fixed description, extra headers
+        └── AuthError            a credential was refused; the answer carries an RFC 6750
+            │                    challenge (401 invalid_token unless a subclass says otherwise)
+            ├── MissingCredentials   401, no ``error`` attribute in WWW-Authenticate
+            ├── InvalidRequest       400 invalid_request
+            ├── InvalidToken         401 invalid_token (``reason`` says why, for logs and tools)
+            └── InsufficientScope    403 insufficient_scope
 
-Every description is fixed text chosen here: nothing from a request is ever echoed into a
-response header or body (RFC 6750 §3 leaves ``error_description`` to the server; echoing input
-invites header injection and reflection).
+The middleware, the token endpoint, the gateway and forward-auth raise these and render them
+with one function (:func:`devicegate._asgi.send_refusal`), so a hook that raises any of them
+gets a proper answer, never a 500.
+
+Every description is fixed text chosen here or by the code that raises: nothing from a request
+is ever echoed into a response header or body (RFC 6750 §3 leaves ``error_description`` to the
+server; echoing input invites header injection and reflection).
 
 References:
     https://www.rfc-editor.org/rfc/rfc6750#section-3
     https://www.rfc-editor.org/rfc/rfc6750#section-3.1
+    https://www.rfc-editor.org/rfc/rfc9457 (problem details; the body here is RFC 6750's shape)
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import ClassVar
 
 __all__ = [
@@ -32,10 +41,18 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "MissingCredentials",
+    "Refusal",
     "check_realm",
 ]
 
 DEFAULT_REALM = "devicegate"
+
+
+class _Keep(enum.Enum):
+    KEEP = enum.auto()
+
+
+KEEP = _Keep.KEEP
 
 
 class DeviceGateError(Exception):
@@ -74,24 +91,63 @@ class InvalidReason(str, enum.Enum):
     NOT_CONFIGURED = "not_configured"
 
 
-class AuthError(DeviceGateError):
-    """A request was refused.
+Header = tuple[bytes, bytes]
+
+
+class Refusal(DeviceGateError):
+    """An answer sent instead of the app's: the one problem type every part of devicegate
+    raises and renders the same way.
+
+    The class attributes are the defaults; an instance may override each one.
 
     Attributes:
         status_code: the HTTP status to answer with.
-        error: the RFC 6750 error code, or ``None`` when the request carried no credential
+        error: the error code of the JSON body (and, for an :class:`AuthError`, of the
+            ``WWW-Authenticate`` challenge), or ``None`` when the request carried no credential
             (RFC 6750 §3.1: the challenge then carries no ``error`` attribute).
         description: fixed, human-readable text safe to send to the client.
+        headers: extra response headers (``Allow``, ``Retry-After``...), as raw byte pairs.
+        close: whether the connection should be closed after the answer (a request body that
+            was not read must not be parsed as the next request).
+        challenge: whether the answer carries a ``WWW-Authenticate: Bearer`` challenge.
     """
 
-    status_code: ClassVar[int]
-    error: ClassVar[str | None]
-    description: ClassVar[str]
+    status_code: int = 400
+    error: str | None = "invalid_request"
+    description: str = "The request cannot be served."
+    challenge: ClassVar[bool] = False
 
-    def __init__(self, description: str | None = None) -> None:
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        status_code: int | None = None,
+        error: str | _Keep | None = KEEP,
+        headers: Iterable[Header] = (),
+        close: bool = False,
+    ) -> None:
         if description is not None:
-            self.description = description  # type: ignore[misc]
+            self.description = description
+        if status_code is not None:
+            self.status_code = status_code
+        if not isinstance(error, _Keep):
+            self.error = error
+        self.headers: tuple[Header, ...] = tuple(headers)
+        self.close = close
         super().__init__(self.description)
+
+
+class AuthError(Refusal):
+    """A credential was refused: the answer carries an RFC 6750 ``WWW-Authenticate`` challenge.
+
+    Raised as is (from a hook of your own, say), it is a 401 ``invalid_token`` refusal; the
+    subclasses below say more precisely what was wrong.
+    """
+
+    status_code = 401
+    error: str | None = "invalid_token"
+    description = "The credential is invalid, expired or not valid for this device."
+    challenge = True
 
 
 class MissingCredentials(AuthError):
@@ -120,10 +176,6 @@ class InvalidToken(AuthError):
     Attributes:
         reason: an :class:`InvalidReason` for operators; never sent to the client.
     """
-
-    status_code = 401
-    error = "invalid_token"
-    description = "The credential is invalid, expired or not valid for this device."
 
     def __init__(self, reason: InvalidReason) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from starlette.authentication import AuthCredentials, UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._asgi import send_error
+from ._asgi import send_refusal
 from ._auth import Authenticator
 from ._config import GateConfig
 from ._endpoint import TokenEndpoint
@@ -21,6 +21,7 @@ from ._errors import (
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
+    Refusal,
     check_realm,
 )
 from ._principal import CredentialKind, Principal
@@ -31,7 +32,8 @@ __all__ = ["DeviceAuthMiddleware", "ErrorHandler"]
 logger = logging.getLogger("devicegate")
 
 ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
-"""``on_error(scope, error)`` returns the ASGI app that sends the error response."""
+"""``on_error(scope, error)`` returns the ASGI app that sends the error response for a refused
+credential. Other refusals (a store that cannot answer, say) use the built-in response."""
 
 _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
 _new_credentials = AuthCredentials.__new__
@@ -204,7 +206,7 @@ class DeviceAuthMiddleware:
                     principal = self._authenticate(headers)
                 if principal.kind not in accepted:
                     raise InsufficientScope()
-        except AuthError as error:
+        except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
         except Exception as exc:  # fail closed: a surprise is a refusal, never a pass
@@ -240,7 +242,7 @@ class DeviceAuthMiddleware:
             return self._token_route
         return self._rule_table.lookup(path)
 
-    async def _deny(self, scope: Scope, receive: Receive, send: Send, error: AuthError) -> None:
+    async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The
         # server's access log already records the status.
         if logger.isEnabledFor(logging.DEBUG):
@@ -251,7 +253,7 @@ class DeviceAuthMiddleware:
                 error.status_code,
                 reason or "unauthorized",
             )
-        if self._on_error is not None and scope["type"] == "http":
+        if self._on_error is not None and scope["type"] == "http" and isinstance(error, AuthError):
             try:
                 responder = self._on_error(scope, error)
             except Exception as exc:
@@ -276,4 +278,4 @@ class DeviceAuthMiddleware:
                     if started:
                         return
                     logger.error("devicegate on_error response sent nothing")
-        await send_error(scope, send, error, self._realm)
+        await send_refusal(scope, send, error, self._realm)

@@ -26,12 +26,11 @@ from ._asgi import (
     FORWARDED_METHODS,
     is_unforwarded,
     overrides_to_unforwarded,
-    send_error,
-    send_json,
+    send_refusal,
     serve_lifespan,
 )
 from ._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
-from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest
+from ._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from ._middleware import DeviceAuthMiddleware
 from ._principal import get_principal
 from ._rules import Rule, decode_path, has_ambiguous_separators
@@ -55,20 +54,8 @@ _REPEATED_URI = "The original URI is given more than once."
 _BAD_URI = "The original URI is not an absolute path."
 _AMBIGUOUS_URI = "The original URI has an encoded slash or backslash, or a '#', in its path."
 _BAD_METHOD = "The original method is malformed or given more than once."
-_FORBIDDEN = {
-    "error": "forbidden",
-    "error_description": "This endpoint answers only the configured proxy.",
-}
-_METHOD_NOT_ALLOWED = {
-    "error": "method_not_allowed",
-    "error_description": "This method is not let through.",
-}
-
-
-class _OriginalRequestError(Exception):
-    def __init__(self, description: str) -> None:
-        super().__init__(description)
-        self.description = description
+_FORBIDDEN = "This endpoint answers only the configured proxy."
+_METHOD_NOT_ALLOWED = "This method is not let through."
 
 
 class ForwardAuth:
@@ -171,7 +158,7 @@ class ForwardAuth:
             if scope_type == "websocket":
                 # Proxies ask over plain HTTP; a websocket here is a client that found the
                 # endpoint.
-                await send_error(scope, send, InvalidRequest(), self._realm)
+                await send_refusal(scope, send, InvalidRequest(), self._realm)
                 return
             raise RuntimeError(f"devicegate cannot answer ASGI scope type {scope_type!r}")
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -179,17 +166,21 @@ class ForwardAuth:
             # DEBUG, as the middleware logs its refusals: anyone who reaches the endpoint can
             # send these, and a flood of them must not become a flood of log lines.
             logger.debug("devicegate forward-auth refused a request without the proxy secret")
-            await send_json(scope, send, 403, _FORBIDDEN)
+            await send_refusal(scope, send, Refusal(_FORBIDDEN, status_code=403, error="forbidden"))
             return
         try:
             method, raw_path, path = _original_request(headers)
-        except _OriginalRequestError as exc:
-            await send_error(scope, send, InvalidRequest(exc.description), self._realm)
-            return
-        if (method is not None and is_unforwarded(method)) or any(
-            overrides_to_unforwarded(name, value) for name, value in headers
-        ):
-            await send_json(scope, send, 405, _METHOD_NOT_ALLOWED, (b"allow", FORWARDED_METHODS))
+            if (method is not None and is_unforwarded(method)) or any(
+                overrides_to_unforwarded(name, value) for name, value in headers
+            ):
+                raise Refusal(
+                    _METHOD_NOT_ALLOWED,
+                    status_code=405,
+                    error="method_not_allowed",
+                    headers=[(b"allow", FORWARDED_METHODS)],
+                )
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal, self._realm)
             return
         original: Scope = {
             "type": "http",
@@ -231,25 +222,25 @@ def _original_request(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | Non
         elif name in _METHOD_HEADERS:
             methods.append(value)
     if not uris:
-        raise _OriginalRequestError(_NO_URI)
+        raise InvalidRequest(_NO_URI)
     if len(uris) > 1:
         # Refused rather than resolved: if we preferred one name, a client could add it
         # behind a proxy that sets the other and have us judge a path it never requested.
-        raise _OriginalRequestError(_REPEATED_URI)
+        raise InvalidRequest(_REPEATED_URI)
     raw_path = uris[0].split(b"?", 1)[0]
     if not raw_path.startswith(b"/"):
-        raise _OriginalRequestError(_BAD_URI)
+        raise InvalidRequest(_BAD_URI)
     if has_ambiguous_separators(raw_path):
         # The proxy passes these bytes on as they are: the app behind it may split them into
         # other segments than the decoded path judged here.
-        raise _OriginalRequestError(_AMBIGUOUS_URI)
+        raise InvalidRequest(_AMBIGUOUS_URI)
     # Decoded as the server behind the proxy will decode it, so that "/%2e%2e/admin" meets the
     # dot-segment check and "/adm%69n" meets the rule for "/admin".
     path = decode_path(raw_path)
     method: str | None = None
     if methods:
         if len(methods) > 1 or not _METHOD.fullmatch(methods[0]):
-            raise _OriginalRequestError(_BAD_METHOD)
+            raise InvalidRequest(_BAD_METHOD)
         method = methods[0].decode("ascii")
     return method, raw_path, path
 

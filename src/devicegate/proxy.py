@@ -27,11 +27,11 @@ from ._asgi import (
     FORWARDED_METHODS,
     is_unforwarded,
     overrides_to_unforwarded,
-    send_json,
+    send_refusal,
     serve_lifespan,
 )
 from ._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
-from ._errors import ConfigError
+from ._errors import ConfigError, Refusal
 from ._principal import CredentialKind, get_principal
 from ._rules import decode_path, has_ambiguous_separators, has_unsafe_segments, route_path
 
@@ -128,13 +128,12 @@ _NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websock
 _Error = tuple[int, str, str]
 
 
-class _Refused(Exception):
-    """The request cannot be forwarded; ``error`` is the answer."""
-
-    def __init__(self, error: _Error, *, close: bool = False) -> None:
-        super().__init__(error[2])
-        self.error = error
-        self.close = close
+def _refusal(error: _Error, *, close: bool = False) -> Refusal:
+    """A fresh refusal for one of the answers above; ``close`` ends the connection after it
+    (the client may still be sending a body this gateway will not read)."""
+    status, code, description = error
+    headers = [(b"allow", FORWARDED_METHODS)] if status == 405 else []
+    return Refusal(description, status_code=status, error=code, headers=headers, close=close)
 
 
 class _ClientGone(Exception):
@@ -181,7 +180,7 @@ class _RequestBody:
                 return chunk
             if not self._more:
                 if self._length is not None and self._size != self._length:
-                    raise _Refused(_BAD_LENGTH, close=True)
+                    raise _refusal(_BAD_LENGTH, close=True)
                 raise StopAsyncIteration
             message = await _receive_within(self._receive, self._idle_seconds)
             if message["type"] == "http.disconnect":
@@ -191,9 +190,9 @@ class _RequestBody:
             self._size += len(self._pending)
             if self._size > self._limit:
                 # Checked as the bytes arrive: a chunked body has no length to check up front.
-                raise _Refused(_TOO_LARGE, close=True)
+                raise _refusal(_TOO_LARGE, close=True)
             if self._length is not None and self._size > self._length:
-                raise _Refused(_BAD_LENGTH, close=True)
+                raise _refusal(_BAD_LENGTH, close=True)
             if not self._more:
                 self.done.set()
 
@@ -366,7 +365,7 @@ class ReverseProxy:
         elif scope_type == "lifespan":
             await serve_lifespan(receive, send, startup=self._open, shutdown=self.aclose)
         elif scope_type == "websocket":
-            await _send_error(scope, send, _NO_WEBSOCKETS)
+            await send_refusal(scope, send, _refusal(_NO_WEBSOCKETS))
         else:
             raise RuntimeError(f"devicegate's proxy cannot handle ASGI scope type {scope_type!r}")
 
@@ -376,24 +375,24 @@ class ReverseProxy:
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if is_unforwarded(scope["method"]):
-                raise _Refused(_METHOD_NOT_ALLOWED)
+                raise _refusal(_METHOD_NOT_ALLOWED)
             headers, content_length = self._request_headers(scope)
             if content_length is not None and content_length > self.max_body_bytes:
-                raise _Refused(_TOO_LARGE, close=True)
+                raise _refusal(_TOO_LARGE, close=True)
             route = _raw_route_path(scope)
             if route is None:
-                raise _Refused(_BAD_TARGET)
+                raise _refusal(_BAD_TARGET)
             if has_ambiguous_separators(route):
-                raise _Refused(_AMBIGUOUS_TARGET)
+                raise _refusal(_AMBIGUOUS_TARGET)
             target = self._base_path + route
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]
             try:
                 url = self._base_url.copy_with(raw_path=target)
             except (httpx.InvalidURL, UnicodeDecodeError):
-                raise _Refused(_BAD_TARGET) from None
-        except _Refused as refused:
-            await _send_error(scope, send, refused.error, close=refused.close)
+                raise _refusal(_BAD_TARGET) from None
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal)
             return
 
         body: _RequestBody | None = None
@@ -416,8 +415,8 @@ class ReverseProxy:
             while more and not chunk:
                 try:
                     message = await _receive_within(receive, self.timeout)
-                except _Refused as refused:
-                    await _send_error(scope, send, refused.error, close=refused.close)
+                except Refusal as refusal:
+                    await send_refusal(scope, send, refusal)
                     return
                 if message["type"] == "http.disconnect":
                     return
@@ -425,12 +424,12 @@ class ReverseProxy:
                 more = bool(message.get("more_body", False))
             if content_length == 0:
                 if chunk or more:
-                    await _send_error(scope, send, _BAD_LENGTH, close=True)
+                    await send_refusal(scope, send, _refusal(_BAD_LENGTH, close=True))
                     return
                 headers.append((b"content-length", b"0"))
             elif chunk or more:
                 if len(chunk) > self.max_body_bytes:
-                    await _send_error(scope, send, _TOO_LARGE, close=True)
+                    await send_refusal(scope, send, _refusal(_TOO_LARGE, close=True))
                     return
                 body = _RequestBody(
                     receive, chunk, more, self.max_body_bytes, idle_seconds=self.timeout
@@ -476,14 +475,14 @@ class ReverseProxy:
             # Never followed, whatever the client says: httpx would carry the injected upstream
             # key (only Authorization is stripped) and the original path to another host.
             response = await self._get_client().send(request, stream=True, follow_redirects=False)
-        except _Refused as refused:
-            await _send_error(scope, send, refused.error, close=refused.close)
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal)
             return
         except _ClientGone:
             return
         except httpx.TimeoutException as exc:
             logger.warning("devicegate: the upstream timed out (%s)", type(exc).__name__)
-            await _send_error(scope, send, _GATEWAY_TIMEOUT)
+            await send_refusal(scope, send, _refusal(_GATEWAY_TIMEOUT))
             return
         except Exception as exc:
             # Nothing has been sent to the client yet, so it gets a proper answer: an
@@ -491,7 +490,7 @@ class ReverseProxy:
             # raise on the way there (h11.LocalProtocolError escapes httpx unwrapped), is a
             # 502 rather than the server's bare 500.
             logger.warning("devicegate: the upstream exchange failed (%s)", type(exc).__name__)
-            await _send_error(scope, send, _BAD_GATEWAY)
+            await send_refusal(scope, send, _refusal(_BAD_GATEWAY))
             return
         try:
             await self._relay(send, response, scope.get("root_path", ""))
@@ -568,7 +567,7 @@ class ReverseProxy:
         """The headers to send upstream, and the body length the client declared.
 
         Raises:
-            _Refused: the Content-Length header is repeated with other values or not a
+            Refusal: the Content-Length header is repeated with other values or not a
                 number, or comes with Transfer-Encoding; a method override names a refused
                 method.
         """
@@ -585,14 +584,14 @@ class ReverseProxy:
                 # RFC 9110 §8.6: a repeated Content-Length must agree; anything else is refused.
                 digits = value.strip()
                 if not digits.isdigit():
-                    raise _Refused(_BAD_LENGTH)
+                    raise _refusal(_BAD_LENGTH)
                 # Without its leading zeros: int() refuses over 4,300 digits, zeros included.
                 digits = digits.lstrip(b"0") or b"0"
                 if len(digits) > _MAX_LENGTH_DIGITS:
-                    raise _Refused(_TOO_LARGE, close=True)  # beyond any body we forward
+                    raise _refusal(_TOO_LARGE, close=True)  # beyond any body we forward
                 length = int(digits)
                 if content_length is not None and length != content_length:
-                    raise _Refused(_BAD_LENGTH)
+                    raise _refusal(_BAD_LENGTH)
                 content_length = length
                 continue
             if name == b"transfer-encoding":
@@ -616,13 +615,13 @@ class ReverseProxy:
             ):
                 continue
             if overrides_to_unforwarded(key, value):
-                raise _Refused(_METHOD_NOT_ALLOWED)
+                raise _refusal(_METHOD_NOT_ALLOWED)
             headers.append((name, value))
         if transfer_encoding and content_length is not None:
             # RFC 9112 §6.1: a request with both is a smuggling attempt or a broken client;
             # which framing the server used is not ours to guess, so it is refused, and the
             # connection closed.
-            raise _Refused(_BAD_FRAMING, close=True)
+            raise _refusal(_BAD_FRAMING, close=True)
 
         client_address = scope.get("client")
         if client_address:
@@ -734,7 +733,7 @@ async def _receive_within(receive: Receive, seconds: float) -> Message:
         return await receive()
     # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
     # through as itself).
-    raise _Refused(_BODY_TIMEOUT, close=True)
+    raise _refusal(_BODY_TIMEOUT, close=True)
 
 
 async def _watch_disconnect(
@@ -748,16 +747,6 @@ async def _watch_disconnect(
     message: Message = await receive()
     if message["type"] == "http.disconnect":
         exchange.cancel()
-
-
-async def _send_error(scope: Scope, send: Send, error: _Error, *, close: bool = False) -> None:
-    status, code, description = error
-    # The client may still be sending a body we will not read: with close, end the connection
-    # after the answer rather than parse the rest as a next request.
-    extra = [(b"connection", b"close")] if close else []
-    if status == 405:
-        extra.append((b"allow", FORWARDED_METHODS))
-    await send_json(scope, send, status, {"error": code, "error_description": description}, *extra)
 
 
 def _check_upstream(upstream: object) -> str:
