@@ -18,14 +18,6 @@ install_debian_packages() {
     apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# python_headers_present: whether the Python that ensure_venv uses can compile extensions.
-python_headers_present() {
-  "${PYTHON:-python3}" - <<'PY' >/dev/null 2>&1
-import os, sys, sysconfig
-sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
-PY
-}
-
 # ensure_venv EXTRA: .venv with devicegate installed in editable mode with the given extra
 # (Debian's python3 needs python3-venv for that; it is installed when missing).
 ensure_venv() {

@@ -24,8 +24,9 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenVerifier
+from devicegate._auth import Authenticator
+from devicegate._cache import CachedToken
 from devicegate._config import VENDOR_EXAMPLE_KEYS
-from devicegate._tokens import _Entry
 
 # -- keys ----------------------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ class CountingVerifier(TokenVerifier):
 
     full_verifications = 0
 
-    def _verify_uncached(self, token: bytes) -> _Entry:
+    def _verify_uncached(self, token: bytes) -> CachedToken:
         self.full_verifications += 1
         return super()._verify_uncached(token)
 
@@ -215,13 +216,15 @@ class CountingVerifier(TokenVerifier):
 def count_verifications(
     gate: DeviceAuthMiddleware, config: GateConfig, clock: Clock | None = None
 ) -> CountingVerifier:
-    """Put a :class:`CountingVerifier` (reading ``clock`` when given) into ``gate``.
+    """Put a :class:`CountingVerifier` (reading ``clock`` when given) into an existing ``gate``.
 
-    The middleware takes no verifier or clock (production code reads the system clock): the
-    verifier is swapped in through the private attribute that holds it.
+    For a gate built by something else (forward-auth): the authenticator is swapped through the
+    private attributes that hold it. Where the test builds the middleware itself, pass
+    ``verifier=`` instead.
     """
     verifier = CountingVerifier(config) if clock is None else CountingVerifier(config, clock=clock)
-    gate._authenticator.verifier = verifier
+    gate._authenticator = Authenticator(config, verifier=verifier)
+    gate._authenticate = gate._authenticator.authenticate
     return verifier
 
 

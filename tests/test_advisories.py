@@ -803,7 +803,7 @@ def test_repeated_device_header(keys: Keys, secret: str) -> None:
         (b"x-instance-id", DEVICE.encode()),
     ]
     with pytest.raises(InvalidRequest):
-        authenticator.authenticate(headers)
+        authenticator.authenticate({"headers": headers})
 
 
 # --- API keys -------------------------------------------------------------------------------
@@ -816,7 +816,7 @@ def test_key_near_misses(keys: Keys, key: str, header: bytes) -> None:
     authenticator = Authenticator(keys.config())
     for candidate in near_misses(getattr(keys, key)).values():
         with pytest.raises(InvalidToken) as excinfo:
-            authenticator.authenticate([(header, candidate.encode())])
+            authenticator.authenticate({"headers": [(header, candidate.encode())]})
         assert excinfo.value.reason is InvalidReason.UNKNOWN_KEY
 
 
@@ -830,7 +830,7 @@ def test_key_offered_in_the_wrong_place(keys: Keys) -> None:
     ]
     for header, value in wrong_places:
         with pytest.raises(InvalidToken) as excinfo:
-            authenticator.authenticate([(header, value.encode())])
+            authenticator.authenticate({"headers": [(header, value.encode())]})
         assert excinfo.value.reason is InvalidReason.UNKNOWN_KEY
 
 
@@ -839,7 +839,7 @@ def test_key_offered_as_a_bearer_token(keys: Keys, key: str) -> None:
     authenticator = Authenticator(keys.config())
     value = getattr(keys, key).encode()
     with pytest.raises(InvalidToken) as excinfo:
-        authenticator.authenticate([(b"authorization", b"Bearer " + value)])
+        authenticator.authenticate({"headers": [(b"authorization", b"Bearer " + value)]})
     assert excinfo.value.reason is InvalidReason.MALFORMED
 
 
@@ -847,10 +847,12 @@ def test_key_kind_not_configured(keys: Keys) -> None:
     authenticator = Authenticator(GateConfig(jwt_secret=keys.jwt_secret))
     for header, value in ((b"x-api-key", keys.api_key), (b"authorization", keys.mobile_api_key)):
         with pytest.raises(InvalidToken) as excinfo:
-            authenticator.authenticate([(header, value.encode())])
+            authenticator.authenticate({"headers": [(header, value.encode())]})
         assert excinfo.value.reason is InvalidReason.NOT_CONFIGURED
 
 
 def test_no_credential_at_all(keys: Keys) -> None:
     with pytest.raises(MissingCredentials):
-        Authenticator(keys.config()).authenticate([(b"x-instance-id", DEVICE.encode())])
+        Authenticator(keys.config()).authenticate(
+            {"headers": [(b"x-instance-id", DEVICE.encode())]}
+        )

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.authentication import AuthCredentials
 from starlette.types import Receive, Scope, Send
 
 from devicegate import (
@@ -40,6 +41,7 @@ from devicegate import (
     TokenIssuer,
     TokenVerifier,
 )
+from devicegate._cache import MemoryTokenCache
 from devicegate._tokens import MAX_CACHED_TOKEN_BYTES
 from tests.helpers import (
     NOW,
@@ -51,7 +53,6 @@ from tests.helpers import (
     bearer,
     claims_at,
     client,
-    count_verifications,
     make_token,
 )
 
@@ -76,8 +77,8 @@ def gate_with_clock(
     app: RecordingApp, config: GateConfig, clock: Clock, **options: Any
 ) -> tuple[DeviceAuthMiddleware, CountingVerifier]:
     """A middleware whose verifier reads ``clock`` and counts full verifications."""
-    gate = DeviceAuthMiddleware(app, config=config, **options)
-    return gate, count_verifications(gate, config, clock)
+    verifier = CountingVerifier(config, clock=clock)
+    return DeviceAuthMiddleware(app, config=config, verifier=verifier, **options), verifier
 
 
 # --- device binding ---------------------------------------------------------------------------
@@ -199,14 +200,27 @@ async def test_cached_token_still_goes_through_header_parsing(
     assert len(app.calls) == 2
 
 
-async def test_every_request_gets_its_own_auth_credentials(keys: Keys) -> None:
-    # The principal of a cached token is shared (it is immutable); scope["auth"] is not: an
-    # app that adds a scope for one request must not grant it to the next.
+async def test_no_request_can_widen_the_scopes_of_the_next(keys: Keys) -> None:
+    # The principal of a cached token is shared (it is immutable), and so are the credentials
+    # in scope["auth"]: they are read-only, so an app that tries to add a scope for one request
+    # cannot grant it to the next. An app that wants other scopes sets a new scope["auth"].
     seen: list[Scope] = []
+    refusals: list[str] = []
 
     async def granting_app(scope: Scope, receive: Receive, send: Send) -> None:
         seen.append(scope)
-        scope["auth"].scopes.append("admin")
+        scopes_before = list(scope["auth"].scopes)
+        for widen in (
+            lambda: scope["auth"].scopes.append("admin"),
+            lambda: scope["auth"].scopes.__setitem__(0, "admin"),
+            lambda: setattr(scope["auth"], "scopes", ["admin"]),
+        ):
+            try:
+                widen()
+            except (TypeError, AttributeError) as error:
+                refusals.append(type(error).__name__)
+        assert list(scope["auth"].scopes) == scopes_before
+        scope["auth"] = AuthCredentials([*scopes_before, "admin"])  # replacing is the way
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -215,7 +229,12 @@ async def test_every_request_gets_its_own_auth_credentials(keys: Keys) -> None:
     async with client(gate) as http:
         for _ in range(3):
             assert (await http.get("/", headers=bearer(token, DEVICE_A))).status_code == 200
-    assert [scope["auth"].scopes for scope in seen] == [["device_token", "admin"]] * 3
+        assert (await http.get("/", headers={"x-api-key": keys.api_key})).status_code == 200
+    assert refusals == ["TypeError", "TypeError", "AttributeError"] * 4
+    # What each app set is its own; the next request got devicegate's credentials again.
+    assert [scope["auth"].scopes for scope in seen] == [["device_token", "admin"]] * 3 + [
+        ["api_key", "admin"]
+    ]
     assert seen[0]["user"] is seen[1]["user"]
     assert isinstance(seen[0]["user"], Principal)
 
@@ -289,20 +308,22 @@ def _payload(token: str) -> bytes:
 # --- capacity ---------------------------------------------------------------------------------
 
 
-def test_lru_eviction_order(keys: Keys) -> None:
+def test_the_token_held_longest_is_forgotten_first(keys: Keys) -> None:
+    # First in, first out: the token held longest is the one nearest its expiry, and a hit
+    # does not reorder anything.
     verifier = CountingVerifier(keys.config(token_cache_size=3), clock=Clock())
     t1, t2, t3, t4 = (make_token(keys.jwt_secret, claims_at()) for _ in range(4))
     for token in (t1, t2, t3):
         verifier.verify(token)
-    verifier.verify(t1)  # t1 is now the most recently used; t2 the least
-    verifier.verify(t4)  # evicts t2
+    verifier.verify(t1)  # a hit: t1 is still the oldest
+    verifier.verify(t4)  # evicts t1
     assert verifier.full_verifications == 4
-    for token in (t1, t3, t4):
+    for token in (t2, t3, t4):
         verifier.verify(token)
     assert verifier.full_verifications == 4  # all three were still cached
-    verifier.verify(t2)  # gone: verified in full again, and evicts t1 (least recently used)
+    verifier.verify(t1)  # gone: verified in full again, and evicts t2 (now the oldest)
     assert verifier.full_verifications == 5
-    verifier.verify(t1)
+    verifier.verify(t2)
     assert verifier.full_verifications == 6
     assert verifier.cache_size == 3
 
@@ -575,17 +596,6 @@ async def test_nested_claims_cannot_be_changed_by_one_request_for_the_next(keys:
 # --- threads ------------------------------------------------------------------------------------
 
 
-class _EvictedDuringHit(OrderedDict[bytes, Any]):
-    """A cache in which another thread evicts the entry between the lookup and the LRU move."""
-
-    moves = 0
-
-    def move_to_end(self, key: bytes, last: bool = True) -> None:
-        self.moves += 1
-        del self[key]
-        super().move_to_end(key, last)  # KeyError, as after a real eviction
-
-
 class _ClearedBeforeEviction(OrderedDict[bytes, Any]):
     """A cache that another thread's clear_cache() empties just before an eviction."""
 
@@ -594,28 +604,15 @@ class _ClearedBeforeEviction(OrderedDict[bytes, Any]):
         return super().popitem(last)  # KeyError: nothing is left to evict
 
 
-def test_an_entry_evicted_by_another_thread_during_a_hit_still_answers(keys: Keys) -> None:
-    verifier = CountingVerifier(keys.config(), clock=Clock())
-    token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE_A))
-    expected = outcome(verifier, token, DEVICE_A)
-    assert isinstance(expected, dict)
-    cache = verifier._cache = _EvictedDuringHit(verifier._cache)
-    assert outcome(verifier, token, DEVICE_A) == expected
-    assert cache.moves == 1  # answered by the hit, whose entry went away under it
-    assert verifier.full_verifications == 1
-    assert verifier.cache_size == 0
-    # Gone, so verified in full again next time, and the device still checked.
-    assert outcome(verifier, token, DEVICE_B) == ("InvalidToken", InvalidReason.WRONG_DEVICE)
-    assert verifier.full_verifications == 2
-
-
 def test_a_cache_cleared_by_another_thread_before_an_eviction_still_answers(keys: Keys) -> None:
-    verifier = CountingVerifier(keys.config(token_cache_size=1), clock=Clock())
+    cache = MemoryTokenCache(1)
+    cache._entries = _ClearedBeforeEviction()
+    cache.get = cache._entries.get
+    verifier = CountingVerifier(keys.config(), cache=cache, clock=Clock())
     first = make_token(keys.jwt_secret, claims_at())
     second_claims = claims_at(instance_id=DEVICE_A)
     second = make_token(keys.jwt_secret, second_claims)
     verifier.verify(first)
-    verifier._cache = _ClearedBeforeEviction(verifier._cache)
     # Inserting the second token overfills the cache; the eviction finds it already empty.
     assert outcome(verifier, second, DEVICE_A) == second_claims
     assert outcome(verifier, second, DEVICE_B) == ("InvalidToken", InvalidReason.WRONG_DEVICE)

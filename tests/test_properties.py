@@ -106,7 +106,7 @@ def test_random_headers_are_refused_or_carry_the_exact_credential(
     except AuthError:
         kind = None
     try:
-        principal = AUTHENTICATOR.authenticate(headers)
+        principal = AUTHENTICATOR.authenticate({"headers": headers})
     except AuthError:
         return
     # Accepted: the request held exactly one credential, exactly right, in the right place.

@@ -14,8 +14,7 @@ recording inner app. Whatever the input:
 * a path that reaches the app is already in normal form and has no backslash.
 
 A spy in place of ``hmac.compare_digest`` shows, without any timing, that every configured key
-is compared on every key attempt and that device ids are compared in constant time; the compiled
-fast path counts its own comparisons, and the two together account for every one.
+is compared on every key attempt and that device ids are compared in constant time.
 
 The built-in token endpoint is switched off (``token_path=None``) for the main property, since it
 answers 200 itself without running the app; its own, weaker property is the last test.
@@ -60,7 +59,6 @@ from devicegate import (
     Principal,
     Rule,
     TokenIssuer,
-    _auth,
 )
 from devicegate import _credentials as credentials_module
 from devicegate import _tokens as tokens_module
@@ -750,20 +748,6 @@ class _HmacWithSpy:
         return getattr(hmac, name)
 
 
-def compiled_comparisons() -> tuple[int, int]:
-    """(comparisons, client bytes visited) by the compiled fast path so far; zeros without it."""
-    if _auth.FastPath is None:
-        return (0, 0)
-    from devicegate import _speedups
-
-    return _speedups._comparisons()
-
-
-def compiled_since(before: tuple[int, int]) -> tuple[int, int]:
-    now = compiled_comparisons()
-    return (now[0] - before[0], now[1] - before[1])
-
-
 @contextmanager
 def spying(spy: CompareSpy) -> Iterator[None]:
     """Route devicegate's ``compare_digest`` calls through ``spy``, however it was imported."""
@@ -817,25 +801,14 @@ async def test_every_key_is_compared_on_every_key_attempt(
     sample = RawRequest("http", "GET", "", "/whoami", [(header, candidate)], False)
 
     spy = CompareSpy()
-    before = compiled_comparisons()
     with spying(spy):
         answer = read_answer(sample, await drive(middleware, sample.scope()))
     accepted = candidate in keys
 
-    # The compiled fast path, when built, compares the candidate with every key of that kind,
-    # over all of the candidate's bytes each time, whether or not (and wherever) one matched.
-    # It admits a match; the Python path decides the rest, with the same comparisons.
-    if _auth.FastPath is not None:
-        assert compiled_since(before) == (len(keys), len(keys) * len(candidate))
-        python_compares = not accepted
-    else:
-        assert compiled_since(before) == (0, 0)
-        python_compares = True
     # One comparison per configured key of that kind, whether or not (and wherever) it matched;
     # bytes against bytes, the candidate always on the same side.
-    assert len(spy.calls) == (len(keys) if python_compares else 0)
-    if python_compares:
-        assert sorted(key for _, key in spy.calls) == sorted(keys)
+    assert len(spy.calls) == len(keys)
+    assert sorted(key for _, key in spy.calls) == sorted(keys)
     assert all(offered == candidate for offered, _ in spy.calls)
     assert all(type(a) is bytes and type(b) is bytes for a, b in spy.calls)
     assert answer.status == (200 if accepted else 401)
@@ -861,30 +834,21 @@ async def test_device_ids_are_compared_in_constant_time(secret_count: int, devic
     sample = RawRequest("http", "GET", "", "/whoami", headers, False)
     expected_status = 200 if device == DEVICE.encode() else 401
 
-    compiled = _auth.FastPath is not None
-
-    # First request: every secret checks the signature, then the device id is compared. The
-    # compiled fast path finds nothing cached and compares nothing.
+    # First request: every secret checks the signature, then the device id is compared.
     first = CompareSpy()
-    before = compiled_comparisons()
     with spying(first):
         answer = read_answer(sample, await drive(middleware, sample.scope()))
     assert answer.status == expected_status
-    assert compiled_since(before) == (0, 0)
     assert len(first.calls) == secret_count + 1
     assert first.calls[-1] == (DEVICE.encode(), device)
 
     # Second request, from the verified-token cache: the device id is still compared, alone,
-    # over all of the client's bytes. The compiled fast path admits a match; a mismatch goes on
-    # to the Python path, which compares again and refuses.
+    # over all of the client's bytes.
     second = CompareSpy()
-    before = compiled_comparisons()
     with spying(second):
         answer = read_answer(sample, await drive(middleware, sample.scope()))
     assert answer.status == expected_status
-    assert compiled_since(before) == ((1, len(device)) if compiled else (0, 0))
-    python_compares = not compiled or expected_status != 200
-    assert second.calls == ([(DEVICE.encode(), device)] if python_compares else [])
+    assert second.calls == [(DEVICE.encode(), device)]
     assert len(inner.seen) == (2 if expected_status == 200 else 0)
 
 

@@ -99,7 +99,7 @@ def test_verifier_repr_hides_secrets(keys: Keys) -> None:
     verify = verifier(keys.config())
     verify.verify(make_token(keys.jwt_secret, claims_at()))
     assert keys.jwt_secret not in repr(verify)
-    assert repr(verify) == "<TokenVerifier cache=1/10000>"
+    assert repr(verify) == "<TokenVerifier cache=<MemoryTokenCache 1/10000> revocations=None>"
 
 
 def test_no_jwt_secret_configured(keys: Keys) -> None:

@@ -98,7 +98,7 @@ class TokenEndpoint:
         try:
             if self._authenticator is None:
                 self._authenticator = Authenticator(self._config)
-            principal = self._authenticator.authenticate(scope["headers"])
+            principal = self._authenticator.authenticate(scope)
             if principal.kind is not CredentialKind.API_KEY:
                 raise InsufficientScope()
         except Refusal as refusal:

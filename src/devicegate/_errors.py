@@ -88,6 +88,7 @@ class InvalidReason(str, enum.Enum):
     WRONG_DEVICE = "wrong_device"
     UNBOUND = "unbound"
     UNKNOWN_KEY = "unknown_key"
+    REVOKED = "revoked"
     NOT_CONFIGURED = "not_configured"
 
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from starlette.authentication import AuthCredentials, UnauthenticatedUser
+from starlette.authentication import UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_refusal
@@ -24,8 +24,10 @@ from ._errors import (
     Refusal,
     check_realm,
 )
-from ._principal import CredentialKind, Principal
+from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
+from ._revocation import RevocationCheck
 from ._rules import Rule, RuleTable, has_unsafe_segments, strip_root_path
+from ._tokens import TokenVerifier
 
 __all__ = ["DeviceAuthMiddleware", "ErrorHandler"]
 
@@ -36,7 +38,6 @@ ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
 credential. Other refusals (a store that cannot answer, say) use the built-in response."""
 
 _TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
-_new_credentials = AuthCredentials.__new__
 # Paths whose decision is remembered, and the longest remembered path. Bounded so that a
 # client sending endless distinct paths costs at most about half a megabyte.
 _ROUTE_CACHE_SIZE = 1024
@@ -60,9 +61,9 @@ class DeviceAuthMiddleware:
 
     Every ``http`` and ``websocket`` scope is authenticated before the wrapped app sees it;
     only ``lifespan`` passes through untouched. A request is either handed to the app with
-    ``scope["user"]`` set to a :class:`~devicegate.Principal` (and ``scope["auth"]`` to Starlette
-    ``AuthCredentials`` holding the credential kind), or answered here with an RFC 6750 error
-    and never reaches the app. Websockets are decided on the handshake, before
+    ``scope["user"]`` set to a :class:`~devicegate.Principal` (and ``scope["auth"]`` to
+    read-only Starlette ``AuthCredentials`` holding the credential kind), or answered here with
+    an RFC 6750 error and never reaches the app. Websockets are decided on the handshake, before
     ``websocket.accept``.
 
     Args:
@@ -76,10 +77,17 @@ class DeviceAuthMiddleware:
         on_error: ``on_error(scope, error)`` returns an ASGI app that renders ``error`` (HTTP
             only; websocket handshakes always use the built-in denial).
         realm: the ``realm`` of ``WWW-Authenticate`` challenges.
+        revocations: asked whether a verified device token was revoked (a
+            :class:`~devicegate.RevocationList`, or a shared store); a revoked token is
+            refused on its very next request, cached or not.
+        verifier: the device-token verifier, for a token cache or clock of your own, or a
+            subclass (default: ``TokenVerifier(config, revocations=revocations)``). It must be
+            built from the same ``config``; give ``revocations`` to it, not here.
 
     Raises:
         ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` is not a clean
-            absolute path, or a rule accepts only kinds the configuration does not have.
+            absolute path, a rule accepts only kinds the configuration does not have, or both
+            ``verifier`` and ``revocations`` are given.
 
     References:
         https://www.rfc-editor.org/rfc/rfc6750#section-3
@@ -96,16 +104,25 @@ class DeviceAuthMiddleware:
         token_path: str | None = "/gen-jwt",  # noqa: S107 - a path, not a secret
         on_error: ErrorHandler | None = None,
         realm: str = DEFAULT_REALM,
+        revocations: RevocationCheck | None = None,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
+        if verifier is None:
+            verifier = TokenVerifier(config, revocations=revocations)
+        elif not isinstance(verifier, TokenVerifier):
+            raise ConfigError("verifier", f"must be a TokenVerifier, got {type(verifier).__name__}")
+        elif revocations is not None:
+            raise ConfigError(
+                "revocations", "give the revocations to the verifier you pass, not to both"
+            )
         self.app = app
         # Read-only: the secrets and rules are compiled below, so rebinding these later would
         # change nothing but what they claim. Build a new middleware to change them.
         self._config = config
         self._rules = tuple(rules)
-        self._authenticator = Authenticator(config)
-        self._admit = self._authenticator.admit
+        self._authenticator = Authenticator(config, verifier=verifier)
         self._authenticate = self._authenticator.authenticate
         configured = self._authenticator.configured_kinds
         for rule in self._rules:
@@ -157,6 +174,11 @@ class DeviceAuthMiddleware:
         return self._rules
 
     @property
+    def verifier(self) -> TokenVerifier:
+        """The device-token verifier: its cache, its revocations."""
+        return self._authenticator.verifier
+
+    @property
     def token_path(self) -> str | None:
         """The route path of the built-in token endpoint, or ``None``."""
         return self._token_path
@@ -165,7 +187,8 @@ class DeviceAuthMiddleware:
         """Forget every verified token, so that each is verified again in full on its next use.
 
         This middleware keeps the secrets it was built with: clearing revokes nothing by
-        itself. To rotate ``jwt_secret``, build a new middleware from the new configuration.
+        itself (revoke through ``revocations``). To rotate ``jwt_secret``, build a new
+        middleware from the new configuration.
         """
         self._authenticator.verifier.clear_cache()
 
@@ -198,12 +221,7 @@ class DeviceAuthMiddleware:
             if public:
                 principal = None
             else:
-                headers = scope["headers"]
-                # The fast path admits the common cases; anything else, refusals included,
-                # is decided in full.
-                principal = self._admit(headers)
-                if principal is None:
-                    principal = self._authenticate(headers)
+                principal = self._authenticate(scope)
                 if principal.kind not in accepted:
                     raise InsufficientScope()
         except Refusal as error:
@@ -215,18 +233,13 @@ class DeviceAuthMiddleware:
             return
 
         # The principal comes from us alone: overwrite whatever an earlier layer put there.
+        # The credentials are shared and read-only: no app can widen the next request's scopes.
         if principal is None:
             scope["user"] = UnauthenticatedUser()
-            scope["auth"] = AuthCredentials()
+            scope["auth"] = unauthenticated_credentials
         else:
             scope["user"] = principal
-            # A fresh AuthCredentials per request, its ``scopes`` a fresh list: an app that
-            # widens its own scopes must not widen the next request's. Built without the
-            # Python-level __init__, which is most of its cost.
-            credentials = _new_credentials(AuthCredentials)
-            # The kind is a str enum equal to its value: "device_token" in scopes holds.
-            credentials.scopes = [principal.kind]
-            scope["auth"] = credentials
+            scope["auth"] = credentials_for[principal.kind]
         if endpoint is not None:
             await endpoint.mint(scope, receive, send)
         else:

@@ -7,9 +7,15 @@ import enum
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from starlette.authentication import BaseUser
+from starlette.authentication import AuthCredentials, BaseUser
 
-__all__ = ["CredentialKind", "Principal", "get_principal"]
+__all__ = [
+    "CredentialKind",
+    "Principal",
+    "credentials_for",
+    "get_principal",
+    "unauthenticated_credentials",
+]
 
 
 class CredentialKind(str, enum.Enum):
@@ -43,7 +49,7 @@ DEVICE_TOKEN = CredentialKind.DEVICE_TOKEN
 
 
 def _refuse(self: object, *args: object, **kwargs: object) -> NoReturn:
-    raise TypeError("token claims are read-only")
+    raise TypeError("read-only: the claims and credentials of a request cannot be changed")
 
 
 class _ReadOnlyDict(dict):  # type: ignore[type-arg]
@@ -97,6 +103,32 @@ def _read_only(value: Any) -> Any:
 
 
 _EMPTY_CLAIMS: Mapping[str, Any] = _read_only({})
+
+
+class _ReadOnlyCredentials(AuthCredentials):
+    """Starlette ``AuthCredentials`` whose scopes nobody can change, so that one instance per
+    credential kind serves every request: an app that tried to widen its own scopes would
+    otherwise widen the next request's."""
+
+    def __init__(self, scopes: list[str]) -> None:
+        object.__setattr__(self, "scopes", _read_only(scopes))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("the credentials of a request are read-only")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("the credentials of a request are read-only")
+
+
+credentials_for: Mapping[CredentialKind, AuthCredentials] = {
+    # The kind is a str enum equal to its value: "device_token" in scopes holds.
+    kind: _ReadOnlyCredentials([kind])
+    for kind in CredentialKind
+}
+"""The ``scope["auth"]`` of a request admitted with each credential kind."""
+
+unauthenticated_credentials: AuthCredentials = _ReadOnlyCredentials([])
+"""The ``scope["auth"]`` of a request admitted on a public path."""
 
 
 class Principal(BaseUser):

@@ -28,18 +28,19 @@ import hmac
 import re
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import jwt
 
+from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._principal import CredentialKind, Principal
+from ._revocation import RevocationCheck
 
 __all__ = [
     "MAX_CACHED_TOKEN_BYTES",
@@ -61,15 +62,6 @@ _COMPACT_JWS = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0
 _MISSING_DEVICE = "The token is bound to a device; send the device header."
 
 Clock = Callable[[], float]
-
-
-class _Entry(NamedTuple):
-    """What a cache hit needs to decide again without touching the signature."""
-
-    expires_at: float  # exp + leeway: refused at or after this instant
-    valid_from: float  # max(nbf, iat) - leeway: refused before this instant
-    bound: bytes | None  # the instance_id the device header must equal
-    principal: Principal
 
 
 def decode_json_segment(segment: bytes) -> Any:
@@ -105,34 +97,66 @@ def validate_instance_id(value: object) -> str:
 class TokenVerifier:
     """Verifies device tokens against a :class:`GateConfig`, remembering the good ones.
 
-    A token that verified once is kept in a bounded LRU cache keyed by its exact string, with
-    its expiry, start of validity, bound device and ready-made :class:`Principal`. A hit still
-    checks the clock and the device header, so a cached token is refused at exactly the moment
-    the full verification would refuse it. Refused tokens are never cached: a flood of junk
-    cannot evict good entries.
+    A token that verified once is kept in a bounded cache keyed by its exact string, with its
+    expiry, start of validity, bound device and ready-made :class:`Principal`. A hit still
+    checks the clock, the revocations and the device header, so a cached token is refused at
+    exactly the moment the full verification would refuse it. Refused tokens are never cached:
+    a flood of junk cannot evict good entries.
 
     One verifier may serve several threads (a synchronous view calling :meth:`verify` from a
-    worker thread, say). Each step on the cache is a single ``OrderedDict`` operation; when
-    another thread's eviction or :meth:`clear_cache` falls between two of them, the call still
-    ends as a full verification would end it, at worst after verifying the token again.
+    worker thread, say): each step on the cache is a single operation, and when another
+    thread's eviction or :meth:`clear_cache` falls between two of them, the call still ends as
+    a full verification would end it, at worst after verifying the token again.
 
     Args:
         config: the configuration holding the secrets and claim rules.
+        cache: where verified tokens are remembered (default: a
+            :class:`~devicegate.MemoryTokenCache` of ``config.token_cache_size`` entries).
+        revocations: asked whether a verified token was revoked; a revoked token is refused
+            on its next request, cached or not.
         clock: returns the current Unix time; for tests.
     """
 
-    def __init__(self, config: GateConfig, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        config: GateConfig,
+        *,
+        cache: TokenCache | None = None,
+        revocations: RevocationCheck | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        if cache is None:
+            cache = MemoryTokenCache(config.token_cache_size)
+        elif not isinstance(cache, TokenCache):
+            raise ConfigError("cache", f"must be a TokenCache, got {type(cache).__name__}")
+        if revocations is not None and not isinstance(revocations, RevocationCheck):
+            raise ConfigError(
+                "revocations", f"must be a RevocationCheck, got {type(revocations).__name__}"
+            )
         self._secrets = tuple(secret.encode() for secret in config.jwt_secrets)
         self._leeway = config.leeway_seconds
         self._issuer = config.issuer
         self._audience = config.audience
         self._require_binding = config.require_device_binding
         self._clock = clock
-        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._cache_size = config.token_cache_size
+        self._cache = cache
+        # Bound once: the hot path calls these without an attribute lookup each.
+        self._cache_get = cache.get
+        self._cache_put = cache.put
+        self._revocations = revocations
 
     def __repr__(self) -> str:
-        return f"<TokenVerifier cache={len(self._cache)}/{self._cache_size}>"
+        return f"<TokenVerifier cache={self._cache!r} revocations={self._revocations!r}>"
+
+    @property
+    def cache(self) -> TokenCache:
+        """Where verified tokens are remembered."""
+        return self._cache
+
+    @property
+    def revocations(self) -> RevocationCheck | None:
+        """What is asked whether a verified token was revoked, or ``None``."""
+        return self._revocations
 
     @property
     def cache_size(self) -> int:
@@ -142,8 +166,8 @@ class TokenVerifier:
     def clear_cache(self) -> None:
         """Forget every remembered token; the next request for each verifies it in full.
 
-        For whatever changes what a full verification decides (a revocation list, say); the
-        secrets themselves are fixed for the life of a verifier.
+        Revocations need no clearing: a cached token is checked against them again whenever
+        they change.
         """
         self._cache.clear()
 
@@ -179,28 +203,25 @@ class TokenVerifier:
 
     def check(self, token: bytes, device_id: bytes | None) -> Principal:
         """:meth:`verify` for raw header bytes, as the middleware has them (the hot path)."""
-        cache = self._cache
-        entry = cache.get(token)
+        entry = self._cache_get(token)
         if entry is not None:
-            expires_at, valid_from, bound, principal = entry
+            expires_at, valid_from, bound, principal, version = entry
             if valid_from <= self._clock() < expires_at:
-                # try/except, not contextlib.suppress: free when nothing is raised.
-                try:  # noqa: SIM105
-                    cache.move_to_end(token)  # most recently used
-                except KeyError:  # evicted meanwhile by another thread; still verified
-                    pass
+                revocations = self._revocations
+                if revocations is not None and version != revocations.version:
+                    bound, principal = self._recheck(token, entry, revocations)
             else:
-                # Expired, or the clock went back: forget it and decide afresh, so that the
-                # refusal is exactly the one (and has the reason) of the full verification.
-                cache.pop(token, None)
+                # Expired, or the clock went back: decide afresh, so that the refusal is
+                # exactly the one (and has the reason) of the full verification.
+                self._cache.discard(token)
                 entry = None
         if entry is None:
             entry = self._verify_uncached(token)
-            if self._cache_size and len(token) <= MAX_CACHED_TOKEN_BYTES:
-                # Verified against time and claims but not yet against the device: the device
-                # check below runs on every request, cached or not.
-                self._remember(token, entry)
-            expires_at, valid_from, bound, principal = entry
+            if len(token) <= MAX_CACHED_TOKEN_BYTES:
+                # Verified against time, claims and revocations but not yet against the
+                # device: the device check below runs on every request, cached or not.
+                self._cache_put(token, entry)
+            bound, principal = entry.bound, entry.principal
         if bound is not None:
             if device_id is None:
                 raise InvalidRequest(_MISSING_DEVICE)
@@ -208,16 +229,19 @@ class TokenVerifier:
                 raise InvalidToken(InvalidReason.WRONG_DEVICE)
         return principal
 
-    def _remember(self, token: bytes, entry: _Entry) -> None:
-        cache = self._cache
-        cache[token] = entry
-        if len(cache) > self._cache_size:
-            try:  # noqa: SIM105 - as in check(): free when nothing is raised
-                cache.popitem(last=False)
-            except KeyError:  # emptied meanwhile by clear_cache() in another thread
-                pass
+    def _recheck(
+        self, token: bytes, entry: CachedToken, revocations: RevocationCheck
+    ) -> tuple[bytes | None, Principal]:
+        """``entry``'s binding and principal, checked against revocations that changed since
+        it was cached."""
+        version = revocations.version  # read first: a change while asking means asking again
+        if revocations.is_revoked(entry.principal.claims):
+            self._cache.discard(token)
+            raise InvalidToken(InvalidReason.REVOKED)
+        self._cache_put(token, entry._replace(revocations_version=version))
+        return entry.bound, entry.principal
 
-    def _verify_uncached(self, token: bytes) -> _Entry:
+    def _verify_uncached(self, token: bytes) -> CachedToken:
         if not self._secrets:
             raise InvalidToken(InvalidReason.NOT_CONFIGURED)
         match = _COMPACT_JWS.fullmatch(token)
@@ -260,9 +284,16 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.MALFORMED) from None
         if not isinstance(claims, dict):
             raise InvalidToken(InvalidReason.MALFORMED)
-        return self._check_claims(claims)
+        entry = self._check_claims(claims)
+        revocations = self._revocations
+        if revocations is not None:
+            version = revocations.version  # read first: a change while asking means asking again
+            if revocations.is_revoked(entry.principal.claims):
+                raise InvalidToken(InvalidReason.REVOKED)
+            entry = entry._replace(revocations_version=version)
+        return entry
 
-    def _check_claims(self, claims: dict[str, Any]) -> _Entry:
+    def _check_claims(self, claims: dict[str, Any]) -> CachedToken:
         now = self._clock()
         leeway = self._leeway
         exp = claims.get("exp")
@@ -318,7 +349,7 @@ class TokenVerifier:
             )
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
-        return _Entry(expires_at, valid_from, bound, principal)
+        return CachedToken(expires_at, valid_from, bound, principal, -1)
 
 
 def _audience_matches(aud: object, expected: str | None) -> bool:

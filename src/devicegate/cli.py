@@ -83,6 +83,7 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.WRONG_ISSUER: "wrong issuer ('iss' does not match the configured issuer)",
     InvalidReason.WRONG_AUDIENCE: "wrong audience ('aud' does not match the configured audience)",
     InvalidReason.WRONG_DEVICE: "wrong device: the token is bound to another instance_id",
+    InvalidReason.REVOKED: "revoked: its jti, device, subject or issue time was revoked",
     InvalidReason.UNBOUND: (
         "not bound to a device, and this configuration requires device binding"
     ),

@@ -1,0 +1,207 @@
+"""Revocation: the seam where a token that verified can still be refused, and the in-memory list.
+
+The request path asks a :class:`RevocationCheck` about a token only when the check's
+:attr:`~RevocationCheck.version` differs from the one the token was last checked against, so a
+cached token costs one attribute read while nothing is revoked, however long the list. Whatever
+changes what the check answers (a revocation here, or one a shared store brings in) changes the
+version, and every cached token is checked again on its next request.
+
+References:
+    https://www.rfc-editor.org/rfc/rfc7009 (token revocation, for the vocabulary)
+    https://www.rfc-editor.org/rfc/rfc7519#section-4.1.6 (iat)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ._errors import ConfigError
+
+__all__ = ["RevocationCheck", "RevocationList"]
+
+# A token minted by devicegate lives at most a day (GateConfig caps jwt_expire_seconds), plus the
+# largest leeway: an entry is kept that long after the last token it can cover was minted.
+DEFAULT_RETENTION_SECONDS = 86_400 + 60
+_SWEEP_SECONDS = 60.0
+
+
+@runtime_checkable
+class RevocationCheck(Protocol):
+    """What the verifier asks before admitting a token that verified.
+
+    Both members are read on the request path and must not block or await: keep the answer in
+    memory and bring it up to date in the background.
+    """
+
+    @property
+    def version(self) -> int:
+        """A number that changes whenever :meth:`is_revoked` could answer otherwise."""
+
+    def is_revoked(self, claims: Mapping[str, Any], /) -> bool:
+        """Whether the token with these verified ``claims`` is revoked.
+
+        Raise a :class:`~devicegate.Refusal` (a 503 with ``Retry-After``, say) when the answer
+        cannot be known: the request is refused with it, never admitted.
+        """
+
+
+class RevocationList:
+    """Revocations held in this process's memory: a :class:`RevocationCheck` with a way to add.
+
+    A token is revoked when its ``jti`` was revoked, or when a revocation of its device
+    (``instance_id``), of its subject (``sub``) or of every token has a ``before`` at or after
+    the token's ``iat``: tokens minted afterwards are not affected. A token without ``iat`` is
+    refused while any such revocation might cover it, since nothing says when it was minted.
+
+    An entry is forgotten ``retention`` seconds after the last token it can cover was minted
+    (revocation time for a ``jti``, ``before`` for the others): by then every such token minted
+    by devicegate has expired. Memory is bounded by what was revoked in that window.
+
+    It lives in one process: with several worker processes or instances, use a shared store.
+
+    Args:
+        retention: seconds an entry is kept (default: a day and a minute, the longest lifetime
+            plus leeway of a token devicegate mints).
+        clock: returns the current Unix time; for tests.
+
+    Raises:
+        ConfigError: ``retention`` is not a positive number.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention: float = DEFAULT_RETENTION_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not _is_number(retention) or retention <= 0:
+            raise ConfigError(
+                "retention", f"must be a positive number of seconds, got {retention!r}"
+            )
+        self._retention = float(retention)
+        self._clock = clock
+        # jti -> when to forget it, in that order; device or subject -> (before, when to forget).
+        self._tokens: OrderedDict[str, float] = OrderedDict()
+        self._devices: dict[str, tuple[float, float]] = {}
+        self._subjects: dict[str, tuple[float, float]] = {}
+        self._all: tuple[float, float] | None = None
+        self._next_sweep = 0.0
+        self.version = 0
+
+    def __repr__(self) -> str:
+        return f"<RevocationList {len(self)} entries>"
+
+    def __len__(self) -> int:
+        return (
+            len(self._tokens) + len(self._devices) + len(self._subjects) + (self._all is not None)
+        )
+
+    def is_revoked(self, claims: Mapping[str, Any], /) -> bool:
+        jti = claims.get("jti")
+        if jti is not None and jti in self._tokens:
+            return True
+        issued_at = claims.get("iat")
+        if self._all is not None and _covers(self._all, issued_at):
+            return True
+        device = claims.get("instance_id")
+        if (
+            device is not None
+            and device in self._devices
+            and _covers(self._devices[device], issued_at)
+        ):
+            return True
+        subject = claims.get("sub")
+        return (
+            subject is not None
+            and subject in self._subjects
+            and _covers(self._subjects[subject], issued_at)
+        )
+
+    async def revoke_token(self, jti: str) -> None:
+        """Revoke the one token whose ``jti`` claim is ``jti``."""
+        _check_name("jti", jti)
+        now = self._now()
+        self._tokens[jti] = now + self._retention
+        self._tokens.move_to_end(jti)
+        self._changed(now)
+
+    async def revoke_device(self, instance_id: str, *, before: float | None = None) -> None:
+        """Revoke every token bound to ``instance_id`` issued at or before ``before`` (now)."""
+        _check_name("instance_id", instance_id)
+        self._revoke(self._devices, instance_id, before)
+
+    async def revoke_subject(self, subject: str, *, before: float | None = None) -> None:
+        """Revoke every token whose ``sub`` is ``subject`` issued at or before ``before`` (now)."""
+        _check_name("sub", subject)
+        self._revoke(self._subjects, subject, before)
+
+    async def revoke_all(self, *, before: float | None = None) -> None:
+        """Revoke every token issued at or before ``before`` (default: now)."""
+        now = self._now()
+        cutoff = self._before(before, now)
+        if self._all is None or cutoff > self._all[0]:
+            self._all = (cutoff, cutoff + self._retention)
+        self._changed(now)
+
+    def _revoke(
+        self, table: dict[str, tuple[float, float]], name: str, before: float | None
+    ) -> None:
+        now = self._now()
+        cutoff = self._before(before, now)
+        held = table.get(name)
+        # A later cutoff covers everything an earlier one did; an earlier one adds nothing.
+        if held is None or cutoff > held[0]:
+            table[name] = (cutoff, cutoff + self._retention)
+        self._changed(now)
+
+    def _now(self) -> float:
+        now = self._clock()
+        if not _is_number(now):
+            raise ValueError("the clock returned no usable time")
+        return float(now)
+
+    @staticmethod
+    def _before(before: float | None, now: float) -> float:
+        if before is None:
+            return now
+        if not _is_number(before):
+            raise ValueError("before must be a finite Unix time")
+        return float(before)
+
+    def _changed(self, now: float) -> None:
+        """Forget what can no longer cover a valid token, and tell cached tokens to ask again."""
+        tokens = self._tokens
+        # Held in the order they expire: the oldest first, each forgotten in constant time.
+        while tokens:
+            jti, until = next(iter(tokens.items()))
+            if until > now:
+                break
+            del tokens[jti]
+        if now >= self._next_sweep:
+            # Cutoffs come in any order: these tables are swept whole, at most once a minute.
+            self._next_sweep = now + _SWEEP_SECONDS
+            for table in (self._devices, self._subjects):
+                for name in [name for name, (_, until) in table.items() if until <= now]:
+                    del table[name]
+            if self._all is not None and self._all[1] <= now:
+                self._all = None
+        self.version += 1
+
+
+def _covers(entry: tuple[float, float], issued_at: object) -> bool:
+    """Whether a revocation ``(before, _)`` covers a token issued at ``issued_at``."""
+    # No iat: nothing says the token was minted after the cutoff, so it is covered.
+    return not _is_number(issued_at) or issued_at <= entry[0]  # type: ignore[operator]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_name(field: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field} must be a non-empty string")
