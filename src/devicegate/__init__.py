@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._config import ConfigError, GateConfig
 from ._endpoint import TokenEndpoint
 from ._errors import (
@@ -23,6 +24,7 @@ from ._errors import (
 )
 from ._middleware import DeviceAuthMiddleware
 from ._principal import CredentialKind, Principal, get_principal
+from ._revocation import RevocationCheck, RevocationList
 from ._rules import Rule
 from ._tokens import IssuedToken, TokenIssuer, TokenVerifier
 
@@ -33,6 +35,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AuthError",
+    "CachedToken",
     "ConfigError",
     "CredentialKind",
     "DeviceAuthMiddleware",
@@ -43,10 +46,14 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "IssuedToken",
+    "MemoryTokenCache",
     "MissingCredentials",
     "Principal",
     "Refusal",
+    "RevocationCheck",
+    "RevocationList",
     "Rule",
+    "TokenCache",
     "TokenEndpoint",
     "TokenIssuer",
     "TokenVerifier",

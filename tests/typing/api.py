@@ -18,10 +18,16 @@ from devicegate import (
     DeviceAuthMiddleware,
     GateConfig,
     IssuedToken,
+    MemoryTokenCache,
     Principal,
+    Refusal,
+    RevocationCheck,
+    RevocationList,
     Rule,
+    TokenCache,
     TokenEndpoint,
     TokenIssuer,
+    TokenVerifier,
     get_principal,
 )
 
@@ -76,3 +82,24 @@ def who(request: Request) -> str | None:
 
 def config_error_field(error: ConfigError) -> str:
     return error.field
+
+
+revocations = RevocationList()
+with_revocations: ASGIApp = DeviceAuthMiddleware(raw_app, config=config, revocations=revocations)
+own_verifier = TokenVerifier(config, cache=MemoryTokenCache(100), revocations=revocations)
+with_verifier = DeviceAuthMiddleware(raw_app, config=config, verifier=own_verifier)
+check: RevocationCheck = revocations
+cache: TokenCache = own_verifier.cache
+
+
+async def cut_off(device: str) -> None:
+    await revocations.revoke_device(device, before=1_700_000_000.5)
+    await revocations.revoke_token("jti")
+    await revocations.revoke_subject("user-1")
+    await revocations.revoke_all()
+
+
+def unavailable() -> Refusal:
+    return Refusal(
+        "Try again shortly.", status_code=503, headers=[(b"retry-after", b"1")], close=False
+    )
