@@ -198,15 +198,84 @@ def test_cached_token_is_refused_before_its_start(keys: Keys) -> None:
     assert reason_of(verify, token) is InvalidReason.NOT_YET_VALID
 
 
+# RFC 7519 §2: a NumericDate is a JSON number, whole or not. Anything else is refused, and so
+# is a number no date library can represent (beyond 9999-12-31T23:59:59Z).
+LAST_NUMERIC_DATE = 253_402_300_799
+
+
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
 @pytest.mark.parametrize(
     "value",
-    [str(NOW + 100), NOW + 100.0, NOW + 100.5, True, False, [NOW + 100], {"t": NOW}],
-    ids=["string", "integral-float", "float", "true", "false", "list", "object"],
+    [
+        pytest.param(str(NOW + 100), id="string"),
+        pytest.param(True, id="true"),
+        pytest.param(False, id="false"),
+        pytest.param([NOW + 100], id="list"),
+        pytest.param({"t": NOW}, id="object"),
+        pytest.param(LAST_NUMERIC_DATE + 1, id="after-year-9999"),
+        pytest.param(LAST_NUMERIC_DATE + 0.5, id="float-after-year-9999"),
+        pytest.param(1e308, id="huge-float"),
+    ],
 )
-def test_time_claims_must_be_integers(keys: Keys, claim: str, value: object) -> None:
+def test_time_claims_must_be_numeric_dates(keys: Keys, claim: str, value: object) -> None:
     token = make_token(keys.jwt_secret, {**claims_at(), claim: value})
     assert reason_of(verifier(keys.config()), token) is InvalidReason.BAD_CLAIMS
+
+
+@pytest.mark.parametrize(
+    ("claims", "expires_before"),
+    [
+        # What jwt.encode({"exp": time.time() + 300}) produces: fractions of a second.
+        ({"exp": NOW + 300.25, "iat": NOW - 0.5, "nbf": NOW - 0.75}, NOW + 300.25),
+        ({"exp": float(NOW + 300), "iat": float(NOW)}, NOW + 300),
+        ({"exp": LAST_NUMERIC_DATE}, LAST_NUMERIC_DATE),
+    ],
+)
+def test_fractional_and_whole_numeric_dates_are_accepted(
+    keys: Keys, claims: dict[str, float], expires_before: float
+) -> None:
+    clock = Clock(NOW)
+    verify = verifier(keys.config(), clock)
+    token = make_token(keys.jwt_secret, {**claims, "jti": "j"})
+    assert verify.verify(token).claims["exp"] == claims["exp"]
+    clock.now = expires_before - 0.01  # cached: still valid a hundredth of a second before
+    assert verify.verify(token).claims["exp"] == claims["exp"]
+    clock.now = expires_before
+    assert reason_of(verify, token) is InvalidReason.EXPIRED
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf"), float("-inf")])
+def test_a_clock_that_cannot_tell_the_time_refuses_every_token(keys: Keys, now: float) -> None:
+    clock = Clock(NOW)
+    verify = verifier(keys.config(), clock)
+    token = make_token(keys.jwt_secret, claims_at())
+    verify.verify(token)  # cached
+    clock.now = now
+    assert reason_of(verify, token) is InvalidReason.BAD_CLOCK
+    assert reason_of(verify, make_token(keys.jwt_secret, claims_at())) is InvalidReason.BAD_CLOCK
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "application/jwt", "Application/JWT"])
+def test_typ_may_name_the_jwt_media_type_in_full(keys: Keys, typ: str) -> None:
+    token = make_token(keys.jwt_secret, claims_at(), header={"alg": "HS256", "typ": typ})
+    assert verifier(keys.config(), Clock(NOW)).verify(token).claims["iat"] == NOW
+
+
+@pytest.mark.parametrize(
+    "typ", ["at+jwt", "application/at+jwt", "application/jwt; x=1", "JWS", "application/"]
+)
+def test_other_types_are_refused(keys: Keys, typ: str) -> None:
+    token = make_token(keys.jwt_secret, claims_at(), header={"alg": "HS256", "typ": typ})
+    assert reason_of(verifier(keys.config(), Clock(NOW)), token) is InvalidReason.BAD_HEADER
+
+
+@pytest.mark.parametrize(
+    "token", [None, 123, 1.5, bytearray(b"a.b.c"), memoryview(b"a.b.c"), ["a.b.c"]]
+)
+def test_verify_of_something_that_is_no_token(keys: Keys, token: Any) -> None:
+    with pytest.raises(InvalidToken) as refused:
+        verifier(keys.config()).verify(token)
+    assert refused.value.reason is InvalidReason.MALFORMED
 
 
 @pytest.mark.parametrize("claim", ["nbf", "iat"])

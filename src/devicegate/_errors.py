@@ -89,6 +89,7 @@ class InvalidReason(str, enum.Enum):
     UNBOUND = "unbound"
     UNKNOWN_KEY = "unknown_key"
     REVOKED = "revoked"
+    BAD_CLOCK = "bad_clock"
     NOT_CONFIGURED = "not_configured"
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 
@@ -60,6 +61,7 @@ MAX_CACHED_TOKEN_BYTES = 4096
 _COMPACT_JWS = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{43})")
 
 _MISSING_DEVICE = "The token is bound to a device; send the device header."
+_JWT_TYPES = frozenset({"JWT", "APPLICATION/JWT"})
 
 Clock = Callable[[], float]
 
@@ -192,6 +194,10 @@ class TokenVerifier:
                 token = token.encode("ascii")
             except UnicodeEncodeError:
                 raise InvalidToken(InvalidReason.MALFORMED) from None
+        elif type(token) is not bytes:
+            # None, a number, a bytearray (which could change while it is being checked):
+            # no token at all.
+            raise InvalidToken(InvalidReason.MALFORMED)
         if isinstance(device_id, str):
             try:
                 device_id = device_id.encode("latin-1")
@@ -199,6 +205,8 @@ class TokenVerifier:
                 # Not a header value, so not any device's: refused as a wrong device once the
                 # token itself verified (an empty id never equals a bound one).
                 device_id = b""
+        elif device_id is not None and type(device_id) is not bytes:
+            device_id = b""  # not a header value either
         return self.check(token, device_id)
 
     def check(self, token: bytes, device_id: bytes | None) -> Principal:
@@ -265,7 +273,9 @@ class TokenVerifier:
         # (PyJWT refuses a null kid, and a token accepted here must verify there).
         if "typ" in header:
             typ = header["typ"]
-            if not isinstance(typ, str) or typ.upper() != "JWT":
+            # RFC 7515 §4.1.9: "application/" may be left out, and media types are compared
+            # without regard to case: "JWT", "jwt" and "application/jwt" are one type.
+            if not isinstance(typ, str) or typ.upper() not in _JWT_TYPES:
                 raise InvalidToken(InvalidReason.BAD_HEADER)
         if "kid" in header and not isinstance(header["kid"], str):
             raise InvalidToken(InvalidReason.BAD_HEADER)
@@ -295,11 +305,12 @@ class TokenVerifier:
 
     def _check_claims(self, claims: dict[str, Any]) -> CachedToken:
         now = self._clock()
+        if not _is_numeric_date(now):
+            # A clock that cannot tell the time cannot say that a token is still valid.
+            raise InvalidToken(InvalidReason.BAD_CLOCK)
         leeway = self._leeway
         exp = claims.get("exp")
-        # RFC 7519 §4.1.4 allows any NumericDate; we require an integer (bool is an int
-        # subclass, hence the exact type check) so that no library-specific coercion applies.
-        if type(exp) is not int:
+        if not _is_numeric_date(exp):
             raise InvalidToken(InvalidReason.BAD_CLAIMS)
         expires_at = exp + leeway
         if now >= expires_at:
@@ -311,7 +322,7 @@ class TokenVerifier:
         ):
             if name in claims:
                 value = claims[name]
-                if type(value) is not int:
+                if not _is_numeric_date(value):
                     raise InvalidToken(InvalidReason.BAD_CLAIMS)
                 if now < value - leeway:
                     raise InvalidToken(reason)
@@ -350,6 +361,21 @@ class TokenVerifier:
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
         return CachedToken(expires_at, valid_from, bound, principal, -1)
+
+
+# 9999-12-31T23:59:59Z: no date library (nor PyJWT's datetime conversion) goes beyond it.
+_LAST_NUMERIC_DATE = 253_402_300_799
+
+
+def _is_numeric_date(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is an RFC 7519 §2 NumericDate devicegate accepts: a JSON number, whole
+    or not, finite and not beyond the year 9999. A bool (an int to Python), a string or a null
+    is not one: no library-specific coercion applies."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value <= _LAST_NUMERIC_DATE
+    return isinstance(value, float) and math.isfinite(value) and value <= _LAST_NUMERIC_DATE
 
 
 def _audience_matches(aud: object, expected: str | None) -> bool:

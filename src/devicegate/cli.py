@@ -75,7 +75,7 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
         "bad signature: signed with another jwt_secret, or tampered with"
     ),
     InvalidReason.BAD_CLAIMS: (
-        "bad claims: 'exp' missing or not an integer, or another claim of the wrong type"
+        "bad claims: 'exp' missing or not a number, or another claim of the wrong type"
     ),
     InvalidReason.EXPIRED: "expired",
     InvalidReason.NOT_YET_VALID: "not valid yet ('nbf' is in the future)",
@@ -84,6 +84,7 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.WRONG_AUDIENCE: "wrong audience ('aud' does not match the configured audience)",
     InvalidReason.WRONG_DEVICE: "wrong device: the token is bound to another instance_id",
     InvalidReason.REVOKED: "revoked: its jti, device, subject or issue time was revoked",
+    InvalidReason.BAD_CLOCK: "this machine's clock gives no usable time (NaN or infinite)",
     InvalidReason.UNBOUND: (
         "not bound to a device, and this configuration requires device binding"
     ),
