@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import ConfigError
 from ._json import DuplicateMember, loads_strict_json
 
 __all__ = [
+    "CREDENTIAL_VARIABLES",
     "DEFAULT_UPSTREAM_TIMEOUT",
     "VISIBLE_ASCII",
     "ConfigError",
     "GateConfig",
     "check_header_name",
     "check_key",
+    "env_bool",
+    "env_int",
+    "env_list",
+    "env_seconds",
+    "env_secret",
+    "env_str",
+    "env_variable",
     "opens_a_door_of",
+    "read_env",
     "read_secrets_document",
     "separation_key",
 ]
+
+_T = TypeVar("_T")
 
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output (256 bits).
 MIN_JWT_SECRET_BYTES = 32
@@ -38,7 +51,6 @@ MAX_TOKEN_LIFETIME_SECONDS = 86_400
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 # A SenseCrypt secrets.json is a few hundred bytes; this bounds what a wrong path can cost.
 _MAX_SECRETS_FILE_BYTES = 1024 * 1024
-_SECRETS_FILE_MEMBERS = frozenset({"api_key", "mobile_api_key", "jwt_secret", "jwt_expire_seconds"})
 # How long the gateway waits for its upstream; here so that the command line (which must not
 # need httpx to start) and the proxy share one value.
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
@@ -62,7 +74,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-length"})
 
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_FALSE = frozenset({"0", "false", "no", "off"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -158,75 +170,198 @@ def check_header_name(field: str, value: object) -> str:
     return name
 
 
+# --- the environment --------------------------------------------------------------------------
+# One parser for every DEVICEGATE_* variable, GateConfig's and the gateway's: each ``env_*``
+# function turns a variable's text into a value or raises a ConfigError naming the variable.
+
+
+def env_str(variable: str, raw: str) -> str:
+    """Text without surrounding spaces (a header name, an issuer, a path)."""
+    return raw.strip()
+
+
+def env_secret(variable: str, raw: str) -> str:
+    """A secret, taken whole: it may contain commas and spaces."""
+    return raw
+
+
+def env_list(variable: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated values; blanks between commas are skipped."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def env_int(variable: str, raw: str) -> int:
+    """A decimal integer."""
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(variable, "must be an integer") from None
+
+
+def env_bool(variable: str, raw: str) -> bool:
+    """One of true/false, 1/0, yes/no, on/off, in any case."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(variable, "must be one of true/false, 1/0, yes/no, on/off")
+
+
+def env_seconds(variable: str, raw: str) -> float:
+    """A duration in seconds: a finite number above zero."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(variable, "must be a number of seconds, such as 30 or 2.5") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(variable, "must be a number of seconds above zero")
+    return value
+
+
+def read_env(
+    environ: Mapping[str, str], variable: str, parse: Callable[[str, str], _T]
+) -> _T | None:
+    """``variable`` in ``environ`` read by ``parse`` (one of the ``env_*`` functions), or
+    ``None`` when it is unset.
+
+    An empty or blank variable counts as unset: a blank line in an env file must not wipe the
+    keys of a secrets file, nor turn a setting off.
+
+    Raises:
+        ConfigError: named after ``variable``, when the text does not parse.
+    """
+    raw = environ.get(variable)
+    if raw is None or not raw.strip():
+        return None
+    return parse(variable, raw)
+
+
+def env_variable(name: str) -> str:
+    """The variable that sets the :class:`GateConfig` field ``name``."""
+    return f"DEVICEGATE_{name.upper()}"
+
+
+# --- GateConfig -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a :class:`GateConfig` field comes from outside Python."""
+
+    env: Callable[[str, str], object]  # the parser of its DEVICEGATE_<FIELD> variable
+    file_member: str | None  # its name in a SenseCrypt secrets.json, if it has one
+    secret: bool  # a key or secret: counted, never shown; a list or a string in secrets.json
+
+
+_SOURCE = "devicegate"
+
+
+def _from(
+    env: Callable[[str, str], object], *, file_member: str | None = None, secret: bool = False
+) -> dict[str, _Source]:
+    return {_SOURCE: _Source(env, file_member, secret)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class GateConfig:
     """devicegate's settings. Keyword-only, immutable, validated at construction.
 
-    Args:
-        api_keys: server-to-server keys accepted in the ``X-API-Key`` header. Several keys
-            allow rotation.
-        mobile_api_keys: keys the mobile SDK sends raw in ``Authorization``.
-        jwt_secret: the HS256 secret tokens are signed with (at least 32 bytes). A sequence
-            rotates: the first signs new tokens, every one verifies.
-        jwt_expire_seconds: lifetime of minted tokens (default 300, as SenseCrypt).
-        device_header: the request header that carries the device id.
-        api_key_header: the request header that carries the server API key.
-        leeway_seconds: clock skew tolerated on ``exp``/``nbf``/``iat`` (0 to 60).
-        require_device_binding: refuse tokens without ``instance_id`` and refuse to mint them.
-        issuer: when set, minted tokens carry ``iss`` and verified tokens must match exactly.
-        audience: when set, minted tokens carry ``aud`` and verified tokens must contain it.
-        token_cache_size: how many verified tokens to remember (0 disables the cache).
+    Each field is declared once below, with how ``from_env`` and ``from_secrets_file`` read
+    it. Keys may be given as one string or an iterable of strings and are stored as tuples;
+    header names are stored lower-cased.
 
     Raises:
         ConfigError: naming the field and the fix, for weak, empty, duplicated or published
             secrets, out-of-range numbers, bad header names, or no credential kind at all.
 
-    Secrets never appear in ``repr()`` or ``str()`` of this object.
+    Secrets never appear in ``repr()`` or ``str()`` of this object, and it refuses to be
+    pickled. Two configurations with the same settings are equal.
+
+    Warning:
+        Change a configuration with :meth:`replace`, not :func:`dataclasses.replace`: that
+        passes ``jwt_secret`` back, the signing secret alone, and drops the others of a
+        rotation.
     """
 
-    __slots__ = (
-        "_api_keys",
-        "_jwt_secrets",
-        "_mobile_api_keys",
-        "api_key_header",
-        "audience",
-        "device_header",
-        "issuer",
-        "jwt_expire_seconds",
-        "leeway_seconds",
-        "require_device_binding",
-        "token_cache_size",
+    api_keys: tuple[str, ...] = field(
+        default=(), repr=False, metadata=_from(env_list, file_member="api_key", secret=True)
     )
+    """Server-to-server keys accepted in the ``X-API-Key`` header; several allow rotation."""
 
-    _api_keys: tuple[str, ...]
-    _mobile_api_keys: tuple[str, ...]
-    _jwt_secrets: tuple[str, ...]
-    jwt_expire_seconds: int
-    device_header: str
-    api_key_header: str
-    leeway_seconds: int
-    require_device_binding: bool
-    issuer: str | None
-    audience: str | None
-    token_cache_size: int
+    mobile_api_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata=_from(env_list, file_member="mobile_api_key", secret=True),
+    )
+    """Keys the mobile SDK sends raw in ``Authorization``."""
 
-    def __init__(
-        self,
-        *,
-        api_keys: str | Iterable[str] = (),
-        mobile_api_keys: str | Iterable[str] = (),
-        jwt_secret: str | Iterable[str] | None = None,
-        jwt_expire_seconds: int = 300,
-        device_header: str = "x-instance-id",
-        api_key_header: str = "x-api-key",
-        leeway_seconds: int = 0,
-        require_device_binding: bool = False,
-        issuer: str | None = None,
-        audience: str | None = None,
-        token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
-    ) -> None:
-        api = _as_tuple("api_keys", api_keys)
-        mobile = _as_tuple("mobile_api_keys", mobile_api_keys)
-        secrets = _as_tuple("jwt_secret", jwt_secret)
+    # The environment holds one secret, taken whole (a secret may contain a comma); rotate
+    # through a secrets file. As an argument: a string, an iterable of them, or None.
+    jwt_secret: str | None = field(
+        default=None,
+        repr=False,
+        compare=False,  # the first of jwt_secrets, which is compared
+        metadata=_from(env_secret, file_member="jwt_secret", secret=True),
+    )
+    """The HS256 secret that signs new tokens (at least 32 bytes), or ``None`` when tokens are
+    not configured. Given several, the first signs and every one verifies."""
+
+    jwt_secrets: tuple[str, ...] = field(init=False, repr=False)
+    """Every secret that verifies tokens; the first one signs."""
+
+    jwt_expire_seconds: int = field(
+        default=300, metadata=_from(env_int, file_member="jwt_expire_seconds")
+    )
+    """Lifetime of minted tokens (default 300, as SenseCrypt; at most a day)."""
+
+    device_header: str = field(default="x-instance-id", metadata=_from(env_str))
+    """The request header that carries the device id."""
+
+    api_key_header: str = field(default="x-api-key", metadata=_from(env_str))
+    """The request header that carries the server API key."""
+
+    leeway_seconds: int = field(default=0, metadata=_from(env_int))
+    """Clock skew tolerated on ``exp``/``nbf``/``iat`` (0 to 60)."""
+
+    require_device_binding: bool = field(default=False, metadata=_from(env_bool))
+    """Refuse tokens without ``instance_id`` and refuse to mint them."""
+
+    issuer: str | None = field(default=None, metadata=_from(env_str))
+    """When set, minted tokens carry ``iss`` and verified tokens must match exactly."""
+
+    audience: str | None = field(default=None, metadata=_from(env_str))
+    """When set, minted tokens carry ``aud`` and verified tokens must contain it."""
+
+    token_cache_size: int = field(default=DEFAULT_TOKEN_CACHE_SIZE, metadata=_from(env_int))
+    """How many verified tokens to remember (0 disables the cache)."""
+
+    if TYPE_CHECKING:
+        # What the generated __init__ accepts, which __post_init__ then normalises: dataclass
+        # fields have no converters, so type checkers learn the wider argument types here.
+        def __init__(
+            self,
+            *,
+            api_keys: str | Iterable[str] = ...,
+            mobile_api_keys: str | Iterable[str] = ...,
+            jwt_secret: str | Iterable[str] | None = ...,
+            jwt_expire_seconds: int = ...,
+            device_header: str = ...,
+            api_key_header: str = ...,
+            leeway_seconds: int = ...,
+            require_device_binding: bool = ...,
+            issuer: str | None = ...,
+            audience: str | None = ...,
+            token_cache_size: int = ...,
+        ) -> None: ...
+
+    def __post_init__(self) -> None:
+        # The fields hold the arguments as given; store them normalised. A frozen dataclass
+        # leaves object.__setattr__ as the only way, and only here.
+        set_ = object.__setattr__
+        api = _as_tuple("api_keys", self.api_keys)
+        mobile = _as_tuple("mobile_api_keys", self.mobile_api_keys)
+        secrets = _as_tuple("jwt_secret", self.jwt_secret)
         for key in api:
             check_key("api_keys", key, MIN_API_KEY_BYTES)
         for key in mobile:
@@ -241,98 +376,54 @@ class GateConfig:
                 "or jwt_secret (or load a secrets.json with GateConfig.from_secrets_file)",
             )
         seen: dict[str, str] = {}
-        for field, keys in (
-            ("api_keys", api),
-            ("mobile_api_keys", mobile),
-            ("jwt_secret", secrets),
-        ):
+        for name, keys in (("api_keys", api), ("mobile_api_keys", mobile), ("jwt_secret", secrets)):
             for key in keys:
                 same = separation_key(key)
                 if same in seen:
                     other = seen[same]
-                    where = "twice" if other == field else f"both as {other} and as {field}"
+                    where = "twice" if other == name else f"both as {other} and as {name}"
                     raise ConfigError(
-                        field,
+                        name,
                         f"the same value is used {where} (ignoring case and surrounding "
                         "spaces); every key and secret must be distinct so that one leak "
                         "cannot open another door",
                     )
-                seen[same] = field
-        set_ = object.__setattr__
-        set_(self, "_api_keys", api)
-        set_(self, "_mobile_api_keys", mobile)
-        set_(self, "_jwt_secrets", secrets)
-        set_(
-            self,
-            "jwt_expire_seconds",
-            _check_int(
-                "jwt_expire_seconds", jwt_expire_seconds, low=1, high=MAX_TOKEN_LIFETIME_SECONDS
-            ),
+                seen[same] = name
+        set_(self, "api_keys", api)
+        set_(self, "mobile_api_keys", mobile)
+        set_(self, "jwt_secret", secrets[0] if secrets else None)
+        set_(self, "jwt_secrets", secrets)
+        _check_int(
+            "jwt_expire_seconds", self.jwt_expire_seconds, low=1, high=MAX_TOKEN_LIFETIME_SECONDS
         )
-        set_(
-            self,
-            "leeway_seconds",
-            _check_int("leeway_seconds", leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS),
-        )
-        set_(self, "token_cache_size", _check_int("token_cache_size", token_cache_size, low=0))
-        device = check_header_name("device_header", device_header)
-        api_header = check_header_name("api_key_header", api_key_header)
+        _check_int("leeway_seconds", self.leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS)
+        _check_int("token_cache_size", self.token_cache_size, low=0)
+        device = check_header_name("device_header", self.device_header)
+        api_header = check_header_name("api_key_header", self.api_key_header)
         if device == api_header:
             raise ConfigError("device_header", "must differ from api_key_header")
         set_(self, "device_header", device)
         set_(self, "api_key_header", api_header)
-        if not isinstance(require_device_binding, bool):
+        if not isinstance(self.require_device_binding, bool):
             raise ConfigError("require_device_binding", "must be True or False")
-        set_(self, "require_device_binding", require_device_binding)
-        for field, value in (("issuer", issuer), ("audience", audience)):
+        for name in ("issuer", "audience"):
+            value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(field, "must be a non-empty string or None")
-        set_(self, "issuer", issuer)
-        set_(self, "audience", audience)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("GateConfig is immutable; build a new one")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError("GateConfig is immutable; build a new one")
-
-    # Secrets are reachable only through these read-only properties. They are not fields in
-    # the repr.
-
-    @property
-    def api_keys(self) -> tuple[str, ...]:
-        """Accepted server-to-server keys."""
-        return self._api_keys
-
-    @property
-    def mobile_api_keys(self) -> tuple[str, ...]:
-        """Accepted mobile SDK keys."""
-        return self._mobile_api_keys
-
-    @property
-    def jwt_secrets(self) -> tuple[str, ...]:
-        """Every secret that verifies tokens; the first one signs."""
-        return self._jwt_secrets
-
-    @property
-    def jwt_secret(self) -> str | None:
-        """The secret that signs new tokens, or ``None`` when tokens are not configured."""
-        return self._jwt_secrets[0] if self._jwt_secrets else None
+                raise ConfigError(name, "must be a non-empty string or None")
 
     def __repr__(self) -> str:
-        return (
-            f"GateConfig(api_keys=<{len(self._api_keys)} hidden>, "
-            f"mobile_api_keys=<{len(self._mobile_api_keys)} hidden>, "
-            f"jwt_secret=<{len(self._jwt_secrets)} hidden>, "
-            f"jwt_expire_seconds={self.jwt_expire_seconds}, "
-            f"device_header={self.device_header!r}, api_key_header={self.api_key_header!r}, "
-            f"leeway_seconds={self.leeway_seconds}, "
-            f"require_device_binding={self.require_device_binding}, "
-            f"issuer={self.issuer!r}, audience={self.audience!r}, "
-            f"token_cache_size={self.token_cache_size})"
-        )
-
-    __str__ = __repr__
+        shown = []
+        for item in fields(self):
+            source = item.metadata.get(_SOURCE)
+            if source is None:
+                continue  # jwt_secrets: counted as jwt_secret
+            value = getattr(self, item.name)
+            if source.secret:
+                count = len(self.jwt_secrets if item.name == "jwt_secret" else value)
+                shown.append(f"{item.name}=<{count} hidden>")
+            else:
+                shown.append(f"{item.name}={value!r}")
+        return f"GateConfig({', '.join(shown)})"
 
     def __reduce__(self) -> Any:
         # Pickling would write secrets to wherever the pickle goes; refuse it explicitly.
@@ -345,25 +436,14 @@ class GateConfig:
         return self
 
     def replace(self, **changes: Any) -> GateConfig:
-        """Return a copy with some fields changed (validated again)."""
-        options = self._options()
-        options.update(changes)
-        return GateConfig(**options)
+        """Return a copy with some fields changed (validated again). Every JWT secret of a
+        rotation is kept unless ``jwt_secret`` is among ``changes``.
 
-    def _options(self) -> dict[str, Any]:
-        return {
-            "api_keys": self._api_keys,
-            "mobile_api_keys": self._mobile_api_keys,
-            "jwt_secret": self._jwt_secrets or None,
-            "jwt_expire_seconds": self.jwt_expire_seconds,
-            "device_header": self.device_header,
-            "api_key_header": self.api_key_header,
-            "leeway_seconds": self.leeway_seconds,
-            "require_device_binding": self.require_device_binding,
-            "issuer": self.issuer,
-            "audience": self.audience,
-            "token_cache_size": self.token_cache_size,
-        }
+        Raises:
+            ConfigError: as the constructor.
+            TypeError: a name in ``changes`` is not a constructor argument.
+        """
+        return dataclasses.replace(self, **{"jwt_secret": self.jwt_secrets, **changes})
 
     @classmethod
     def from_secrets_file(cls, path: str | os.PathLike[str], **options: Any) -> GateConfig:
@@ -387,26 +467,37 @@ class GateConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GateConfig:
         """Build a configuration from ``DEVICEGATE_*`` environment variables.
 
-        ``DEVICEGATE_SECRETS_FILE`` loads a ``secrets.json`` first; ``DEVICEGATE_API_KEYS`` and
-        ``DEVICEGATE_MOBILE_API_KEYS`` (comma-separated), ``DEVICEGATE_JWT_SECRET`` (one secret,
-        taken whole) and ``DEVICEGATE_<FIELD>`` for every other field
-        override it. An empty variable counts as unset.
+        ``DEVICEGATE_SECRETS_FILE`` loads a ``secrets.json`` first; ``DEVICEGATE_<FIELD>`` for
+        every field overrides it: ``DEVICEGATE_API_KEYS`` and ``DEVICEGATE_MOBILE_API_KEYS``
+        comma-separated, ``DEVICEGATE_JWT_SECRET`` one secret taken whole. An empty variable
+        counts as unset.
 
         Raises:
             ConfigError: as the constructor, or for a value that does not parse.
         """
         env = os.environ if environ is None else environ
         options: dict[str, Any] = {}
-        secrets_file = env.get("DEVICEGATE_SECRETS_FILE")
-        for name, parse in _ENV_FIELDS.items():
-            raw = env.get(f"DEVICEGATE_{name.upper()}")
-            # An empty variable is unset (a blank line in an env file must not wipe the file's
-            # keys).
-            if raw is not None and raw.strip():
-                options[name] = parse(name, raw)
-        if secrets_file:
+        for name, source in _SOURCES.items():
+            value = read_env(env, env_variable(name), source.env)
+            if value is not None:
+                options[name] = value
+        secrets_file = read_env(env, "DEVICEGATE_SECRETS_FILE", env_str)
+        if secrets_file is not None:
             return cls.from_secrets_file(secrets_file, **options)
         return cls(**options)
+
+
+# Derived from the fields: how each is read, the variables that hold credentials (any of them
+# means "configured by the environment"), and the members a secrets.json may hold.
+_SOURCES: dict[str, _Source] = {
+    item.name: item.metadata[_SOURCE] for item in fields(GateConfig) if _SOURCE in item.metadata
+}
+CREDENTIAL_VARIABLES = tuple(
+    env_variable(name) for name, source in _SOURCES.items() if source.secret
+)
+_SECRETS_FILE_MEMBERS = frozenset(
+    source.file_member for source in _SOURCES.values() if source.file_member is not None
+)
 
 
 def read_secrets_document(
@@ -479,66 +570,15 @@ def _check_file(field: str, file: Path, status: os.stat_result) -> None:
 
 def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for file_key, field in (
-        ("api_key", "api_keys"),
-        ("mobile_api_key", "mobile_api_keys"),
-        ("jwt_secret", "jwt_secret"),
-    ):
-        value = data.get(file_key)
-        if value is None:
+    for name, source in _SOURCES.items():
+        member = source.file_member
+        if member is None or member not in data:
             continue
-        if not isinstance(value, (str, list)):
-            raise ConfigError(file_key, "must be a string or a list of strings in secrets.json")
-        options[field] = _as_tuple(file_key, value)
-    if "jwt_expire_seconds" in data:
-        options["jwt_expire_seconds"] = data["jwt_expire_seconds"]
+        value = data[member]
+        if not source.secret:
+            options[name] = value  # checked by the constructor, as any argument
+        elif value is not None:  # a null key is no key
+            if not isinstance(value, (str, list)):
+                raise ConfigError(member, "must be a string or a list of strings in secrets.json")
+            options[name] = _as_tuple(member, value)
     return options
-
-
-def _env_list(name: str, raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _env_int(name: str, raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ConfigError(name, "must be an integer in the environment") from None
-
-
-def _env_bool(name: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(name, "must be one of true/false, 1/0, yes/no, on/off")
-
-
-def _env_str(name: str, raw: str) -> str | None:
-    return raw.strip() or None
-
-
-def _env_secret(name: str, raw: str) -> str:
-    return raw
-
-
-def _env_header(name: str, raw: str) -> str:
-    return raw.strip()
-
-
-_ENV_FIELDS = {
-    "api_keys": _env_list,
-    "mobile_api_keys": _env_list,
-    # One secret, taken whole: a secret may contain a comma or spaces. Rotate through a
-    # secrets file.
-    "jwt_secret": _env_secret,
-    "jwt_expire_seconds": _env_int,
-    "device_header": _env_header,
-    "api_key_header": _env_header,
-    "leeway_seconds": _env_int,
-    "require_device_binding": _env_bool,
-    "issuer": _env_str,
-    "audience": _env_str,
-    "token_cache_size": _env_int,
-}
