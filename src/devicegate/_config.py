@@ -473,18 +473,30 @@ class GateConfig:
         counts as unset.
 
         Raises:
-            ConfigError: as the constructor, or for a value that does not parse.
+            ConfigError: as the constructor, or for a value that does not parse; named after
+                the variable when the value came from one (``DEVICEGATE_LEEWAY_SECONDS: must
+                be between 0 and 60, got 120``).
         """
         env = os.environ if environ is None else environ
         options: dict[str, Any] = {}
+        variables: dict[str, str] = {}
         for name, source in _SOURCES.items():
-            value = read_env(env, env_variable(name), source.env)
+            variable = env_variable(name)
+            value = read_env(env, variable, source.env)
             if value is not None:
                 options[name] = value
+                variables[name] = variable
         secrets_file = read_env(env, "DEVICEGATE_SECRETS_FILE", env_str)
-        if secrets_file is not None:
-            return cls.from_secrets_file(secrets_file, **options)
-        return cls(**options)
+        try:
+            if secrets_file is not None:
+                return cls.from_secrets_file(secrets_file, **options)
+            return cls(**options)
+        except ConfigError as exc:
+            if exc.field not in variables:
+                raise
+            # The operator set a variable, not a field: name what they can find and fix.
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise ConfigError(variables[exc.field], message) from None
 
 
 # Derived from the fields: how each is read, the variables that hold credentials (any of them
