@@ -3,10 +3,13 @@ keeping secrets out of every message, repr and pickle."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import os
 import pickle
 import random
+import re
 import secrets
 import string
 import threading
@@ -17,6 +20,17 @@ from typing import Any
 import pytest
 
 from devicegate import ConfigError, GateConfig
+from devicegate._config import (
+    CREDENTIAL_VARIABLES,
+    env_bool,
+    env_int,
+    env_list,
+    env_seconds,
+    env_secret,
+    env_str,
+    env_variable,
+    read_env,
+)
 from tests.helpers import (
     VENDOR_API_KEY,
     VENDOR_MOBILE_API_KEY,
@@ -289,14 +303,68 @@ def test_config_error_is_a_value_error() -> None:
         GateConfig()
 
 
-def test_error_for_vendor_key_says_why(keys: Keys) -> None:
-    with pytest.raises(ConfigError, match="SenseCrypt documentation"):
-        GateConfig(api_keys=VENDOR_API_KEY)
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        # Published: the example keys of the SenseCrypt documentation, wherever they are used.
+        ("api_keys", VENDOR_API_KEY, "SenseCrypt documentation"),
+        ("jwt_secret", VENDOR_MOBILE_API_KEY, "SenseCrypt documentation"),
+        # Too short, and the error says how long it must be and is (RFC 7518 §3.2 for HS256).
+        ("jwt_secret", secret_of(31), r"at least 32 bytes .*this one is 31"),
+        ("api_keys", secret_of(15), r"at least 16 bytes .*this one is 15"),
+        # Long enough but too few distinct characters to be random.
+        ("api_keys", "a" * 40, "distinct characters"),
+        ("api_keys", "abc" * 6, "distinct characters"),
+        ("mobile_api_keys", "ab" * 20, "distinct characters"),
+        ("jwt_secret", "0123456" * 6, "distinct characters"),
+        # Placeholders copied from documentation, in any case.
+        ("api_keys", "replace-me-0123456789abcdef", "placeholder"),
+        ("mobile_api_keys", "REPLACE-WITH-THE-MOBILE-KEY", "placeholder"),
+        ("jwt_secret", "change-me-to-a-long-random-secret-value", "placeholder"),
+        ("jwt_secret", "ChangeMe!ChangeMe!ChangeMe!ChangeMe!1", "placeholder"),
+        ("api_keys", "example-key-Z7q9LmW2xK", "placeholder"),
+        ("mobile_api_keys", "placeholder-9f8e7d6c5b4a", "placeholder"),
+    ],
+)
+def test_weak_keys_are_refused_with_the_reason(field: str, value: str, says: str) -> None:
+    options: dict[str, Any] = {field: value}
+    with pytest.raises(ConfigError) as excinfo:
+        GateConfig(**options)
+    assert_error(excinfo.value, field, value)
+    assert re.search(says, str(excinfo.value))
 
 
-def test_error_for_short_secret_says_how_long(keys: Keys) -> None:
-    with pytest.raises(ConfigError, match=r"at least 32 bytes .*this one is 31"):
-        GateConfig(jwt_secret=secret_of(31))
+def test_every_field_is_a_keyword_argument(keys: Keys) -> None:
+    # Written out in full so that mypy checks the argument types GateConfig declares for type
+    # checkers: keys as a string, a list, a generator.
+    config = GateConfig(
+        api_keys=[keys.api_key],
+        mobile_api_keys=keys.mobile_api_key,
+        jwt_secret=(secret for secret in [keys.jwt_secret]),
+        jwt_expire_seconds=60,
+        device_header="x-device",
+        api_key_header="x-key",
+        leeway_seconds=5,
+        require_device_binding=True,
+        issuer="https://issuer.example",
+        audience="mobile",
+        token_cache_size=5,
+    )
+    assert set(inspect.signature(GateConfig).parameters) == {
+        "api_keys",
+        "mobile_api_keys",
+        "jwt_secret",
+        "jwt_expire_seconds",
+        "device_header",
+        "api_key_header",
+        "leeway_seconds",
+        "require_device_binding",
+        "issuer",
+        "audience",
+        "token_cache_size",
+    }
+    assert config.jwt_secrets == (keys.jwt_secret,)
+    assert config.token_cache_size == 5
 
 
 # --- secrets stay secret --------------------------------------------------------------------
@@ -346,6 +414,27 @@ def test_no_new_attributes(keys: Keys) -> None:
     assert not hasattr(config, "extra")
 
 
+# --- a value --------------------------------------------------------------------------------
+
+
+def test_equal_settings_make_equal_configurations(keys: Keys) -> None:
+    old = secret_of(40)
+    config = GateConfig(api_keys=keys.api_key, jwt_secret=[keys.jwt_secret, old])
+    same = GateConfig(api_keys=[keys.api_key], jwt_secret=(keys.jwt_secret, old))
+    assert config == same
+    assert hash(config) == hash(same)
+    assert config != config.replace(jwt_secret=keys.jwt_secret)  # one secret fewer
+    assert config != config.replace(leeway_seconds=1)
+    assert config != config.replace(jwt_secret=[old, keys.jwt_secret])  # another signs
+
+
+def test_copies_are_the_same_object(keys: Keys) -> None:
+    config = keys.config()
+    assert copy.copy(config) is config
+    assert copy.deepcopy(config) is config
+    assert copy.deepcopy({"config": config})["config"] is config
+
+
 # --- replace --------------------------------------------------------------------------------
 
 
@@ -371,6 +460,13 @@ def test_replace_validates_again(keys: Keys) -> None:
     with pytest.raises(ConfigError) as excinfo:
         config.replace(jwt_secret=keys.api_key)
     assert_error(excinfo.value, "jwt_secret", keys.api_key)
+
+
+def test_replace_keeps_every_secret_of_a_rotation(keys: Keys) -> None:
+    old = secret_of(40)
+    config = GateConfig(jwt_secret=[keys.jwt_secret, old]).replace(leeway_seconds=5)
+    assert config.jwt_secrets == (keys.jwt_secret, old)
+    assert config.jwt_secret == keys.jwt_secret
 
 
 def test_replace_can_drop_tokens(keys: Keys) -> None:
@@ -457,111 +553,118 @@ def test_documentation_sample_file_is_refused(tmp_path: Path) -> None:
     assert_error(excinfo.value, "api_keys", VENDOR_API_KEY)
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "nope" / "secrets.json"
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file")
-    assert str(path) in str(excinfo.value)
-    assert "does not exist" in str(excinfo.value)
+def _file(content: Callable[[Keys, Keys], str | bytes]) -> Callable[[Path, Keys, Keys], Path]:
+    """A maker of a secrets.json holding ``content``, built from two sets of keys."""
+
+    def make(directory: Path, keys: Keys, other: Keys) -> Path:
+        path = directory / "secrets.json"
+        data = content(keys, other)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return path
+
+    return make
 
 
-def test_unreadable_file_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(tmp_path)
-    assert_error(excinfo.value, "secrets_file")
-    assert "cannot read" in str(excinfo.value)
+def _beside_a_key(members: str) -> Callable[[Path, Keys, Keys], Path]:
+    """A maker of a secrets.json with an API key and ``members``, JSON text."""
+    return _file(lambda k, o: f'{{"api_key": "{k.api_key}", {members}}}')
 
 
-def test_unreadable_file_not_utf8(tmp_path: Path, keys: Keys) -> None:
-    path = tmp_path / "secrets.json"
-    path.write_bytes(b'{"api_key": "' + keys.api_key.encode() + b'\xff"}')
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key)
-    assert "cannot read" in str(excinfo.value)
+def _json(document: Callable[[Keys], object]) -> Callable[[Path, Keys, Keys], Path]:
+    return _file(lambda k, o: json.dumps(document(k)))
 
 
 @pytest.mark.parametrize(
-    "template",
+    ("make", "says"),
     [
-        pytest.param('{"api_key": "SECRET",', id="truncated"),
-        pytest.param('{"api_key": "SECRET"} trailing', id="trailing-data"),
-        pytest.param("{'api_key': 'SECRET'}", id="single-quotes"),
-        pytest.param('{"api_key": SECRET}', id="unquoted"),
-        pytest.param("", id="empty-file"),
-    ],
-)
-def test_invalid_json(tmp_path: Path, keys: Keys, template: str) -> None:
-    path = tmp_path / "secrets.json"
-    path.write_text(template.replace("SECRET", keys.api_key), encoding="utf-8")
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key)
-    assert "not valid JSON" in str(excinfo.value)
-    # The parser's message, which may quote the document, is not chained into tracebacks.
-    assert excinfo.value.__cause__ is None
-    assert excinfo.value.__suppress_context__
-
-
-def test_a_member_named_twice_is_refused(tmp_path: Path, keys: Keys) -> None:
-    # An operator who adds a new jwt_secret line and leaves the old one below it: Python's json
-    # keeps the last, other parsers the first. Which secret signs must not depend on that.
-    old, new = keys.jwt_secret, fresh_keys().jwt_secret
-    path = tmp_path / "secrets.json"
-    path.write_text(
-        f'{{"api_key": "{keys.api_key}", "jwt_secret": "{new}", "jwt_secret": "{old}"}}'
-    )
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key, old, new)
-    assert "names 'jwt_secret' more than once" in str(excinfo.value)
-
-
-def test_an_unknown_member_named_twice_is_refused_without_its_name(
-    tmp_path: Path, keys: Keys
-) -> None:
-    # Not one of ours: its name could be anything, a pasted secret included.
-    path = tmp_path / "secrets.json"
-    path.write_text(
-        f'{{"api_key": "{keys.api_key}", "{keys.jwt_secret}": 1, "{keys.jwt_secret}": 2}}'
-    )
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key, keys.jwt_secret)
-    assert "names a member more than once" in str(excinfo.value)
-
-
-@pytest.mark.parametrize(
-    "document",
-    [
-        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": NaN}', id="nan"),
-        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": -Infinity}', id="infinity"),
-        pytest.param('{"api_key": "SECRET", "jwt_expire_seconds": 1' + "0" * 5000 + "}", id="huge"),
+        # Not there, or not a file that can be read as UTF-8.
         pytest.param(
-            '{"api_key": "SECRET", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", id="deep"
+            lambda d, k, o: d / "nope" / "secrets.json", "{path} does not exist", id="missing"
+        ),
+        pytest.param(lambda d, k, o: d, "cannot read", id="directory"),
+        pytest.param(
+            _file(lambda k, o: b'{"api_key": "' + k.api_key.encode() + b'\xff"}'),
+            "cannot read",
+            id="not-utf8",
+        ),
+        # Not JSON. Only the position is given: the document holds secrets.
+        pytest.param(
+            _file(lambda k, o: f'{{"api_key": "{k.api_key}",'), "not valid JSON", id="truncated"
+        ),
+        pytest.param(
+            _file(lambda k, o: f'{{"api_key": "{k.api_key}"}} trailing'),
+            "not valid JSON",
+            id="trailing-data",
+        ),
+        pytest.param(
+            _file(lambda k, o: f"{{'api_key': '{k.api_key}'}}"),
+            "not valid JSON",
+            id="single-quotes",
+        ),
+        pytest.param(
+            _file(lambda k, o: f'{{"api_key": {k.api_key}}}'), "not valid JSON", id="unquoted"
+        ),
+        pytest.param(_file(lambda k, o: ""), "not valid JSON", id="empty-file"),
+        # JSON, but not an object.
+        pytest.param(_json(lambda k: [k.api_key, k.jwt_secret]), "JSON object", id="list"),
+        pytest.param(_json(lambda k: k.jwt_secret), "JSON object", id="string"),
+        pytest.param(_json(lambda k: None), "JSON object", id="null"),
+        pytest.param(_json(lambda k: 42), "JSON object", id="number"),
+        # Not usable: NaN, infinities, an integer of thousands of digits, nesting too deep.
+        pytest.param(_beside_a_key('"jwt_expire_seconds": NaN'), "not usable JSON", id="nan"),
+        pytest.param(
+            _beside_a_key('"jwt_expire_seconds": -Infinity'), "not usable JSON", id="infinity"
+        ),
+        pytest.param(
+            _beside_a_key('"jwt_expire_seconds": 1' + "0" * 5000), "not usable JSON", id="huge"
+        ),
+        pytest.param(
+            _beside_a_key('"x": ' + "[" * 100_000 + "]" * 100_000), "not usable JSON", id="deep"
+        ),
+        # Over 1 MiB: refused unread.
+        pytest.param(
+            _beside_a_key(f'"padding": "{"x" * 1024 * 1024}"'),
+            "is over 1,048,576 bytes",
+            id="oversized",
+        ),
+        # A member named twice. An operator who adds a new jwt_secret line and leaves the old one
+        # below it: Python's json keeps the last, other parsers the first. Which secret signs
+        # must not depend on that.
+        pytest.param(
+            _file(
+                lambda k, o: (
+                    f'{{"api_key": "{k.api_key}", "jwt_secret": "{o.jwt_secret}", '
+                    f'"jwt_secret": "{k.jwt_secret}"}}'
+                )
+            ),
+            "names 'jwt_secret' more than once",
+            id="member-twice",
+        ),
+        # Not one of ours: its name could be anything, a pasted secret included.
+        pytest.param(
+            _file(
+                lambda k, o: (
+                    f'{{"api_key": "{k.api_key}", "{k.jwt_secret}": 1, "{k.jwt_secret}": 2}}'
+                )
+            ),
+            "names a member more than once",
+            id="unknown-member-twice",
         ),
     ],
 )
-def test_values_the_parser_cannot_hold_are_one_clear_error(
-    tmp_path: Path, keys: Keys, document: str
+def test_unusable_secrets_files_are_one_clear_error(
+    tmp_path: Path, keys: Keys, make: Callable[[Path, Keys, Keys], Path], says: str
 ) -> None:
-    path = tmp_path / "secrets.json"
-    path.write_text(document.replace("SECRET", keys.api_key))
+    other = fresh_keys()
+    path = make(tmp_path, keys, other)
     with pytest.raises(ConfigError) as excinfo:
         GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key)
-    assert "not usable JSON" in str(excinfo.value)
-    assert excinfo.value.__suppress_context__
-
-
-def test_an_oversized_file_is_refused_unread(tmp_path: Path, keys: Keys) -> None:
-    path = tmp_path / "secrets.json"
-    path.write_text(f'{{"api_key": "{keys.api_key}", "padding": "{"x" * 1024 * 1024}"}}')
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key)
-    assert "is over 1,048,576 bytes" in str(excinfo.value)
+    secret_values = (keys.api_key, keys.mobile_api_key, keys.jwt_secret, other.jwt_secret)
+    assert_error(excinfo.value, "secrets_file", *secret_values)
+    assert says.format(path=path) in str(excinfo.value)
+    # The parser's message, which may quote the document, is not chained into tracebacks.
+    assert excinfo.value.__cause__ is None
+    assert excinfo.value.__context__ is None or excinfo.value.__suppress_context__
 
 
 @pytest.mark.skipif(os.name != "posix", reason="mode bits describe writers on POSIX only")
@@ -677,25 +780,6 @@ def test_a_byte_order_mark_is_allowed(tmp_path: Path, keys: Keys) -> None:
 
 
 @pytest.mark.parametrize(
-    "document",
-    [
-        pytest.param(lambda k: [k.api_key, k.jwt_secret], id="list"),
-        pytest.param(lambda k: k.jwt_secret, id="string"),
-        pytest.param(lambda k: None, id="null"),
-        pytest.param(lambda k: 42, id="number"),
-    ],
-)
-def test_json_that_is_not_an_object(
-    tmp_path: Path, keys: Keys, document: Callable[[Keys], object]
-) -> None:
-    path = write_json(tmp_path / "secrets.json", document(keys))
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig.from_secrets_file(path)
-    assert_error(excinfo.value, "secrets_file", keys.api_key, keys.jwt_secret)
-    assert "JSON object" in str(excinfo.value)
-
-
-@pytest.mark.parametrize(
     ("build", "field"),
     [
         pytest.param(lambda k: {"api_key": 12345}, "api_key", id="api-key-int"),
@@ -773,6 +857,8 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
         "DEVICEGATE_SOMETHING_ELSE": "ignored",
         "API_KEYS": "ignored-without-prefix",
     }
+    # Every constructor argument is read from DEVICEGATE_ and its name in capitals.
+    assert {env_variable(name) for name in inspect.signature(GateConfig).parameters} < set(environ)
     config = GateConfig.from_env(environ)
     assert config.api_keys == (keys.api_key, old_api)
     assert config.mobile_api_keys == (keys.mobile_api_key,)
@@ -785,12 +871,6 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     assert config.issuer == "https://issuer.example"
     assert config.audience == "mobile"
     assert config.token_cache_size == 0
-
-
-def test_jwt_secret_from_env_is_one_secret_even_with_a_comma(keys: Keys) -> None:
-    secret = "first-half-of-the-secret,second-half-of-it"
-    config = GateConfig.from_env({"DEVICEGATE_JWT_SECRET": secret})
-    assert config.jwt_secrets == (secret,)
 
 
 def test_empty_variables_are_unset_and_do_not_wipe_the_file(keys: Keys, tmp_path: Path) -> None:
@@ -826,21 +906,6 @@ def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch, keys: 
     assert config.api_keys == ()
 
 
-def test_from_env_empty_values(keys: Keys) -> None:
-    config = GateConfig.from_env(
-        {
-            "DEVICEGATE_API_KEYS": keys.api_key,
-            "DEVICEGATE_MOBILE_API_KEYS": " , ",
-            "DEVICEGATE_ISSUER": "",
-            "DEVICEGATE_AUDIENCE": "  ",
-            "DEVICEGATE_SECRETS_FILE": "",
-        }
-    )
-    assert config.mobile_api_keys == ()
-    assert config.issuer is None
-    assert config.audience is None
-
-
 def test_from_env_secrets_file(tmp_path: Path, keys: Keys) -> None:
     path = write_json(
         tmp_path / "secrets.json",
@@ -866,26 +931,101 @@ def test_from_env_secrets_file_missing(tmp_path: Path) -> None:
     assert_error(excinfo.value, "secrets_file")
 
 
+JWT_SECRET_WITH_A_COMMA = "first-half-of-the-secret,second-half-of-it"
+JWT_SECRET_WITH_SPACES = f" {secret_of(40)} "
+
+
 @pytest.mark.parametrize(
-    ("raw", "expected"),
+    ("variable", "raw", "attribute", "expected"),
     [
-        ("1", True),
-        ("true", True),
-        ("TRUE", True),
-        (" yes ", True),
-        ("On", True),
-        ("0", False),
-        ("false", False),
-        ("No", False),
-        ("off", False),
-        ("", False),
+        # Booleans: the usual spellings, in any case, spaces around allowed.
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "1", "require_device_binding", True),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "true", "require_device_binding", True),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "TRUE", "require_device_binding", True),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", " yes ", "require_device_binding", True),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "On", "require_device_binding", True),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "0", "require_device_binding", False),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "false", "require_device_binding", False),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "No", "require_device_binding", False),
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "off", "require_device_binding", False),
+        # Integers and header names, spaces around allowed.
+        ("DEVICEGATE_JWT_EXPIRE_SECONDS", " 120 ", "jwt_expire_seconds", 120),
+        ("DEVICEGATE_DEVICE_HEADER", " X-Device-ID ", "device_header", "x-device-id"),
+        # Key lists: comma-separated, blanks skipped, so only blanks and commas is no key.
+        ("DEVICEGATE_MOBILE_API_KEYS", " , ", "mobile_api_keys", ()),
+        # The JWT secret is one secret taken whole: commas and spaces are part of it.
+        (
+            "DEVICEGATE_JWT_SECRET",
+            JWT_SECRET_WITH_A_COMMA,
+            "jwt_secrets",
+            (JWT_SECRET_WITH_A_COMMA,),
+        ),
+        ("DEVICEGATE_JWT_SECRET", JWT_SECRET_WITH_SPACES, "jwt_secrets", (JWT_SECRET_WITH_SPACES,)),
+        # An empty or blank variable is unset: the default, and no file named "" is read.
+        ("DEVICEGATE_REQUIRE_DEVICE_BINDING", "", "require_device_binding", False),
+        ("DEVICEGATE_ISSUER", "", "issuer", None),
+        ("DEVICEGATE_AUDIENCE", "  ", "audience", None),
+        ("DEVICEGATE_JWT_SECRET", "  ", "jwt_secrets", ()),
+        ("DEVICEGATE_SECRETS_FILE", "", "issuer", None),
+        ("DEVICEGATE_SECRETS_FILE", " ", "issuer", None),
     ],
 )
-def test_from_env_booleans(keys: Keys, raw: str, expected: bool) -> None:
-    config = GateConfig.from_env(
-        {"DEVICEGATE_JWT_SECRET": keys.jwt_secret, "DEVICEGATE_REQUIRE_DEVICE_BINDING": raw}
+def test_from_env_parses(
+    keys: Keys, variable: str, raw: str, attribute: str, expected: object
+) -> None:
+    config = GateConfig.from_env({"DEVICEGATE_API_KEYS": keys.api_key, variable: raw})
+    assert getattr(config, attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw", "expected"),
+    [
+        # The kinds the gateway's own variables need too.
+        (env_str, " /etc/devicegate/secrets.json ", "/etc/devicegate/secrets.json"),
+        (env_list, "/a, /b/*,,", ("/a", "/b/*")),
+        (env_seconds, "30", 30.0),
+        (env_seconds, " 2.5 ", 2.5),
+        (env_int, "+7", 7),
+        (env_secret, " kept whole ", " kept whole "),
+        # Unset and blank are the same: None, whatever the kind.
+        (env_int, None, None),
+        (env_int, "", None),
+        (env_bool, " \t", None),
+        (env_seconds, "  ", None),
+    ],
+)
+def test_read_env(parse: Callable[[str, str], object], raw: str | None, expected: object) -> None:
+    environ = {} if raw is None else {"DEVICEGATE_X": raw}
+    assert read_env(environ, "DEVICEGATE_X", parse) == expected
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw", "says"),
+    [
+        (env_int, "1.5", "must be an integer"),
+        (env_bool, "maybe", "must be one of true/false, 1/0, yes/no, on/off"),
+        (env_seconds, "soon", "must be a number of seconds, such as 30 or 2.5"),
+        (env_seconds, "0", "must be a number of seconds above zero"),
+        (env_seconds, "-1", "must be a number of seconds above zero"),
+        (env_seconds, "inf", "must be a number of seconds above zero"),
+        (env_seconds, "nan", "must be a number of seconds above zero"),
+    ],
+)
+def test_read_env_names_the_variable(
+    parse: Callable[[str, str], object], raw: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        read_env({"DEVICEGATE_X": raw}, "DEVICEGATE_X", parse)
+    assert str(excinfo.value) == f"DEVICEGATE_X: {says}"
+    assert excinfo.value.field == "DEVICEGATE_X"
+
+
+def test_credential_variables_are_those_of_the_keys_and_secret() -> None:
+    assert CREDENTIAL_VARIABLES == (
+        "DEVICEGATE_API_KEYS",
+        "DEVICEGATE_MOBILE_API_KEYS",
+        "DEVICEGATE_JWT_SECRET",
     )
-    assert config.require_device_binding is expected
 
 
 @pytest.mark.parametrize(
@@ -956,24 +1096,6 @@ def test_from_env_nothing_configured() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("api_keys", "a" * 40),
-        ("api_keys", "abc" * 6),
-        ("mobile_api_keys", "ab" * 20),
-        ("jwt_secret", "0123456" * 6),
-    ],
-)
-def test_keys_with_too_few_distinct_characters_are_refused(field: str, value: str) -> None:
-    options: dict[str, Any] = {field: value}
-    with pytest.raises(ConfigError) as info:
-        GateConfig(**options)
-    assert info.value.field == field
-    assert "distinct characters" in str(info.value)
-    assert value not in str(info.value)
-
-
-@pytest.mark.parametrize(
     ("build", "field"),
     [
         pytest.param(lambda k: {"jwt_secret": k.api_key + " "}, "jwt_secret", id="trailing-space"),
@@ -997,25 +1119,6 @@ def test_keys_that_differ_only_in_case_or_spaces_are_the_same_key(
         GateConfig(**options)
     assert_error(excinfo.value, field, keys.api_key)
     assert "ignoring case and surrounding spaces" in str(excinfo.value)
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("api_keys", "replace-me-0123456789abcdef"),
-        ("mobile_api_keys", "REPLACE-WITH-THE-MOBILE-KEY"),
-        ("jwt_secret", "change-me-to-a-long-random-secret-value"),
-        ("jwt_secret", "ChangeMe!ChangeMe!ChangeMe!ChangeMe!1"),
-        ("api_keys", "example-key-Z7q9LmW2xK"),
-        ("mobile_api_keys", "placeholder-9f8e7d6c5b4a"),
-    ],
-)
-def test_keys_that_read_like_placeholders_are_refused(field: str, value: str) -> None:
-    options: dict[str, Any] = {field: value}
-    with pytest.raises(ConfigError) as excinfo:
-        GateConfig(**options)
-    assert_error(excinfo.value, field, value)
-    assert "placeholder" in str(excinfo.value)
 
 
 def test_a_token_lifetime_of_a_day_is_the_longest(keys: Keys) -> None:
@@ -1043,11 +1146,6 @@ def test_random_keys_never_read_like_placeholders() -> None:
         alphabet = alphabets[index % 3]
         key = "".join(chooser.choices(alphabet, k=16 if index % 4 < 2 else 43))
         assert GateConfig(api_keys=key).api_keys == (key,)
-
-
-def test_jwt_secret_from_env_keeps_its_spaces(keys: Keys) -> None:
-    secret = f" {keys.jwt_secret} "
-    assert GateConfig.from_env({"DEVICEGATE_JWT_SECRET": secret}).jwt_secrets == (secret,)
 
 
 def test_random_hexadecimal_keys_of_the_minimum_length_always_pass() -> None:
