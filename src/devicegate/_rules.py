@@ -142,7 +142,7 @@ class RuleTable(Generic[V]):
         steps: list[tuple[str, str, dict[str, V] | None, Callable[[str], bool] | None, V]] = []
         run: dict[str, V] | None = None
         for rule, value in pairs:
-            if getattr(rule.matches, "__func__", None) is not Rule.matches:
+            if type(rule).matches is not Rule.matches:
                 steps.append(("", "", None, rule.matches, value))
                 run = None
             elif rule._prefix is not None:
