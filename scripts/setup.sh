@@ -18,8 +18,9 @@ install_debian_packages() {
     apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# ensure_venv EXTRA: .venv with devicegate installed in editable mode with the given extra
-# (Debian's python3 needs python3-venv for that; it is installed when missing).
+# ensure_venv EXTRA [GROUP...]: .venv with devicegate installed in editable mode with the given
+# extra and dependency groups (Debian's python3 needs python3-venv for that; it is installed when
+# missing).
 ensure_venv() {
   local python=${PYTHON:-python3}
   if [ ! -x .venv/bin/python ]; then
@@ -29,7 +30,11 @@ ensure_venv() {
     echo "==> creating .venv"
     "$python" -m venv .venv
   fi
-  echo "==> installing devicegate[$1]"
+  local extra=$1 groups=()
+  shift
+  for group in "$@"; do groups+=(--group "$group"); done
+  echo "==> installing devicegate[$extra] $*"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$1]"
+  # pip reads dependency groups (PEP 735) from version 25.1 on; the upgrade above brings it.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]" "${groups[@]}"
 }
