@@ -262,7 +262,9 @@ CASES: list[Any] = [
     pytest.param(_fixed({"issuer": ""}, "issuer"), id="issuer-empty"),
     pytest.param(_fixed({"issuer": 42}, "issuer"), id="issuer-int"),
     pytest.param(_fixed({"audience": ""}, "audience"), id="audience-empty"),
-    pytest.param(_fixed({"audience": ["a", "b"]}, "audience"), id="audience-list"),
+    pytest.param(_fixed({"audience": []}, "audience"), id="audience-empty-list"),
+    pytest.param(_fixed({"audience": ["a", ""]}, "audience"), id="audience-list-with-empty"),
+    pytest.param(_fixed({"issuer": ["a", 1]}, "issuer"), id="issuer-list-with-int"),
     # Header names.
     pytest.param(_fixed({"device_header": "x device"}, "device_header"), id="header-space"),
     pytest.param(_fixed({"device_header": ""}, "device_header"), id="header-empty"),
@@ -783,7 +785,12 @@ def test_a_byte_order_mark_is_allowed(tmp_path: Path, keys: Keys) -> None:
     ("build", "field"),
     [
         pytest.param(lambda k: {"api_key": 12345}, "api_key", id="api-key-int"),
-        pytest.param(lambda k: {"api_key": {"value": k.api_key}}, "api_key", id="api-key-object"),
+        # An object names its keys: each value must still be a key.
+        pytest.param(lambda k: {"api_key": {"billing": 12345}}, "api_keys", id="named-key-int"),
+        pytest.param(lambda k: {"api_key": {"": k.api_key}}, "api_keys", id="empty-key-name"),
+        pytest.param(
+            lambda k: {"jwt_secret": {"2026-12": k.jwt_secret}}, "jwt_secret", id="named-secret"
+        ),
         pytest.param(lambda k: {"api_key": True}, "api_key", id="api-key-bool"),
         pytest.param(
             lambda k: {"mobile_api_key": [k.mobile_api_key, 5]}, "mobile_api_key", id="list-int"

@@ -417,9 +417,12 @@ KEYS = (b"first-key-0123456789abcdef", b"second-key-0123456789abcdef")
     ],
 )
 def test_match_key(candidate: bytes, matches: bool) -> None:
-    assert match_key(candidate, KEYS) is matches
+    index = match_key(candidate, KEYS)
+    assert (index >= 0) is matches
+    if matches:
+        assert KEYS[index] == candidate  # the index of the key that matched
 
 
 def test_match_key_without_keys() -> None:
-    assert match_key(KEYS[0], ()) is False
-    assert match_key(b"", ()) is False
+    assert match_key(KEYS[0], ()) == -1
+    assert match_key(b"", ()) == -1

@@ -29,9 +29,11 @@ class Authenticator:
 
     __slots__ = (
         "_api_key_header",
+        "_api_key_principals",
         "_api_keys",
         "_check_token",
         "_device_header",
+        "_mobile_api_key_principals",
         "_mobile_api_keys",
         "_verifier",
         "configured_kinds",
@@ -40,6 +42,11 @@ class Authenticator:
     def __init__(self, config: GateConfig, *, verifier: TokenVerifier | None = None) -> None:
         self._api_keys = tuple(key.encode() for key in config.api_keys)
         self._mobile_api_keys = tuple(key.encode() for key in config.mobile_api_keys)
+        # One principal per key, built once: it names the key when the configuration does.
+        self._api_key_principals = _key_principals(CredentialKind.API_KEY, config.api_key_names)
+        self._mobile_api_key_principals = _key_principals(
+            CredentialKind.MOBILE_API_KEY, config.mobile_api_key_names
+        )
         self._api_key_header = config.api_key_header.encode("latin-1")
         self._device_header = config.device_header.encode("latin-1")
         self._verifier = TokenVerifier(config) if verifier is None else verifier
@@ -75,16 +82,19 @@ class Authenticator:
         if kind is DEVICE_TOKEN:
             return self._check_token(value, device)
         if kind is API_KEY:
-            keys, principal = self._api_keys, _API_KEY_PRINCIPAL
+            keys, principals = self._api_keys, self._api_key_principals
         else:
-            keys, principal = self._mobile_api_keys, _MOBILE_API_KEY_PRINCIPAL
+            keys, principals = self._mobile_api_keys, self._mobile_api_key_principals
         if not keys:
             raise InvalidToken(InvalidReason.NOT_CONFIGURED)
-        if not match_key(value, keys):
+        index = match_key(value, keys)
+        if index < 0:
             raise InvalidToken(InvalidReason.UNKNOWN_KEY)
-        return principal
+        return principals[index]
 
 
-# A key principal carries no claims and is immutable, so one instance serves every request.
-_API_KEY_PRINCIPAL = Principal(CredentialKind.API_KEY)
-_MOBILE_API_KEY_PRINCIPAL = Principal(CredentialKind.MOBILE_API_KEY)
+def _key_principals(kind: CredentialKind, names: tuple[str | None, ...]) -> tuple[Principal, ...]:
+    # A key principal carries no claims and is immutable, so one instance serves every request
+    # with that key; unnamed keys share one.
+    unnamed = Principal(kind)
+    return tuple(unnamed if name is None else Principal(kind, key_name=name) for name in names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import os
@@ -34,6 +36,7 @@ __all__ = [
     "opens_a_door_of",
     "read_env",
     "read_secrets_document",
+    "secret_bytes",
     "separation_key",
 ]
 
@@ -45,6 +48,22 @@ MIN_JWT_SECRET_BYTES = 32
 MIN_API_KEY_BYTES = 16
 MIN_DISTINCT_CHARACTERS = 8
 MAX_LEEWAY_SECONDS = 60
+MAX_KEY_NAME_LENGTH = 64
+# A secret written as base64url:<value> (a JWK's "k", say) stands for the bytes it encodes.
+BASE64URL_PREFIX = "base64url:"
+# What a public key pasted where an HMAC secret belongs starts with (PEM, OpenSSH): used as an
+# HS256 secret it would let anyone who has the public key mint tokens (PyJWT advisory
+# GHSA-ffqj-6fqr-9h24, RFC 8725 §2.1).
+_PUBLIC_KEY_PREFIXES = (
+    "-----BEGIN",
+    "ssh-rsa ",
+    "ssh-dss ",
+    "ssh-ed25519 ",
+    "ssh-ed448 ",
+    "ecdsa-sha2-",
+    "sk-ssh-ed25519",
+    "sk-ecdsa-sha2-",
+)
 # Device tokens are short-lived by design (SenseCrypt's default is 5 minutes) and nothing revokes
 # one before it expires: a day is the most a typo (milliseconds for seconds) may cost.
 MAX_TOKEN_LIFETIME_SECONDS = 86_400
@@ -76,6 +95,27 @@ _RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-lengt
 
 _FALSE = frozenset({"0", "false", "no", "off"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def _named_keys(field: str, value: object) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """``(keys, names)`` of a keys argument: a string, an iterable of strings, or a mapping of
+    names to keys (``{"billing": "...", "reports": "..."}``), whose names say which key
+    admitted a request."""
+    if isinstance(value, Mapping):
+        names = tuple(value)
+        for name in names:
+            if (
+                not isinstance(name, str)
+                or not 1 <= len(name) <= MAX_KEY_NAME_LENGTH
+                or not VISIBLE_ASCII.fullmatch(name)
+            ):
+                raise ConfigError(
+                    field,
+                    f"key names must be 1 to {MAX_KEY_NAME_LENGTH} visible ASCII characters",
+                )
+        return _as_tuple(field, tuple(value.values())), names
+    keys = _as_tuple(field, value)
+    return keys, (None,) * len(keys)
 
 
 def _as_tuple(field: str, value: object) -> tuple[str, ...]:
@@ -130,6 +170,60 @@ def check_key(field: str, key: str, min_bytes: int, *, header_value: bool = True
             "this key reads like a placeholder (it says 'replace', 'change me', 'example' or "
             "'placeholder'); generate one with `devicegate init`",
         )
+
+
+def _check_jwt_secret(secret: str) -> None:
+    field = "jwt_secret"
+    if secret.lstrip().startswith(_PUBLIC_KEY_PREFIXES):
+        raise ConfigError(
+            field,
+            "this is a public key, not a secret: whoever has the public key could sign tokens "
+            "with it (RFC 8725 §2.1); use a random secret from `devicegate init`",
+        )
+    if secret.startswith(BASE64URL_PREFIX):
+        raw = secret_bytes(secret)
+        if len(raw) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(
+                field,
+                f"a base64url secret must decode to at least {MIN_JWT_SECRET_BYTES} bytes "
+                f"(this one is {len(raw)})",
+            )
+        # The encoded text is what is checked for randomness: the bytes are arbitrary.
+        check_key(field, secret[len(BASE64URL_PREFIX) :], 1, header_value=False)
+        return
+    # The JWT secret never travels, so any characters will do; keys are header values.
+    check_key(field, secret, MIN_JWT_SECRET_BYTES, header_value=False)
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The HMAC key a ``jwt_secret`` stands for: its UTF-8 bytes, or for
+    ``base64url:<value>`` the bytes the unpadded, canonical base64url ``value`` encodes.
+
+    Raises:
+        ConfigError: the base64url text is not canonical unpadded base64url.
+    """
+    if not secret.startswith(BASE64URL_PREFIX):
+        return secret.encode()
+    text = secret[len(BASE64URL_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        raw = None
+    if raw is None or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != text:
+        raise ConfigError(
+            "jwt_secret",
+            "the text after 'base64url:' must be unpadded base64url (A-Z a-z 0-9 - _)",
+        )
+    return raw
+
+
+def _keys_argument(
+    keys: tuple[str, ...], names: tuple[str | None, ...]
+) -> tuple[str, ...] | dict[str, str]:
+    """The argument that gives ``keys`` again, with their ``names`` when they have them."""
+    if names and names[0] is not None:
+        return {name: key for name, key in zip(names, keys, strict=True) if name is not None}
+    return keys
 
 
 def separation_key(key: str) -> str:
@@ -287,14 +381,21 @@ class GateConfig:
     api_keys: tuple[str, ...] = field(
         default=(), repr=False, metadata=_from(env_list, file_member="api_key", secret=True)
     )
-    """Server-to-server keys accepted in the ``X-API-Key`` header; several allow rotation."""
+    """Server-to-server keys accepted in the ``X-API-Key`` header; several allow rotation. As
+    an argument: a string, an iterable of strings, or a mapping of names to keys."""
+
+    api_key_names: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
+    """The name of each of :attr:`api_keys`, in the same order (``None`` when unnamed)."""
 
     mobile_api_keys: tuple[str, ...] = field(
         default=(),
         repr=False,
         metadata=_from(env_list, file_member="mobile_api_key", secret=True),
     )
-    """Keys the mobile SDK sends raw in ``Authorization``."""
+    """Keys the mobile SDK sends raw in ``Authorization``; given as :attr:`api_keys` are."""
+
+    mobile_api_key_names: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
+    """The name of each of :attr:`mobile_api_keys`, in the same order."""
 
     # The environment holds one secret, taken whole (a secret may contain a comma); rotate
     # through a secrets file. As an argument: a string, an iterable of them, or None.
@@ -305,7 +406,8 @@ class GateConfig:
         metadata=_from(env_secret, file_member="jwt_secret", secret=True),
     )
     """The HS256 secret that signs new tokens (at least 32 bytes), or ``None`` when tokens are
-    not configured. Given several, the first signs and every one verifies."""
+    not configured. Given several, the first signs and every one verifies. A secret written
+    ``base64url:<value>`` stands for the bytes it encodes (see :func:`secret_bytes`)."""
 
     jwt_secrets: tuple[str, ...] = field(init=False, repr=False)
     """Every secret that verifies tokens; the first one signs."""
@@ -327,11 +429,19 @@ class GateConfig:
     require_device_binding: bool = field(default=False, metadata=_from(env_bool))
     """Refuse tokens without ``instance_id`` and refuse to mint them."""
 
-    issuer: str | None = field(default=None, metadata=_from(env_str))
-    """When set, minted tokens carry ``iss`` and verified tokens must match exactly."""
+    issuer: str | None = field(default=None, compare=False, metadata=_from(env_list))
+    """When set, minted tokens carry ``iss`` and verified tokens must match it exactly. As an
+    argument: a string or a list of the accepted values, the first of which is minted."""
 
-    audience: str | None = field(default=None, metadata=_from(env_str))
-    """When set, minted tokens carry ``aud`` and verified tokens must contain it."""
+    issuers: tuple[str, ...] = field(init=False)
+    """Every accepted ``iss``; empty when ``issuer`` is not set."""
+
+    audience: str | None = field(default=None, compare=False, metadata=_from(env_list))
+    """When set, minted tokens carry ``aud`` and verified tokens must contain it. As an
+    argument: a string or a list of accepted values, the first of which is minted."""
+
+    audiences: tuple[str, ...] = field(init=False)
+    """Every accepted ``aud``; empty when ``audience`` is not set."""
 
     token_cache_size: int = field(default=DEFAULT_TOKEN_CACHE_SIZE, metadata=_from(env_int))
     """How many verified tokens to remember (0 disables the cache)."""
@@ -342,16 +452,16 @@ class GateConfig:
         def __init__(
             self,
             *,
-            api_keys: str | Iterable[str] = ...,
-            mobile_api_keys: str | Iterable[str] = ...,
+            api_keys: str | Iterable[str] | Mapping[str, str] = ...,
+            mobile_api_keys: str | Iterable[str] | Mapping[str, str] = ...,
             jwt_secret: str | Iterable[str] | None = ...,
             jwt_expire_seconds: int = ...,
             device_header: str = ...,
             api_key_header: str = ...,
             leeway_seconds: int = ...,
             require_device_binding: bool = ...,
-            issuer: str | None = ...,
-            audience: str | None = ...,
+            issuer: str | Iterable[str] | None = ...,
+            audience: str | Iterable[str] | None = ...,
             token_cache_size: int = ...,
         ) -> None: ...
 
@@ -359,16 +469,15 @@ class GateConfig:
         # The fields hold the arguments as given; store them normalised. A frozen dataclass
         # leaves object.__setattr__ as the only way, and only here.
         set_ = object.__setattr__
-        api = _as_tuple("api_keys", self.api_keys)
-        mobile = _as_tuple("mobile_api_keys", self.mobile_api_keys)
+        api, api_names = _named_keys("api_keys", self.api_keys)
+        mobile, mobile_names = _named_keys("mobile_api_keys", self.mobile_api_keys)
         secrets = _as_tuple("jwt_secret", self.jwt_secret)
         for key in api:
             check_key("api_keys", key, MIN_API_KEY_BYTES)
         for key in mobile:
             check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
         for key in secrets:
-            # The JWT secret never travels, so any characters will do; keys are header values.
-            check_key("jwt_secret", key, MIN_JWT_SECRET_BYTES, header_value=False)
+            _check_jwt_secret(key)
         if not (api or mobile or secrets):
             raise ConfigError(
                 "api_keys",
@@ -390,7 +499,9 @@ class GateConfig:
                     )
                 seen[same] = name
         set_(self, "api_keys", api)
+        set_(self, "api_key_names", api_names)
         set_(self, "mobile_api_keys", mobile)
+        set_(self, "mobile_api_key_names", mobile_names)
         set_(self, "jwt_secret", secrets[0] if secrets else None)
         set_(self, "jwt_secrets", secrets)
         _check_int(
@@ -406,10 +517,14 @@ class GateConfig:
         set_(self, "api_key_header", api_header)
         if not isinstance(self.require_device_binding, bool):
             raise ConfigError("require_device_binding", "must be True or False")
-        for name in ("issuer", "audience"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(name, "must be a non-empty string or None")
+        for name, plural in (("issuer", "issuers"), ("audience", "audiences")):
+            values = _as_tuple(name, getattr(self, name))
+            if any(not value for value in values) or (
+                getattr(self, name) is not None and not values
+            ):
+                raise ConfigError(name, "must be a non-empty string, a list of them, or None")
+            set_(self, name, values[0] if values else None)
+            set_(self, plural, values)
 
     def __repr__(self) -> str:
         shown = []
@@ -443,7 +558,14 @@ class GateConfig:
             ConfigError: as the constructor.
             TypeError: a name in ``changes`` is not a constructor argument.
         """
-        return dataclasses.replace(self, **{"jwt_secret": self.jwt_secrets, **changes})
+        kept = {
+            "api_keys": _keys_argument(self.api_keys, self.api_key_names),
+            "mobile_api_keys": _keys_argument(self.mobile_api_keys, self.mobile_api_key_names),
+            "jwt_secret": self.jwt_secrets,
+            "issuer": self.issuers or None,
+            "audience": self.audiences or None,
+        }
+        return dataclasses.replace(self, **{**kept, **changes})
 
     @classmethod
     def from_secrets_file(cls, path: str | os.PathLike[str], **options: Any) -> GateConfig:
@@ -590,7 +712,14 @@ def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
         if not source.secret:
             options[name] = value  # checked by the constructor, as any argument
         elif value is not None:  # a null key is no key
-            if not isinstance(value, (str, list)):
-                raise ConfigError(member, "must be a string or a list of strings in secrets.json")
-            options[name] = _as_tuple(member, value)
+            if isinstance(value, dict) and name != "jwt_secret":
+                options[name] = value  # names of keys, checked by the constructor
+            elif not isinstance(value, (str, list)):
+                raise ConfigError(
+                    member,
+                    "must be a string, a list of strings or an object of named keys in "
+                    "secrets.json",
+                )
+            else:
+                options[name] = _as_tuple(member, value)
     return options

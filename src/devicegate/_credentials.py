@@ -108,12 +108,14 @@ def read_credential(
     return DEVICE_TOKEN, token, device
 
 
-def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> bool:
-    """Whether ``candidate`` equals one of ``keys``, in time independent of where they differ.
+def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> int:
+    """The index of the key in ``keys`` that ``candidate`` equals, or -1, in time independent
+    of where they differ.
 
     Every key is compared (no early exit), so timing does not reveal which key matched.
     """
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(candidate, key)
+    found = -1
+    for index, key in enumerate(keys):
+        if hmac.compare_digest(candidate, key):
+            found = index
     return found

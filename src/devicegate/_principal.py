@@ -139,13 +139,16 @@ class Principal(BaseUser):
         instance_id: the device the token is bound to (``None`` for keys and generic tokens).
         claims: the verified JWT claims, read-only all the way down (nested objects are
             read-only dicts and lists; empty for keys).
+        key_name: the name of the key that admitted a key principal, when the configuration
+            names its keys (``None`` for unnamed keys and for tokens).
     """
 
-    __slots__ = ("claims", "instance_id", "kind")
+    __slots__ = ("claims", "instance_id", "key_name", "kind")
 
     kind: CredentialKind
     instance_id: str | None
     claims: Mapping[str, Any]
+    key_name: str | None
 
     def __init__(
         self,
@@ -153,12 +156,14 @@ class Principal(BaseUser):
         *,
         instance_id: str | None = None,
         claims: Mapping[str, Any] | None = None,
+        key_name: str | None = None,
     ) -> None:
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "instance_id", instance_id)
         object.__setattr__(
             self, "claims", _EMPTY_CLAIMS if not claims else _read_only(dict(claims))
         )
+        object.__setattr__(self, "key_name", key_name)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -169,14 +174,15 @@ class Principal(BaseUser):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Principal):
             return NotImplemented
-        return (self.kind, self.instance_id, dict(self.claims)) == (
+        return (self.kind, self.instance_id, self.key_name, dict(self.claims)) == (
             other.kind,
             other.instance_id,
+            other.key_name,
             dict(other.claims),
         )
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.instance_id, self.claims.get("jti")))
+        return hash((self.kind, self.instance_id, self.key_name, self.claims.get("jti")))
 
     # Immutable, so a copy is the object itself; pickling rebuilds it through __init__, which
     # freezes the claims again. (The defaults would set attributes, which __setattr__ refuses:
@@ -188,10 +194,19 @@ class Principal(BaseUser):
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_principal, (self.kind, self.instance_id, dict(self.claims))
+        return _rebuild_principal, (self.kind, self.instance_id, dict(self.claims), self.key_name)
 
     def __repr__(self) -> str:
-        return f"Principal(kind={self.kind.value!r}, instance_id={self.instance_id!r})"
+        details = f"kind={self.kind.value!r}, instance_id={self.instance_id!r}"
+        if self.key_name is not None:
+            details += f", key_name={self.key_name!r}"
+        return f"Principal({details})"
+
+    @property
+    def subject(self) -> str | None:
+        """The token's ``sub`` claim (who the app server minted it for), or ``None``."""
+        subject = self.claims.get("sub")
+        return subject if isinstance(subject, str) else None
 
     @property
     def is_authenticated(self) -> bool:
@@ -199,7 +214,7 @@ class Principal(BaseUser):
 
     @property
     def display_name(self) -> str:
-        return self.instance_id or self.kind.value
+        return self.subject or self.instance_id or self.key_name or self.kind.value
 
     @property
     def identity(self) -> str:
@@ -208,9 +223,12 @@ class Principal(BaseUser):
 
 
 def _rebuild_principal(
-    kind: CredentialKind, instance_id: str | None, claims: Mapping[str, Any]
+    kind: CredentialKind,
+    instance_id: str | None,
+    claims: Mapping[str, Any],
+    key_name: str | None = None,
 ) -> Principal:
-    return Principal(kind, instance_id=instance_id, claims=claims)
+    return Principal(kind, instance_id=instance_id, claims=claims, key_name=key_name)
 
 
 def get_principal(source: Any) -> Principal | None:

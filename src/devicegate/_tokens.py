@@ -37,7 +37,8 @@ from typing import Any, TypeGuard
 import jwt
 
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
-from ._config import GateConfig
+from ._claims import check_application_claims, check_lifetime, check_subject
+from ._config import GateConfig, secret_bytes
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._principal import CredentialKind, Principal
@@ -135,10 +136,10 @@ class TokenVerifier:
             raise ConfigError(
                 "revocations", f"must be a RevocationCheck, got {type(revocations).__name__}"
             )
-        self._secrets = tuple(secret.encode() for secret in config.jwt_secrets)
+        self._secrets = tuple(secret_bytes(secret) for secret in config.jwt_secrets)
         self._leeway = config.leeway_seconds
-        self._issuer = config.issuer
-        self._audience = config.audience
+        self._issuers = frozenset(config.issuers)
+        self._audiences = frozenset(config.audiences)
         self._require_binding = config.require_device_binding
         self._clock = clock
         self._cache = cache
@@ -327,13 +328,13 @@ class TokenVerifier:
                 if now < value - leeway:
                     raise InvalidToken(reason)
                 valid_from = max(valid_from, value - leeway)
-        if self._issuer is not None:
+        if self._issuers:
             iss = claims.get("iss")
-            if not isinstance(iss, str) or iss != self._issuer:
+            if not isinstance(iss, str) or iss not in self._issuers:
                 raise InvalidToken(InvalidReason.WRONG_ISSUER)
         # RFC 7519 §4.1.3: a token meant for an audience we do not claim is refused.
-        if ("aud" in claims or self._audience is not None) and not _audience_matches(
-            claims.get("aud"), self._audience
+        if ("aud" in claims or self._audiences) and not _audience_matches(
+            claims.get("aud"), self._audiences
         ):
             raise InvalidToken(InvalidReason.WRONG_AUDIENCE)
         # RFC 7519 §4.1.1, §4.1.2, §4.1.7: iss, sub and jti are strings. PyJWT refuses other
@@ -378,13 +379,13 @@ def _is_numeric_date(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and math.isfinite(value) and value <= _LAST_NUMERIC_DATE
 
 
-def _audience_matches(aud: object, expected: str | None) -> bool:
-    if expected is None:
-        return False
+def _audience_matches(aud: object, accepted: frozenset[str]) -> bool:
+    """Whether ``aud`` (a string or a list of strings, RFC 7519 §4.1.3) names one of the
+    ``accepted`` audiences exactly."""
     if isinstance(aud, str):
-        return aud == expected
+        return aud in accepted
     if isinstance(aud, list) and all(isinstance(item, str) for item in aud):
-        return expected in aud
+        return not accepted.isdisjoint(aud)
     return False
 
 
@@ -419,9 +420,10 @@ class IssuedToken:
 class TokenIssuer:
     """Mints HS256 device tokens signed with the configuration's current ``jwt_secret``.
 
-    Claims: ``iat``, ``exp`` (``iat + jwt_expire_seconds``), ``jti`` (128 random bits),
-    ``instance_id`` when bound, ``iss``/``aud`` when configured. Nothing else, and nothing the
-    caller can choose except the device id.
+    Claims: ``iat``, ``exp`` (``iat`` plus the lifetime), ``jti`` (128 random bits),
+    ``instance_id`` when bound, ``sub`` and application claims when given, ``azp`` (the named
+    key that asked) when given, ``iss``/``aud`` when configured. The caller never chooses the
+    algorithm, the ``jti`` or any registered claim, and may only shorten the lifetime.
 
     Raises:
         ConfigError: the configuration has no ``jwt_secret``.
@@ -431,7 +433,7 @@ class TokenIssuer:
         secret = config.jwt_secret
         if secret is None:
             raise ConfigError("jwt_secret", "TokenIssuer needs a jwt_secret to sign tokens")
-        self._secret = secret
+        self._secret = secret_bytes(secret)
         self._lifetime = config.jwt_expire_seconds
         self._issuer = config.issuer
         self._audience = config.audience
@@ -446,35 +448,72 @@ class TokenIssuer:
         """Whether every token must be bound to a device."""
         return self._require_binding
 
-    def issue(self, instance_id: str | None = None) -> IssuedToken:
+    @property
+    def lifetime(self) -> int:
+        """The configured lifetime of a token, in seconds: the longest a caller may ask for."""
+        return self._lifetime
+
+    def issue(
+        self,
+        instance_id: str | None = None,
+        *,
+        subject: str | None = None,
+        claims: Mapping[str, Any] | None = None,
+        lifetime: int | None = None,
+        authorized_party: str | None = None,
+    ) -> IssuedToken:
         """Mint a token, bound to ``instance_id`` when given.
+
+        Args:
+            instance_id: the device the token is bound to.
+            subject: the ``sub`` claim: who the token was minted for (a user id, say).
+            claims: application claims (a JSON object of at most 1,024 bytes; registered and
+                devicegate-owned names such as ``exp``, ``jti``, ``instance_id`` or ``cnf`` are
+                refused).
+            lifetime: seconds until the token expires, at most the configured
+                ``jwt_expire_seconds`` (default: that).
+            authorized_party: the ``azp`` claim: the named key that asked for the token.
 
         Raises:
             ValueError: ``instance_id`` is not 1-256 printable ASCII characters, or it is
-                ``None`` while the configuration requires device binding.
+                ``None`` while the configuration requires device binding; ``subject``,
+                ``claims`` or ``lifetime`` is not acceptable (a
+                :class:`~devicegate._claims.ClaimError` naming the member). A longer lifetime
+                is refused, never clamped.
         """
         if instance_id is None:
             if self._require_binding:
                 raise ValueError("this gateway requires device binding: pass an instance_id")
         else:
             validate_instance_id(instance_id)
+        extra = {} if claims is None else check_application_claims(claims)
+        if subject is not None:
+            check_subject(subject)
+        if authorized_party is not None:
+            check_subject(authorized_party)
+        seconds = self._lifetime if lifetime is None else check_lifetime(lifetime, self._lifetime)
         issued_at = int(self._clock())
-        claims: dict[str, Any] = {
+        payload: dict[str, Any] = {
+            **extra,
             "iat": issued_at,
-            "exp": issued_at + self._lifetime,
+            "exp": issued_at + seconds,
             "jti": secrets.token_urlsafe(16),
         }
         if instance_id is not None:
-            claims["instance_id"] = instance_id
+            payload["instance_id"] = instance_id
+        if subject is not None:
+            payload["sub"] = subject
+        if authorized_party is not None:
+            payload["azp"] = authorized_party
         if self._issuer is not None:
-            claims["iss"] = self._issuer
+            payload["iss"] = self._issuer
         if self._audience is not None:
-            claims["aud"] = self._audience
-        access_token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+            payload["aud"] = self._audience
+        access_token = jwt.encode(payload, self._secret, algorithm=ALGORITHM)
         return IssuedToken(
             access_token=access_token,
             token_type="Bearer",  # noqa: S106 - RFC 6750 token type
-            expires_in=self._lifetime,
+            expires_in=seconds,
             instance_id=instance_id,
-            claims=MappingProxyType(claims),
+            claims=MappingProxyType(payload),
         )
