@@ -36,9 +36,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 import devicegate
-import devicegate._app
+import devicegate.gateway._app
 from devicegate import ConfigError, InvalidReason, TokenVerifier, cli
-from devicegate._app import ServeSettings, app_from_env
+from devicegate.gateway._app import ServeSettings, app_from_env
 from tests.helpers import (
     VENDOR_API_KEY,
     Keys,
@@ -671,7 +671,7 @@ async def test_serve_with_workers_exports_settings_for_the_factory(
     argv += ["--secrets", "secrets.json"]
     assert cli.main(argv) == 0
     ((app, options),) = fake_run.calls
-    assert app == "devicegate._app:app_from_env"
+    assert app == "devicegate.gateway._app:app_from_env"
     assert options["factory"] is True
     assert options["workers"] == 3
     assert "(3 workers)" in capsys.readouterr().err
@@ -816,7 +816,7 @@ def test_serve_without_uvicorn(
     ("name", "message"),
     [
         ("httpx", "devicegate: --upstream needs httpx: pip install 'devicegate[server]'"),
-        ("devicegate.proxy", "devicegate: cannot load devicegate.proxy: broken"),
+        ("devicegate.gateway.proxy", "devicegate: cannot load devicegate.gateway.proxy: broken"),
     ],
 )
 def test_serve_with_an_upstream_but_a_missing_module(
@@ -830,7 +830,7 @@ def test_serve_with_an_upstream_but_a_missing_module(
     def build_app(*args: object, **kwargs: object) -> None:
         raise ImportError("broken", name=name)
 
-    monkeypatch.setattr(devicegate._app, "build_app", build_app)
+    monkeypatch.setattr(devicegate.gateway._app, "build_app", build_app)
     assert cli.main(["serve", "--upstream", "http://127.0.0.1:9"]) == 2
     assert one_line(capsys.readouterr().err) == message
     assert fake_run.calls == []
@@ -1021,6 +1021,33 @@ def run_cli(
         env=child_env(environ),
         check=False,
     )
+
+
+@pytest.mark.parametrize(
+    ("module", "never_loaded"),
+    [
+        # The core knows nothing of the gateway built on it.
+        ("devicegate", "devicegate.gateway"),
+        # The command line starts (init, token, verify, serve without --upstream) without the
+        # server extra: httpx is loaded only for a reverse proxy.
+        ("devicegate.cli", "httpx"),
+    ],
+)
+def test_layers_import_one_way(tmp_path: Path, module: str, never_loaded: str) -> None:
+    code = (
+        f"import sys, {module}; "
+        f"print(sorted(m for m in sys.modules if (m + '.').startswith('{never_loaded}.')))"
+    )
+    result = subprocess.run(  # noqa: S603 - our own interpreter and a fixed line
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env=child_env({}),
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
 
 
 def test_real_version_and_help(tmp_path: Path) -> None:
@@ -1407,12 +1434,14 @@ def test_serve_refuses_a_bad_upstream_timeout(
 
 
 def test_upstream_timeout_reaches_the_workers_through_the_environment() -> None:
-    settings = devicegate._app.ServeSettings(upstream="http://127.0.0.1:9", upstream_timeout=2.5)
+    settings = devicegate.gateway._app.ServeSettings(
+        upstream="http://127.0.0.1:9", upstream_timeout=2.5
+    )
     environ = settings.to_env()
     assert environ["DEVICEGATE_UPSTREAM_TIMEOUT"] == "2.5"
-    assert devicegate._app.ServeSettings.from_env(environ) == settings
+    assert devicegate.gateway._app.ServeSettings.from_env(environ) == settings
     with pytest.raises(ConfigError) as info:
-        devicegate._app.ServeSettings.from_env({"DEVICEGATE_UPSTREAM_TIMEOUT": "later"})
+        devicegate.gateway._app.ServeSettings.from_env({"DEVICEGATE_UPSTREAM_TIMEOUT": "later"})
     assert info.value.field == "DEVICEGATE_UPSTREAM_TIMEOUT"
 
 

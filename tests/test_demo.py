@@ -1,8 +1,9 @@
 """The embedded demo app and ``build_app``, the app ``devicegate serve`` runs, in process.
 
 The reverse proxy and the forward-auth endpoint are replaced by recording fakes installed as
-``devicegate.proxy`` and ``devicegate.forward_auth``: these tests check the wiring (which app
-answers which path, what each is constructed with), not the proxy itself.
+``devicegate.gateway.proxy`` and ``devicegate.gateway.forward_auth``, the modules ``build_app``
+imports them from: these tests check the wiring (which app answers which path, what each is
+constructed with), not the proxy itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devicegate import ConfigError, GateConfig, Rule
-from devicegate._app import (
+from devicegate.gateway._app import (
     ServeSettings,
     app_from_env,
     build_app,
@@ -28,7 +29,7 @@ from devicegate._app import (
     load_config,
     read_upstream_secrets,
 )
-from devicegate._demo import demo_app, health_app, principal_summary
+from devicegate.gateway._demo import demo_app, health_app, principal_summary
 from tests.helpers import (
     DENIAL_EXTENSION,
     VENDOR_API_KEY,
@@ -102,12 +103,12 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> Fakes:
         recorded.forward_auths.append(endpoint)
         return endpoint
 
-    proxy_module = types.ModuleType("devicegate.proxy")
+    proxy_module = types.ModuleType("devicegate.gateway.proxy")
     proxy_module.ReverseProxy = make_proxy  # type: ignore[attr-defined]
-    forward_module = types.ModuleType("devicegate.forward_auth")
+    forward_module = types.ModuleType("devicegate.gateway.forward_auth")
     forward_module.ForwardAuth = make_forward_auth  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "devicegate.proxy", proxy_module)
-    monkeypatch.setitem(sys.modules, "devicegate.forward_auth", forward_module)
+    monkeypatch.setitem(sys.modules, "devicegate.gateway.proxy", proxy_module)
+    monkeypatch.setitem(sys.modules, "devicegate.gateway.forward_auth", forward_module)
     return recorded
 
 

@@ -1,4 +1,4 @@
-"""devicegate.forward_auth.ForwardAuth: the auth service nginx, Traefik, Caddy and Envoy ask.
+"""devicegate.gateway.forward_auth: the auth service nginx, Traefik, Caddy and Envoy ask.
 
 The central property: for any request, ForwardAuth asked about it (through the proxy's headers)
 decides exactly as DeviceAuthMiddleware in front of that request would. The parity table below
@@ -19,7 +19,7 @@ import pytest
 from starlette.types import Scope
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, Rule
-from devicegate.forward_auth import FORWARD_SECRET_HEADER, ForwardAuth
+from devicegate.gateway.forward_auth import FORWARD_SECRET_HEADER, ForwardAuth
 from tests.helpers import (
     DENIAL_EXTENSION,
     Keys,

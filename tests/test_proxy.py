@@ -1,4 +1,4 @@
-"""devicegate.proxy.ReverseProxy against a real upstream HTTP server (uvicorn in a subprocess).
+"""devicegate.gateway.proxy against a real upstream HTTP server (uvicorn in a subprocess).
 
 The gateway runs in-process behind DeviceAuthMiddleware (httpx.ASGITransport) or is driven as a
 raw ASGI app; the upstream is ``tests/servers/echo.py``, which answers with what it received.
@@ -33,8 +33,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, Principal, Rule
-from devicegate._app import build_app
-from devicegate.proxy import ReverseProxy
+from devicegate.gateway._app import build_app
+from devicegate.gateway.proxy import ReverseProxy
 from tests.helpers import (
     DENIAL_EXTENSION,
     REALM_ONLY,
@@ -997,6 +997,23 @@ def test_bad_configuration_is_refused(options: dict[str, Any], field: str) -> No
         ReverseProxy(upstream_url, **arguments)
     assert caught.value.field == field
     assert "secret-password" not in str(caught.value)
+
+
+def test_the_old_module_paths_name_the_same_objects() -> None:
+    # The gateway lived in devicegate.proxy and devicegate.forward_auth before it had a package
+    # of its own; imports written against those paths keep working.
+    import devicegate.forward_auth
+    import devicegate.gateway.forward_auth
+    import devicegate.gateway.proxy
+    import devicegate.proxy
+
+    for old, new in (
+        (devicegate.proxy, devicegate.gateway.proxy),
+        (devicegate.forward_auth, devicegate.gateway.forward_auth),
+    ):
+        assert old.__all__ == new.__all__
+        for name in old.__all__:
+            assert getattr(old, name) is getattr(new, name)
 
 
 # -- memory: a 20 MB body both ways ---------------------------------------------------------------

@@ -34,7 +34,10 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
-from ._app import (
+from ._config import GateConfig
+from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
+from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
+from .gateway._app import (
     DEFAULT_FORWARD_AUTH_PATH,
     DEFAULT_TOKEN_PATH,
     ServeSettings,
@@ -42,9 +45,6 @@ from ._app import (
     load_config,
     parse_timeout,
 )
-from ._config import GateConfig
-from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
-from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 
 __all__ = ["main", "write_secrets_file"]
 
@@ -60,7 +60,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
 DEMO_INSTANCE_ID = "demo-device"
 # The import string uvicorn workers load; they rebuild the app from the environment.
-WORKER_FACTORY = "devicegate._app:app_from_env"
+WORKER_FACTORY = "devicegate.gateway._app:app_from_env"
 
 _SECRET_BYTES = 32
 _PRETTY_HEADERS = {"x-api-key": "X-API-Key", "x-instance-id": "X-Instance-ID"}

@@ -1,4 +1,4 @@
-"""The devicegate the nginx tests run: :class:`devicegate.forward_auth.ForwardAuth` plus the
+"""The devicegate the nginx tests run: :class:`devicegate.gateway.forward_auth.ForwardAuth` plus the
 token endpoint.
 
 Started as ``uvicorn --factory tests.servers.forward_auth_app:create_app``. Keys come from the
@@ -15,7 +15,7 @@ import os
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devicegate import CredentialKind, DeviceAuthMiddleware, GateConfig, Rule
-from devicegate.forward_auth import ForwardAuth
+from devicegate.gateway.forward_auth import ForwardAuth
 
 SECRET_ENV = "DEVICEGATE_TEST_FORWARD_SECRET"
 FORWARD_AUTH_PATH = "/_devicegate/auth"

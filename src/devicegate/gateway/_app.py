@@ -18,16 +18,16 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._config import (
+from .._config import (
     DEFAULT_UPSTREAM_TIMEOUT,
     GateConfig,
     opens_a_door_of,
     read_secrets_document,
 )
+from .._errors import ConfigError
+from .._middleware import DeviceAuthMiddleware
+from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
-from ._errors import ConfigError
-from ._middleware import DeviceAuthMiddleware
-from ._rules import Rule, has_unsafe_segments, route_path
 
 __all__ = [
     "DEFAULT_FORWARD_AUTH_PATH",
@@ -169,10 +169,10 @@ def build_app(
     """Build the app ``devicegate serve`` runs.
 
     :class:`~devicegate.DeviceAuthMiddleware` guards the embedded demo app, or a
-    :class:`devicegate.proxy.ReverseProxy` to ``upstream`` when given. ``/health`` is public
-    and answered by the gateway itself (never forwarded). ``public`` adds public paths.
-    ``forward_auth_path`` is answered by :class:`devicegate.forward_auth.ForwardAuth`, which
-    applies the same ``public`` rules to the URI the proxy asks about.
+    :class:`~devicegate.gateway.proxy.ReverseProxy` to ``upstream`` when given. ``/health`` is
+    public and answered by the gateway itself (never forwarded). ``public`` adds public paths.
+    ``forward_auth_path`` is answered by :class:`~devicegate.gateway.forward_auth.ForwardAuth`,
+    which applies the same ``public`` rules to the URI the proxy asks about.
 
     Args:
         config: keys and secrets of the gate.

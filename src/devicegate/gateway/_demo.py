@@ -15,9 +15,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import json_body, send_json, serve_lifespan
-from ._principal import get_principal
-from ._rules import route_path
+from .._asgi import json_body, send_json, serve_lifespan
+from .._principal import get_principal
+from .._rules import route_path
 
 __all__ = ["HEALTH_PATH", "WEBSOCKET_PATH", "demo_app", "health_app", "principal_summary"]
 
