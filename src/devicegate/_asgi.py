@@ -16,12 +16,7 @@ from starlette.types import Receive, Scope, Send
 from ._errors import DEFAULT_REALM, Refusal
 
 __all__ = [
-    "FORWARDED_METHODS",
-    "METHOD_OVERRIDES",
-    "UNFORWARDED_METHODS",
-    "is_unforwarded",
     "json_body",
-    "overrides_to_unforwarded",
     "refusal_parts",
     "send_json",
     "send_refusal",
@@ -31,27 +26,6 @@ __all__ = [
 
 # The websocket close code for "policy violation" (RFC 6455 §7.4.1).
 WS_POLICY_VIOLATION = 1008
-
-# Methods neither the gateway nor the forward-auth endpoint lets through, whatever their case.
-# RFC 9110 §9.3.8: TRACE echoes the request it received, headers included, so a key injected on
-# the way would travel back to the client; TRACK is IIS's TRACE. CONNECT asks for a tunnel
-# (§9.3.6), and its target is a host and port, not a path any rule could judge.
-UNFORWARDED_METHODS = frozenset({b"TRACE", b"TRACK", b"CONNECT"})
-# Also refused when named in the method-override fields some frameworks honour.
-METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
-# What their 405 names as allowed (RFC 9110 §15.5.6); which of these the app behind serves is
-# the app's to say.
-FORWARDED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-
-
-def is_unforwarded(method: str) -> bool:
-    """Whether ``method``, in any case, is one of UNFORWARDED_METHODS."""
-    return method.upper().encode() in UNFORWARDED_METHODS
-
-
-def overrides_to_unforwarded(name: bytes, value: bytes) -> bool:
-    """Whether the header ``name: value`` overrides the method with one of UNFORWARDED_METHODS."""
-    return name in METHOD_OVERRIDES and value.strip().upper() in UNFORWARDED_METHODS
 
 
 def json_body(payload: Any) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
-from urllib.parse import unquote_to_bytes
 
 from ._errors import ConfigError
 from ._principal import ALL_KINDS, CredentialKind
@@ -12,8 +11,6 @@ from ._principal import ALL_KINDS, CredentialKind
 __all__ = [
     "Rule",
     "RuleTable",
-    "decode_path",
-    "has_ambiguous_separators",
     "has_unsafe_segments",
     "route_path",
     "strip_root_path",
@@ -209,26 +206,3 @@ def has_unsafe_segments(path: str) -> bool:
     if segments and segments[-1] == "":
         segments.pop()
     return any(segment in ("", ".", "..") for segment in segments)
-
-
-def has_ambiguous_separators(raw: bytes) -> bool:
-    """Whether the raw request path ``raw`` may be split into segments otherwise by a server it
-    is passed on to than by the rules here, which judge it decoded.
-
-    Only for paths devicegate forwards or judges on another server's behalf (the gateway and
-    forward-auth): an encoded slash or backslash (``%2F``, ``%5C``) is a separator once decoded
-    but part of one segment to routers that match the raw path (Express, Fastify, Rails, Go's
-    ServeMux), so ``/public%2Fx/reports`` would be judged under ``/public/*`` and served as
-    ``/{tenant}/reports``; and a raw ``#`` starts a fragment to a URL parser, which drops it and
-    what follows (``/admin#x`` judged as no rule's path, routed to ``/admin``).
-    """
-    if b"#" in raw:
-        return True
-    lowered = raw.lower()
-    return b"%2f" in lowered or b"%5c" in lowered
-
-
-def decode_path(raw: bytes) -> str:
-    """``raw`` decoded as ASGI servers decode a request path: percent-decoding, then UTF-8 with
-    replacement. What the rules judge is what a server would have put in ``scope["path"]``."""
-    return unquote_to_bytes(raw).decode("utf-8", "replace")

@@ -4,6 +4,7 @@ The core (the middleware, the token service) never imports this package; it buil
 
     proxy.py          ReverseProxy: forwards admitted requests to an upstream (needs httpx)
     forward_auth.py   ForwardAuth: answers "may this request pass?" for nginx, Traefik, Caddy
+    _request_line.py  the methods and raw paths neither of them passes on
     _app.py           build_app and ServeSettings: the app the command line serves
     _demo.py          the demo and health apps
 

@@ -22,18 +22,19 @@ from collections.abc import Iterable, Sequence
 
 from starlette.types import Receive, Scope, Send
 
-from .._asgi import (
-    FORWARDED_METHODS,
-    is_unforwarded,
-    overrides_to_unforwarded,
-    send_refusal,
-    serve_lifespan,
-)
+from .._asgi import send_refusal, serve_lifespan
 from .._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
 from .._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from .._middleware import DeviceAuthMiddleware
 from .._principal import get_principal
-from .._rules import Rule, decode_path, has_ambiguous_separators
+from .._rules import Rule
+from ._request_line import (
+    FORWARDED_METHODS,
+    decode_path,
+    has_ambiguous_separators,
+    is_unforwarded,
+    overrides_to_unforwarded,
+)
 
 __all__ = ["FORWARD_SECRET_HEADER", "ForwardAuth"]
 

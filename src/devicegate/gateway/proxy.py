@@ -23,17 +23,18 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from .._asgi import (
-    FORWARDED_METHODS,
-    is_unforwarded,
-    overrides_to_unforwarded,
-    send_refusal,
-    serve_lifespan,
-)
+from .._asgi import send_refusal, serve_lifespan
 from .._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from .._errors import ConfigError, Refusal
 from .._principal import CredentialKind, get_principal
-from .._rules import decode_path, has_ambiguous_separators, has_unsafe_segments, route_path
+from .._rules import has_unsafe_segments, route_path
+from ._request_line import (
+    FORWARDED_METHODS,
+    decode_path,
+    has_ambiguous_separators,
+    is_unforwarded,
+    overrides_to_unforwarded,
+)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
