@@ -28,8 +28,8 @@ from .._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from .._middleware import DeviceAuthMiddleware
 from .._principal import get_principal
 from .._rules import Rule
+from ._refusals import MethodNotAllowed
 from ._request_line import (
-    FORWARDED_METHODS,
     decode_path,
     has_ambiguous_separators,
     is_unforwarded,
@@ -174,12 +174,7 @@ class ForwardAuth:
             if (method is not None and is_unforwarded(method)) or any(
                 overrides_to_unforwarded(name, value) for name, value in headers
             ):
-                raise Refusal(
-                    _METHOD_NOT_ALLOWED,
-                    status_code=405,
-                    error="method_not_allowed",
-                    headers=[(b"allow", FORWARDED_METHODS)],
-                )
+                raise MethodNotAllowed(_METHOD_NOT_ALLOWED)
         except Refusal as refusal:
             await send_refusal(scope, send, refusal, self._realm)
             return

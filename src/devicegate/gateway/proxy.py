@@ -28,8 +28,19 @@ from .._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
 from .._errors import ConfigError, Refusal
 from .._principal import CredentialKind, get_principal
 from .._rules import has_unsafe_segments, route_path
+from ._refusals import (
+    AmbiguousTarget,
+    BadContentLength,
+    BadGateway,
+    BodyTimeout,
+    BodyTooLarge,
+    ConflictingFraming,
+    GatewayTimeout,
+    MethodNotAllowed,
+    UnforwardableTarget,
+    WebsocketNotForwarded,
+)
 from ._request_line import (
-    FORWARDED_METHODS,
     decode_path,
     has_ambiguous_separators,
     is_unforwarded,
@@ -104,37 +115,7 @@ _SERVER_SET = frozenset({b"date", b"server"})
 _PATH_SAFE = "/!$&'()*+,;=:@"
 _URL_PART_ENDS = (b"", b"/", b"?", b"#")
 
-_BAD_GATEWAY = (502, "bad_gateway", "The upstream server could not be reached.")
-_GATEWAY_TIMEOUT = (504, "gateway_timeout", "The upstream server did not answer in time.")
-_TOO_LARGE = (413, "invalid_request", "The request body is larger than this gateway accepts.")
-_BAD_LENGTH = (400, "invalid_request", "The Content-Length header is invalid.")
-_BODY_TIMEOUT = (408, "request_timeout", "The request body stopped arriving.")
 _MAX_LENGTH_DIGITS = 18  # without leading zeros: up to an exabyte
-_BAD_FRAMING = (
-    400,
-    "invalid_request",
-    "The request has both Content-Length and Transfer-Encoding.",
-)
-_BAD_TARGET = (400, "invalid_request", "The request target cannot be forwarded.")
-# The upstream may route on the raw path, where these do not separate segments as they did for
-# the rules (see has_ambiguous_separators).
-_AMBIGUOUS_TARGET = (
-    400,
-    "invalid_request",
-    "The request path has an encoded slash or backslash, or a '#'.",
-)
-_METHOD_NOT_ALLOWED = (405, "method_not_allowed", "This gateway does not forward this method.")
-_NO_WEBSOCKETS = (501, "invalid_request", "This gateway does not forward websockets.")
-
-_Error = tuple[int, str, str]
-
-
-def _refusal(error: _Error, *, close: bool = False) -> Refusal:
-    """A fresh refusal for one of the answers above; ``close`` ends the connection after it
-    (the client may still be sending a body this gateway will not read)."""
-    status, code, description = error
-    headers = [(b"allow", FORWARDED_METHODS)] if status == 405 else []
-    return Refusal(description, status_code=status, error=code, headers=headers, close=close)
 
 
 class _ClientGone(Exception):
@@ -181,7 +162,7 @@ class _RequestBody:
                 return chunk
             if not self._more:
                 if self._length is not None and self._size != self._length:
-                    raise _refusal(_BAD_LENGTH, close=True)
+                    raise BadContentLength(close=True)
                 raise StopAsyncIteration
             message = await _receive_within(self._receive, self._idle_seconds)
             if message["type"] == "http.disconnect":
@@ -191,9 +172,9 @@ class _RequestBody:
             self._size += len(self._pending)
             if self._size > self._limit:
                 # Checked as the bytes arrive: a chunked body has no length to check up front.
-                raise _refusal(_TOO_LARGE, close=True)
+                raise BodyTooLarge()
             if self._length is not None and self._size > self._length:
-                raise _refusal(_BAD_LENGTH, close=True)
+                raise BadContentLength(close=True)
             if not self._more:
                 self.done.set()
 
@@ -366,7 +347,7 @@ class ReverseProxy:
         elif scope_type == "lifespan":
             await serve_lifespan(receive, send, startup=self._open, shutdown=self.aclose)
         elif scope_type == "websocket":
-            await send_refusal(scope, send, _refusal(_NO_WEBSOCKETS))
+            await send_refusal(scope, send, WebsocketNotForwarded())
         else:
             raise RuntimeError(f"devicegate's proxy cannot handle ASGI scope type {scope_type!r}")
 
@@ -376,22 +357,22 @@ class ReverseProxy:
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if is_unforwarded(scope["method"]):
-                raise _refusal(_METHOD_NOT_ALLOWED)
+                raise MethodNotAllowed()
             headers, content_length = self._request_headers(scope)
             if content_length is not None and content_length > self.max_body_bytes:
-                raise _refusal(_TOO_LARGE, close=True)
+                raise BodyTooLarge()
             route = _raw_route_path(scope)
             if route is None:
-                raise _refusal(_BAD_TARGET)
+                raise UnforwardableTarget()
             if has_ambiguous_separators(route):
-                raise _refusal(_AMBIGUOUS_TARGET)
+                raise AmbiguousTarget()
             target = self._base_path + route
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]
             try:
                 url = self._base_url.copy_with(raw_path=target)
             except (httpx.InvalidURL, UnicodeDecodeError):
-                raise _refusal(_BAD_TARGET) from None
+                raise UnforwardableTarget() from None
         except Refusal as refusal:
             await send_refusal(scope, send, refusal)
             return
@@ -425,12 +406,12 @@ class ReverseProxy:
                 more = bool(message.get("more_body", False))
             if content_length == 0:
                 if chunk or more:
-                    await send_refusal(scope, send, _refusal(_BAD_LENGTH, close=True))
+                    await send_refusal(scope, send, BadContentLength(close=True))
                     return
                 headers.append((b"content-length", b"0"))
             elif chunk or more:
                 if len(chunk) > self.max_body_bytes:
-                    await send_refusal(scope, send, _refusal(_TOO_LARGE, close=True))
+                    await send_refusal(scope, send, BodyTooLarge())
                     return
                 body = _RequestBody(
                     receive, chunk, more, self.max_body_bytes, idle_seconds=self.timeout
@@ -483,7 +464,7 @@ class ReverseProxy:
             return
         except httpx.TimeoutException as exc:
             logger.warning("devicegate: the upstream timed out (%s)", type(exc).__name__)
-            await send_refusal(scope, send, _refusal(_GATEWAY_TIMEOUT))
+            await send_refusal(scope, send, GatewayTimeout())
             return
         except Exception as exc:
             # Nothing has been sent to the client yet, so it gets a proper answer: an
@@ -491,7 +472,7 @@ class ReverseProxy:
             # raise on the way there (h11.LocalProtocolError escapes httpx unwrapped), is a
             # 502 rather than the server's bare 500.
             logger.warning("devicegate: the upstream exchange failed (%s)", type(exc).__name__)
-            await send_refusal(scope, send, _refusal(_BAD_GATEWAY))
+            await send_refusal(scope, send, BadGateway())
             return
         try:
             await self._relay(send, response, scope.get("root_path", ""))
@@ -585,14 +566,14 @@ class ReverseProxy:
                 # RFC 9110 §8.6: a repeated Content-Length must agree; anything else is refused.
                 digits = value.strip()
                 if not digits.isdigit():
-                    raise _refusal(_BAD_LENGTH)
+                    raise BadContentLength()
                 # Without its leading zeros: int() refuses over 4,300 digits, zeros included.
                 digits = digits.lstrip(b"0") or b"0"
                 if len(digits) > _MAX_LENGTH_DIGITS:
-                    raise _refusal(_TOO_LARGE, close=True)  # beyond any body we forward
+                    raise BodyTooLarge()  # beyond any body we forward
                 length = int(digits)
                 if content_length is not None and length != content_length:
-                    raise _refusal(_BAD_LENGTH)
+                    raise BadContentLength()
                 content_length = length
                 continue
             if name == b"transfer-encoding":
@@ -616,13 +597,13 @@ class ReverseProxy:
             ):
                 continue
             if overrides_to_unforwarded(key, value):
-                raise _refusal(_METHOD_NOT_ALLOWED)
+                raise MethodNotAllowed()
             headers.append((name, value))
         if transfer_encoding and content_length is not None:
             # RFC 9112 §6.1: a request with both is a smuggling attempt or a broken client;
             # which framing the server used is not ours to guess, so it is refused, and the
             # connection closed.
-            raise _refusal(_BAD_FRAMING, close=True)
+            raise ConflictingFraming()
 
         client_address = scope.get("client")
         if client_address:
@@ -734,7 +715,7 @@ async def _receive_within(receive: Receive, seconds: float) -> Message:
         return await receive()
     # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
     # through as itself).
-    raise _refusal(_BODY_TIMEOUT, close=True)
+    raise BodyTimeout()
 
 
 async def _watch_disconnect(
