@@ -4,7 +4,10 @@ The core (the middleware, the token service) never imports this package; it buil
 
     proxy.py          ReverseProxy: forwards admitted requests to an upstream (needs httpx)
     forward_auth.py   ForwardAuth: answers "may this request pass?" for nginx, Traefik, Caddy
+    _policy.py        what the proxy passes on, as pure functions: headers, target, body
+                      framing, redirects
     _request_line.py  the methods and raw paths neither of them passes on
+    _refusals.py      the answers they give instead of the upstream's
     _app.py           build_app and ServeSettings: the app the command line serves
     _demo.py          the demo and health apps
 

@@ -18,21 +18,16 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._config import (
-    DEFAULT_UPSTREAM_TIMEOUT,
-    GateConfig,
-    opens_a_door_of,
-    read_secrets_document,
-)
+from .._config import GateConfig, opens_a_door_of, read_secrets_document
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
+from ._policy import DEFAULT_TIMEOUT
 
 __all__ = [
     "DEFAULT_FORWARD_AUTH_PATH",
     "DEFAULT_TOKEN_PATH",
-    "DEFAULT_UPSTREAM_TIMEOUT",
     "ServeSettings",
     "app_from_env",
     "build_app",
@@ -160,7 +155,7 @@ def build_app(
     upstream: str | None = None,
     upstream_api_key: str | None = None,
     upstream_mobile_api_key: str | None = None,
-    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
+    upstream_timeout: float = DEFAULT_TIMEOUT,
     public: Sequence[str] = (),
     forward_auth_path: str | None = None,
     forward_auth_secret: str | None = None,
@@ -283,7 +278,7 @@ class ServeSettings:
     secrets_file: str | None = None
     upstream: str | None = None
     upstream_secrets_file: str | None = None
-    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    upstream_timeout: float = DEFAULT_TIMEOUT
     public: tuple[str, ...] = ()
     forward_auth_path: str | None = None
     forward_auth_secret_env: str | None = None
@@ -304,7 +299,7 @@ class ServeSettings:
             secrets_file=get("SECRETS_FILE"),
             upstream=get("UPSTREAM"),
             upstream_secrets_file=get("UPSTREAM_SECRETS_FILE"),
-            upstream_timeout=DEFAULT_UPSTREAM_TIMEOUT
+            upstream_timeout=DEFAULT_TIMEOUT
             if timeout is None
             else parse_timeout("DEVICEGATE_UPSTREAM_TIMEOUT", timeout),
             public=tuple(path.strip() for path in public.split(",") if path.strip()),

@@ -28,6 +28,7 @@ from .._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from .._middleware import DeviceAuthMiddleware
 from .._principal import get_principal
 from .._rules import Rule
+from ._policy import caller_headers
 from ._refusals import MethodNotAllowed
 from ._request_line import (
     decode_path,
@@ -201,9 +202,7 @@ async def _admit(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"cache-control", b"no-store")]
     principal = get_principal(scope)
     if principal is not None:
-        headers.append((b"x-devicegate-kind", principal.kind.value.encode()))
-        if principal.instance_id is not None:
-            headers.append((b"x-devicegate-instance-id", principal.instance_id.encode()))
+        headers.extend(caller_headers(principal))
     await send({"type": "http.response.start", "status": 204, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 

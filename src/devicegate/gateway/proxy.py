@@ -4,6 +4,10 @@ Put it behind :class:`~devicegate.DeviceAuthMiddleware`: the middleware decides 
 proxy translates the caller's credential into the upstream's own and forwards the request. It
 needs httpx (the ``devicegate[server]`` extra), which is imported here and nowhere else.
 
+This module does the ASGI and httpx work: streaming, deadlines, the pooled client, failures.
+What crosses the gateway (which fields, which target, how the body is framed, where a redirect
+points) is decided by the pure functions of :mod:`devicegate.gateway._policy`.
+
 References:
     https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1
     https://www.rfc-editor.org/rfc/rfc9110#section-7.6.3
@@ -14,108 +18,44 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from .._asgi import send_refusal, serve_lifespan
-from .._config import DEFAULT_UPSTREAM_TIMEOUT, VISIBLE_ASCII, check_header_name
+from .._config import VISIBLE_ASCII, check_header_name
 from .._errors import ConfigError, Refusal
-from .._principal import CredentialKind, get_principal
-from .._rules import has_unsafe_segments, route_path
+from .._principal import get_principal
+from .._rules import route_path
+from ._policy import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_TIMEOUT,
+    body_framing,
+    check_body_complete,
+    check_body_size,
+    client_credential_fields,
+    client_location,
+    request_headers,
+    response_headers,
+    upstream_target,
+)
 from ._refusals import (
-    AmbiguousTarget,
-    BadContentLength,
     BadGateway,
     BodyTimeout,
-    BodyTooLarge,
-    ConflictingFraming,
     GatewayTimeout,
     MethodNotAllowed,
     UnforwardableTarget,
     WebsocketNotForwarded,
 )
-from ._request_line import (
-    decode_path,
-    has_ambiguous_separators,
-    is_unforwarded,
-    overrides_to_unforwarded,
-)
+from ._request_line import is_unforwarded
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
 
 logger = logging.getLogger("devicegate")
-
-DEFAULT_TIMEOUT = DEFAULT_UPSTREAM_TIMEOUT
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-
-Headers = list[tuple[bytes, bytes]]
-
-# RFC 9110 §7.6.1: hop-by-hop fields describe one connection and are never forwarded, nor is
-# any field the Connection header names. Proxy-Connection is the pre-standard spelling.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"trailer",
-    }
-)
-# Request fields this proxy rewrites itself: Host becomes the upstream's (the client's goes to
-# X-Forwarded-Host), Content-Length is set from the framing we checked, and Expect: 100-continue
-# was answered by our own server on this hop.
-_REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
-# Fields that tell the upstream who the client is or what it asked for. Coming from the client
-# they are claims, not facts: X-Forwarded-Proto and -Host are set here and X-Forwarded-For gets
-# the address we saw appended; every other X-Forwarded-* (Port, Prefix, Ssl, Client-Cert...),
-# Forwarded (RFC 7239) and X-Real-IP is dropped, and so are the path overrides some frameworks
-# route by (X-Original-URL, X-Rewrite-URL) and the X-Original-URI of forward-auth set-ups:
-# each would name a path the rules never judged.
-_CLIENT_CLAIMS = frozenset(
-    {
-        b"forwarded",
-        b"x-real-ip",
-        b"x-original-url",
-        b"x-original-uri",
-        b"x-original-host",
-        b"x-rewrite-url",
-    }
-)
-_FORWARDED_FOR = b"x-forwarded-for"
-# Any X-Devicegate-* (the identity this proxy states) and any other X-Forwarded-*.
-_REMOVED_PREFIXES = (b"x-devicegate-", b"x-forwarded-")
-_KIND_HEADER = b"x-devicegate-kind"
-_INSTANCE_ID_HEADER = b"x-devicegate-instance-id"
-_AUTHORIZATION = b"authorization"
-_UPSTREAM_API_KEY_HEADER = b"x-api-key"
-# CGI, WSGI, PHP and nginx (underscores_in_headers) read a field name upper-cased with every
-# character but letters and digits turned into "_": to them X_Devicegate_Kind and
-# X.Devicegate.Kind are X-Devicegate-Kind. Request field names are compared in that folded
-# form (lower case, "-" for every other character), so that no look-alike of a field removed
-# here reaches the upstream.
-_FOLD = bytes(
-    ord(char.lower()) if char.isascii() and char.isalnum() else ord("-")
-    for char in map(chr, range(256))
-)
-# Response fields the serving ASGI server sets itself: passing the upstream's on would send
-# the client two Date headers (RFC 9110 §6.6.1 allows one) and name the upstream's software.
-_SERVER_SET = frozenset({b"date", b"server"})
-
-# The characters RFC 3986 §3.3 allows unencoded in a path segment, and "/".
-_PATH_SAFE = "/!$&'()*+,;=:@"
-_URL_PART_ENDS = (b"", b"/", b"?", b"#")
-
-_MAX_LENGTH_DIGITS = 18  # without leading zeros: up to an exabyte
 
 
 class _ClientGone(Exception):
@@ -127,8 +67,7 @@ class _RequestBody:
 
     A plain iterator class rather than an async generator, so that an upstream that stops
     reading early leaves no unfinished generator behind. ``length`` is the declared
-    Content-Length, which the body must match exactly (an ASGI server that framed the body
-    otherwise would have the upstream read a different request).
+    Content-Length, which the body must match exactly (see check_body_complete).
     """
 
     def __init__(
@@ -161,8 +100,7 @@ class _RequestBody:
                 chunk, self._pending = self._pending, b""
                 return chunk
             if not self._more:
-                if self._length is not None and self._size != self._length:
-                    raise BadContentLength(close=True)
+                check_body_complete(self._size, declared=self._length)
                 raise StopAsyncIteration
             message = await _receive_within(self._receive, self._idle_seconds)
             if message["type"] == "http.disconnect":
@@ -170,11 +108,7 @@ class _RequestBody:
             self._pending = message.get("body", b"")
             self._more = bool(message.get("more_body", False))
             self._size += len(self._pending)
-            if self._size > self._limit:
-                # Checked as the bytes arrive: a chunked body has no length to check up front.
-                raise BodyTooLarge()
-            if self._length is not None and self._size > self._length:
-                raise BadContentLength(close=True)
+            check_body_size(self._size, max_body_bytes=self._limit, declared=self._length)
             if not self._more:
                 self.done.set()
 
@@ -293,17 +227,9 @@ class ReverseProxy:
             )
         self._client = client
         self._owns_client = client is None
-        # The client's credentials, in the folded form names are compared in; the header the
-        # upstream key is injected under goes too, whatever the gate's own header is called,
-        # so that a client's value never stands next to (or in for) the injected one.
-        self._removed = frozenset(
-            name.encode("latin-1").translate(_FOLD)
-            for name in (
-                "authorization",
-                _UPSTREAM_API_KEY_HEADER.decode(),
-                check_header_name("api_key_header", api_key_header),
-                check_header_name("device_header", device_header),
-            )
+        self._removed = client_credential_fields(
+            check_header_name("api_key_header", api_key_header),
+            check_header_name("device_header", device_header),
         )
         self._timeouts = httpx.Timeout(self.timeout).as_dict()
 
@@ -358,65 +284,48 @@ class ReverseProxy:
         try:
             if is_unforwarded(scope["method"]):
                 raise MethodNotAllowed()
-            headers, content_length = self._request_headers(scope)
-            if content_length is not None and content_length > self.max_body_bytes:
-                raise BodyTooLarge()
-            route = _raw_route_path(scope)
-            if route is None:
-                raise UnforwardableTarget()
-            if has_ambiguous_separators(route):
-                raise AmbiguousTarget()
-            target = self._base_path + route
-            if scope.get("query_string"):
-                target += b"?" + scope["query_string"]
+            client = scope.get("client")
+            headers, declared = request_headers(
+                scope["headers"],
+                client_host=str(client[0]) if client else None,
+                scheme=str(scope.get("scheme", "http")),
+                principal=get_principal(scope),
+                removed=self._removed,
+                upstream_api_key=self._upstream_api_key,
+                upstream_mobile_api_key=self._upstream_mobile_api_key,
+                max_body_bytes=self.max_body_bytes,
+            )
+            target = upstream_target(
+                route_path(scope),
+                scope.get("raw_path"),
+                scope.get("root_path", ""),
+                scope.get("query_string") or b"",
+                base_path=self._base_path,
+            )
             try:
                 url = self._base_url.copy_with(raw_path=target)
             except (httpx.InvalidURL, UnicodeDecodeError):
                 raise UnforwardableTarget() from None
+            first, more = b"", True
+            if not declared:
+                # No declared length (a chunked body, an HTTP/2 body, or none at all), or
+                # zero: the first part with data tells which. Either way the body is read up
+                # to its end before the disconnect watcher starts listening.
+                first, more = await _first_part(receive, self.timeout)
+            framing = body_framing(declared, first, more, max_body_bytes=self.max_body_bytes)
         except Refusal as refusal:
             await send_refusal(scope, send, refusal)
             return
+        except _ClientGone:
+            return
 
+        if framing.content_length is not None:
+            headers.append((b"content-length", str(framing.content_length).encode()))
         body: _RequestBody | None = None
-        if content_length:
+        if framing.streamed:
             body = _RequestBody(
-                receive,
-                b"",
-                True,
-                self.max_body_bytes,
-                content_length,
-                idle_seconds=self.timeout,
+                receive, first, more, self.max_body_bytes, declared, idle_seconds=self.timeout
             )
-            headers.append((b"content-length", str(content_length).encode()))
-        else:
-            # No declared length (a chunked body, an HTTP/2 body, or none at all), or zero:
-            # the first message with data tells which, so that a GET is not sent upstream
-            # with a chunked empty body. Either way the body is read up to its end before the
-            # disconnect watcher starts listening.
-            chunk, more = b"", True
-            while more and not chunk:
-                try:
-                    message = await _receive_within(receive, self.timeout)
-                except Refusal as refusal:
-                    await send_refusal(scope, send, refusal)
-                    return
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                more = bool(message.get("more_body", False))
-            if content_length == 0:
-                if chunk or more:
-                    await send_refusal(scope, send, BadContentLength(close=True))
-                    return
-                headers.append((b"content-length", b"0"))
-            elif chunk or more:
-                if len(chunk) > self.max_body_bytes:
-                    await send_refusal(scope, send, BodyTooLarge())
-                    return
-                body = _RequestBody(
-                    receive, chunk, more, self.max_body_bytes, idle_seconds=self.timeout
-                )
-
         request = httpx.Request(
             scope["method"],
             url,
@@ -483,10 +392,13 @@ class ReverseProxy:
                 await response.aclose()
 
     async def _relay(self, send: Send, response: httpx.Response, root_path: str) -> None:
-        headers = _response_headers(response.headers.raw)
+        headers = response_headers(response.headers.raw)
         for index, (name, value) in enumerate(headers):
             if name == b"location":
-                headers[index] = (name, self._client_location(value, root_path))
+                location = client_location(
+                    value, origins=self._origins, base_path=self._base_path, root_path=root_path
+                )
+                headers[index] = (name, location)
         await send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
@@ -510,154 +422,6 @@ class ReverseProxy:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _client_location(self, location: bytes, root_path: str) -> bytes:
-        """``location`` as the client must follow it: a redirect to the upstream itself becomes
-        one to the same place through this gateway, as nginx's default ``proxy_redirect`` does.
-
-        Given as a path (RFC 9110 §10.2.2 allows a relative reference), never with the host the
-        client sent: that would put a header the client chose into the response. Any other
-        location (another host, a path outside the upstream's base path) is left as it is.
-        """
-        value = location.strip()
-        lowered = value.lower()
-        for origin in self._origins:
-            if _has_prefix(lowered, origin):
-                value = value[len(origin) :]
-                break
-        else:
-            if not value.startswith(b"/") or value.startswith(b"//"):
-                return location
-        base = self._base_path
-        if base:
-            if not _has_prefix(value, base):
-                return location
-            value = value[len(base) :]
-        if not value.startswith(b"/"):
-            value = b"/" + value
-        # What is left must be a plain path: "http://upstream//evil.example/" cut down to
-        # "//evil.example/" (or "/\\evil.example", which browsers read alike) would send the
-        # client to another site, and dot segments could climb out of the mount point. Such a
-        # location is relayed as the upstream wrote it, on the upstream's own host.
-        path = value.split(b"?", 1)[0].split(b"#", 1)[0]
-        if has_unsafe_segments(decode_path(path)):
-            return location
-        if root_path:
-            value = quote(root_path.rstrip("/"), safe=_PATH_SAFE).encode("ascii") + value
-        return value
-
-    def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
-        """The headers to send upstream, and the body length the client declared.
-
-        Raises:
-            Refusal: the Content-Length header is repeated with other values or not a
-                number, or comes with Transfer-Encoding; a method override names a refused
-                method.
-        """
-        raw: Iterable[tuple[bytes, bytes]] = scope["headers"]
-        named = _connection_tokens(raw)
-        headers: Headers = []
-        content_length: int | None = None
-        transfer_encoding = False
-        forwarded_for: list[bytes] = []
-        host: bytes | None = None
-        for name, value in raw:
-            name = name.lower()
-            if name == b"content-length":
-                # RFC 9110 §8.6: a repeated Content-Length must agree; anything else is refused.
-                digits = value.strip()
-                if not digits.isdigit():
-                    raise BadContentLength()
-                # Without its leading zeros: int() refuses over 4,300 digits, zeros included.
-                digits = digits.lstrip(b"0") or b"0"
-                if len(digits) > _MAX_LENGTH_DIGITS:
-                    raise BodyTooLarge()  # beyond any body we forward
-                length = int(digits)
-                if content_length is not None and length != content_length:
-                    raise BadContentLength()
-                content_length = length
-                continue
-            if name == b"transfer-encoding":
-                transfer_encoding = True
-                continue
-            if name == b"host":
-                if host is None:
-                    host = value
-                continue
-            if name == _FORWARDED_FOR:
-                forwarded_for.append(value.strip())
-                continue
-            key = name.translate(_FOLD)
-            if (
-                key in _HOP_BY_HOP
-                or key in _REWRITTEN
-                or key in named
-                or key in self._removed
-                or key in _CLIENT_CLAIMS
-                or key.startswith(_REMOVED_PREFIXES)
-            ):
-                continue
-            if overrides_to_unforwarded(key, value):
-                raise MethodNotAllowed()
-            headers.append((name, value))
-        if transfer_encoding and content_length is not None:
-            # RFC 9112 §6.1: a request with both is a smuggling attempt or a broken client;
-            # which framing the server used is not ours to guess, so it is refused, and the
-            # connection closed.
-            raise ConflictingFraming()
-
-        client_address = scope.get("client")
-        if client_address:
-            forwarded_for.append(str(client_address[0]).encode())
-        if forwarded_for:
-            headers.append((_FORWARDED_FOR, b", ".join(part for part in forwarded_for if part)))
-        headers.append((b"x-forwarded-proto", str(scope.get("scheme", "http")).encode()))
-        if host:
-            headers.append((b"x-forwarded-host", host))
-
-        principal = get_principal(scope)
-        if principal is not None:
-            if principal.kind is CredentialKind.API_KEY:
-                if self._upstream_api_key is not None:
-                    headers.append((_UPSTREAM_API_KEY_HEADER, self._upstream_api_key.encode()))
-            elif self._upstream_mobile_api_key is not None:
-                headers.append((_AUTHORIZATION, self._upstream_mobile_api_key.encode()))
-            headers.append((_KIND_HEADER, principal.kind.value.encode()))
-            if principal.instance_id is not None:
-                headers.append((_INSTANCE_ID_HEADER, principal.instance_id.encode()))
-        return headers, content_length
-
-
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The field names every ``Connection`` header lists (RFC 9110 §7.6.1)."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(token.strip().translate(_FOLD) for token in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
-
-
-def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
-    raw = list(raw)
-    named = _connection_tokens(raw)
-    # RFC 9112 §6.3: with Transfer-Encoding, a Content-Length is wrong and a proxy must drop it
-    # (the body is relayed as it comes; the client's server frames it anew).
-    if any(name.lower() == b"transfer-encoding" for name, _ in raw):
-        named |= {b"content-length"}
-    headers: Headers = []
-    for name, value in raw:
-        name = name.lower()
-        if name in _HOP_BY_HOP or name in _SERVER_SET or name.translate(_FOLD) in named:
-            continue
-        headers.append((name, value))
-    return headers
-
-
-def _has_prefix(value: bytes, prefix: bytes) -> bool:
-    """Whether ``value`` starts with ``prefix`` as a whole (``/api`` in ``/api/x``, ``/api?q``
-    and ``/api``, not in ``/apix``)."""
-    return value.startswith(prefix) and value[len(prefix) : len(prefix) + 1] in _URL_PART_ENDS
-
 
 def _origins(url: httpx.URL) -> tuple[bytes, ...]:
     """The spellings of ``url``'s origin a redirect may use: lower case, with and without a
@@ -670,43 +434,6 @@ def _origins(url: httpx.URL) -> tuple[bytes, ...]:
     return (scheme + b"://" + netloc,)
 
 
-def _raw_route_path(scope: Scope) -> bytes | None:
-    """The request path as the client sent it (percent-encoding intact), below ``root_path``.
-
-    A proxy mounted under a prefix forwards what is below its mount point, as the app it stands
-    for would see it. The middleware judged the decoded route path, so the raw bytes are
-    forwarded only when they decode to exactly that path; ``None`` when they do not (an outer
-    layer rewrote ``scope["path"]`` but not ``raw_path``, or a server decoded them otherwise):
-    the upstream must never receive a path no rule saw.
-    """
-    path = route_path(scope)
-    raw: bytes | None = scope.get("raw_path")
-    if raw is None:
-        return quote(path, safe=_PATH_SAFE).encode("ascii")
-    # A "?" ends the path on the wire; older httpx ASGITransports left the query in
-    # (encode/httpx#2810).
-    raw = raw.partition(b"?")[0]
-    rest = _below_root_path(raw, scope.get("root_path", ""))
-    if decode_path(rest) != path:
-        return None
-    return rest
-
-
-def _below_root_path(raw: bytes, root_path: str) -> bytes:
-    """``raw`` without the leading segments that decode to ``root_path`` (``/%61pi`` is
-    ``/api`` too), or all of it when none do."""
-    if not root_path:
-        return raw
-    end = raw.find(b"/", 1)
-    while True:
-        stop = len(raw) if end < 0 else end
-        if decode_path(raw[:stop]) == root_path:
-            return raw[stop:] or b"/"
-        if end < 0:
-            return raw
-        end = raw.find(b"/", end + 1)
-
-
 async def _receive_within(receive: Receive, seconds: float) -> Message:
     """The client's next message, or a 408 when its body pauses for ``seconds``: a client that
     stops sending its body must not hold a pooled upstream connection. (Each part resets the
@@ -716,6 +443,19 @@ async def _receive_within(receive: Receive, seconds: float) -> Message:
     # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
     # through as itself).
     raise BodyTimeout()
+
+
+async def _first_part(receive: Receive, seconds: float) -> tuple[bytes, bool]:
+    """The client's first body part with data and whether more follows; ``(b"", False)`` for
+    an empty body."""
+    chunk, more = b"", True
+    while more and not chunk:
+        message = await _receive_within(receive, seconds)
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        more = bool(message.get("more_body", False))
+    return chunk, more
 
 
 async def _watch_disconnect(
