@@ -99,7 +99,7 @@ def check_application_claims(claims: object) -> dict[str, Any]:
         raise ClaimError("claims", "claims must be a JSON object")
     for name in claims:
         if not isinstance(name, str):
-            raise ClaimError("claims", "claim names must be strings")
+            raise ClaimError("claims", "names in claims must be strings")
         if name in RESERVED_CLAIMS:
             # The name is one of ours (it matched the fixed set), so it may be shown.
             reserved = next(item for item in RESERVED_CLAIMS if item == name)
@@ -142,6 +142,6 @@ def _json_value(value: object, depth: int) -> Any:
         return [_json_value(item, depth + 1) for item in value]
     if isinstance(value, Mapping):
         if not all(isinstance(name, str) for name in value):
-            raise ClaimError("claims", "claim names must be strings")
+            raise ClaimError("claims", "names in claims must be strings")
         return {name: _json_value(item, depth + 1) for name, item in value.items()}
     raise ClaimError("claims", "claims must hold only JSON values")

@@ -20,7 +20,6 @@ from ._json import DuplicateMember, loads_strict_json
 
 __all__ = [
     "CREDENTIAL_VARIABLES",
-    "DEFAULT_UPSTREAM_TIMEOUT",
     "VISIBLE_ASCII",
     "ConfigError",
     "GateConfig",
@@ -70,9 +69,6 @@ MAX_TOKEN_LIFETIME_SECONDS = 86_400
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 # A SenseCrypt secrets.json is a few hundred bytes; this bounds what a wrong path can cost.
 _MAX_SECRETS_FILE_BYTES = 1024 * 1024
-# How long the gateway waits for its upstream; here so that the command line (which must not
-# need httpx to start) and the proxy share one value.
-DEFAULT_UPSTREAM_TIMEOUT = 30.0
 
 # The key values printed in the SenseCrypt documentation: public, so never a secret.
 VENDOR_EXAMPLE_KEYS = frozenset(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from ._asgi import send_json, send_refusal, serve_lifespan
 from ._auth import Authenticator
+from ._claims import ClaimError
 from ._config import GateConfig
 from ._errors import (
     UNREADABLE_REQUEST,
@@ -18,7 +20,7 @@ from ._errors import (
     check_realm,
 )
 from ._json import loads_strict_json
-from ._principal import CredentialKind
+from ._principal import CredentialKind, Principal, get_principal
 from ._tokens import TokenIssuer, validate_instance_id
 
 __all__ = ["TokenEndpoint"]
@@ -51,6 +53,15 @@ def _binding_required() -> Refusal:
     return Refusal("This server only mints device-bound tokens.")
 
 
+def _unknown_member() -> Refusal:
+    return Refusal("The body may hold only instance_id, sub, claims and expires_in.")
+
+
+# What a body may ask for besides instance_id, and the TokenIssuer.issue option each becomes.
+_BODY_OPTIONS = {"sub": "subject", "claims": "claims", "expires_in": "lifetime"}
+_BODY_MEMBERS = frozenset({"instance_id", *_BODY_OPTIONS})
+
+
 def _use_post() -> Refusal:
     return Refusal("Use POST.", status_code=405, headers=[(b"allow", b"POST")])
 
@@ -59,9 +70,13 @@ class TokenEndpoint:
     """An ASGI app that mints device tokens for callers holding the server API key.
 
     ``POST`` with ``X-API-Key`` and a JSON body ``{"instance_id": "<device id>"}`` mints a token
-    bound to that device; ``{}`` or an empty body mints a generic token. The answer is an
-    OAuth 2.0 token response (RFC 6749 §5.1) with ``Cache-Control: no-store``. Members other
-    than ``instance_id`` are ignored: a caller cannot choose ``exp``, ``alg`` or any claim.
+    bound to that device; ``{}`` or an empty body mints a generic token. The body may also
+    hold ``sub`` (who the token is for), ``claims`` (an object of application claims) and
+    ``expires_in`` (a lifetime no longer than the configured one); any other member is
+    refused, and so are registered or devicegate-owned names inside ``claims``: a caller never
+    chooses ``exp``, ``jti``, ``alg`` or the like. A token minted with a named server key
+    records the name in ``azp``. The answer is an OAuth 2.0 token response (RFC 6749 §5.1)
+    with ``Cache-Control: no-store``.
 
     Mounted alone, it authenticates the caller itself; behind
     :class:`~devicegate.DeviceAuthMiddleware` (at its ``token_path``) the middleware does.
@@ -110,16 +125,31 @@ class TokenEndpoint:
             )
             await send_refusal(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
             return
-        await self.mint(scope, receive, send)
+        await self._mint(scope, receive, send, principal)
 
     async def mint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer an already-authenticated request (the middleware's entry point)."""
+        """Answer an already-authenticated request (the middleware's entry point): the caller
+        is the principal in ``scope["user"]``."""
+        await self._mint(scope, receive, send, get_principal(scope))
+
+    async def _mint(
+        self, scope: Scope, receive: Receive, send: Send, caller: Principal | None
+    ) -> None:
         try:
             if scope["type"] != "http" or scope["method"] != "POST":
                 raise _use_post()
             body = await _read_body(scope, receive)
-            instance_id = self._parse(body)
-            token = self.issuer.issue(instance_id)
+            instance_id, options = self._parse(body)
+            try:
+                token = self.issuer.issue(
+                    instance_id,
+                    # Which named server key asked: recorded, never chosen by the body.
+                    authorized_party=None if caller is None else caller.key_name,
+                    **options,
+                )
+            except ClaimError as exc:
+                # The message is devicegate's own text, naming devicegate's own member names.
+                raise Refusal(f"{exc}.") from None
         except Refusal as refusal:
             await send_refusal(scope, send, refusal, self._realm)
             return
@@ -129,7 +159,8 @@ class TokenEndpoint:
         # RFC 6749 §5.1: token responses must not be cached (send_json adds Cache-Control).
         await send_json(scope, send, 200, token.as_response(), (b"pragma", b"no-cache"))
 
-    def _parse(self, body: bytes) -> str | None:
+    def _parse(self, body: bytes) -> tuple[str | None, dict[str, Any]]:
+        """``(instance_id, the issuer's other options)`` that the body asks for."""
         if not body.strip():
             data: object = {}
         else:
@@ -139,12 +170,19 @@ class TokenEndpoint:
                 raise _not_object() from None
         if not isinstance(data, dict):
             raise _not_object()
+        if not data.keys() <= _BODY_MEMBERS:
+            # Refused rather than ignored: a misspelt member ("expires") must not quietly
+            # mint a token that lives longer than the caller meant.
+            raise _unknown_member()
+        options = {
+            option: data[member] for member, option in _BODY_OPTIONS.items() if member in data
+        }
         if "instance_id" not in data:
             if self.issuer.requires_binding:
                 raise _binding_required()
-            return None
+            return None, options
         try:
-            return validate_instance_id(data["instance_id"])
+            return validate_instance_id(data["instance_id"]), options
         except ValueError:
             raise _bad_instance_id() from None
 

@@ -18,7 +18,16 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._config import GateConfig, opens_a_door_of, read_secrets_document
+from .._config import (
+    CREDENTIAL_VARIABLES,
+    GateConfig,
+    env_list,
+    env_seconds,
+    env_str,
+    opens_a_door_of,
+    read_env,
+    read_secrets_document,
+)
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._rules import Rule, has_unsafe_segments, route_path
@@ -40,15 +49,13 @@ __all__ = [
 DEFAULT_TOKEN_PATH = "/gen-jwt"  # noqa: S105 - a path, not a secret
 DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
 
-# The variables GateConfig.from_env reads credentials from; any of them means "configured by
-# the environment", so no secrets.json is needed.
-_CREDENTIAL_ENV = ("DEVICEGATE_API_KEYS", "DEVICEGATE_MOBILE_API_KEYS", "DEVICEGATE_JWT_SECRET")
 _DISABLED = "none"
 
 
 def has_env_credentials(environ: Mapping[str, str]) -> bool:
-    """Whether the environment itself configures a key or a secret."""
-    return any(environ.get(name, "").strip() for name in _CREDENTIAL_ENV)
+    """Whether the environment itself configures a key or a secret (then no secrets.json is
+    needed)."""
+    return any(read_env(environ, name, env_str) for name in CREDENTIAL_VARIABLES)
 
 
 def load_config(
@@ -249,15 +256,8 @@ def build_app(
     )
 
 
-def parse_timeout(field: str, raw: str) -> float:
-    """A timeout in seconds: a finite number above zero."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(field, "must be a number of seconds, such as 30 or 2.5") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(field, "must be a number of seconds above zero")
-    return value
+# A timeout in seconds, from a variable or a command-line flag: the environment's parser.
+parse_timeout = env_seconds
 
 
 @dataclass(frozen=True)
@@ -290,19 +290,16 @@ class ServeSettings:
         (comma-separated) and friends; empty values count as unset."""
 
         def get(name: str) -> str | None:
-            return environ.get(f"DEVICEGATE_{name}", "").strip() or None
+            return read_env(environ, f"DEVICEGATE_{name}", env_str)
 
+        timeout = read_env(environ, "DEVICEGATE_UPSTREAM_TIMEOUT", env_seconds)
         token_path = get("TOKEN_PATH") or DEFAULT_TOKEN_PATH
-        public = get("PUBLIC") or ""
-        timeout = get("UPSTREAM_TIMEOUT")
         return cls(
             secrets_file=get("SECRETS_FILE"),
             upstream=get("UPSTREAM"),
             upstream_secrets_file=get("UPSTREAM_SECRETS_FILE"),
-            upstream_timeout=DEFAULT_TIMEOUT
-            if timeout is None
-            else parse_timeout("DEVICEGATE_UPSTREAM_TIMEOUT", timeout),
-            public=tuple(path.strip() for path in public.split(",") if path.strip()),
+            upstream_timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+            public=read_env(environ, "DEVICEGATE_PUBLIC", env_list) or (),
             forward_auth_path=get("FORWARD_AUTH_PATH"),
             forward_auth_secret_env=get("FORWARD_AUTH_SECRET_ENV"),
             token_path=None if token_path.lower() == _DISABLED else token_path,
