@@ -24,7 +24,6 @@ import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenVerifier
-from devicegate._auth import Authenticator
 from devicegate._cache import CachedToken
 from devicegate._config import VENDOR_EXAMPLE_KEYS
 
@@ -216,15 +215,12 @@ class CountingVerifier(TokenVerifier):
 def count_verifications(
     gate: DeviceAuthMiddleware, config: GateConfig, clock: Clock | None = None
 ) -> CountingVerifier:
-    """Put a :class:`CountingVerifier` (reading ``clock`` when given) into an existing ``gate``.
-
-    For a gate built by something else (forward-auth): the authenticator is swapped through the
-    private attributes that hold it. Where the test builds the middleware itself, pass
-    ``verifier=`` instead.
+    """Put a :class:`CountingVerifier` (reading ``clock`` when given) into an existing ``gate``,
+    for a gate built by something else (forward-auth). Where the test builds the middleware
+    itself, pass ``verifier=`` instead.
     """
     verifier = CountingVerifier(config) if clock is None else CountingVerifier(config, clock=clock)
-    gate._authenticator = Authenticator(config, verifier=verifier)
-    gate._authenticate = gate._authenticator.authenticate
+    gate.reconfigure(config, verifier=verifier)
     return verifier
 
 

@@ -118,44 +118,22 @@ class DeviceAuthMiddleware:
                 "revocations", "give the revocations to the verifier you pass, not to both"
             )
         self.app = app
-        # Read-only: the secrets and rules are compiled below, so rebinding these later would
-        # change nothing but what they claim. Build a new middleware to change them.
-        self._config = config
-        self._rules = tuple(rules)
-        self._authenticator = Authenticator(config, verifier=verifier)
-        self._authenticate = self._authenticator.authenticate
-        configured = self._authenticator.configured_kinds
-        for rule in self._rules:
+        rules = tuple(rules)
+        for rule in rules:
             if not isinstance(rule, Rule):
                 raise ConfigError("rules", f"every rule must be a Rule, got {rule!r}")
-            if not rule.public and not rule.accept & configured:
-                raise ConfigError(
-                    "rules",
-                    f"{rule!r} accepts no credential kind that the configuration has, so "
-                    "nothing could pass; configure the key or secret it needs",
-                )
         if token_path is not None and (
             not isinstance(token_path, str) or has_unsafe_segments(token_path)
         ):
             raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
         check_realm(realm)
-        self._endpoint: TokenEndpoint | None = None
-        if token_path is not None and config.api_keys and config.jwt_secrets:
-            self._endpoint = TokenEndpoint(config, realm=realm)
-        # None when nothing serves it: the path is then an ordinary one, under the rules.
-        self._token_path = token_path if self._endpoint is not None else None
+        self._rules = rules
+        self._requested_token_path = token_path
         self._on_error = on_error
         self._realm = realm
-        # Every decision a path can get, built once: the remembered routes share them.
-        self._token_route = _Route(_TOKEN_PATH_KINDS, False, self._endpoint)
-        self._rule_table = RuleTable(
-            ((rule, _Route(rule.accept, rule.public, None)) for rule in self._rules),
-            default=_Route(configured, False, None),
-        )
-        # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,
-        # so a path's route never changes; remembering it spares the path checks and the
-        # walk through the rules on every request.
-        self._routes: dict[str | tuple[str, str], _Route] = {}
+        # Everything that follows from the configuration, compiled once and swapped whole by
+        # reconfigure(): a request reads it once, so it never sees half of each.
+        self._gate = _Gate(config, verifier, rules, token_path, realm)
 
     def __repr__(self) -> str:
         return (
@@ -165,8 +143,8 @@ class DeviceAuthMiddleware:
 
     @property
     def config(self) -> GateConfig:
-        """The configuration this middleware was built with."""
-        return self._config
+        """The configuration in force."""
+        return self._gate.config
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -175,22 +153,45 @@ class DeviceAuthMiddleware:
 
     @property
     def verifier(self) -> TokenVerifier:
-        """The device-token verifier: its cache, its revocations."""
-        return self._authenticator.verifier
+        """The device-token verifier in force: its cache, its revocations."""
+        return self._gate.authenticator.verifier
 
     @property
     def token_path(self) -> str | None:
         """The route path of the built-in token endpoint, or ``None``."""
-        return self._token_path
+        return self._gate.token_path
 
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
 
-        This middleware keeps the secrets it was built with: clearing revokes nothing by
-        itself (revoke through ``revocations``). To rotate ``jwt_secret``, build a new
-        middleware from the new configuration.
+        Clearing revokes nothing by itself (revoke through ``revocations``); to change keys or
+        secrets, :meth:`reconfigure`.
         """
-        self._authenticator.verifier.clear_cache()
+        self._gate.authenticator.verifier.clear_cache()
+
+    def reconfigure(self, config: GateConfig, *, verifier: TokenVerifier | None = None) -> None:
+        """Put ``config`` in force for every request that starts from now on: new keys and
+        secrets, without a restart. Requests already under way finish under the old one.
+
+        Everything is built and checked before anything changes: when ``config`` does not fit
+        (a rule would accept no configured kind, say) this raises and the configuration in
+        force stays. Verified tokens are forgotten, so that a token signed with a secret that
+        is gone stops working at once; the revocations are kept.
+
+        Args:
+            config: the new configuration.
+            verifier: the verifier to use from now on, for a token cache or clock of your own
+                (default: a new ``TokenVerifier(config)`` with the revocations in force).
+
+        Raises:
+            ConfigError: as the constructor.
+        """
+        if not isinstance(config, GateConfig):
+            raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
+        if verifier is None:
+            revocations = self._gate.authenticator.verifier.revocations
+            verifier = TokenVerifier(config, revocations=revocations)
+        self._gate = _Gate(config, verifier, self._rules, self._requested_token_path, self._realm)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -202,26 +203,28 @@ class DeviceAuthMiddleware:
             raise RuntimeError(f"devicegate cannot authenticate ASGI scope type {scope_type!r}")
 
         principal: Principal | None
+        gate = self._gate
         try:
             path = scope["path"]
             root_path = scope.get("root_path")
             # Keyed by the path alone in the usual case (no mount point); a str never equals
             # a tuple, so the two kinds of key cannot collide.
             key = (root_path, path) if root_path else path
-            route = self._routes.get(key)
+            routes = gate.routes
+            route = routes.get(key)
             if route is None:
-                route = self._route(path, root_path)  # raises for an unsafe path: not kept
+                route = gate.route(path, root_path)  # raises for an unsafe path: not kept
                 if len(path) <= _MAX_CACHED_PATH:
-                    if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                    if len(routes) >= _ROUTE_CACHE_SIZE:
                         # Full when paths carry ids: start over, rather than pay for LRU
                         # bookkeeping on every request.
-                        self._routes.clear()
-                    self._routes[key] = route
+                        routes.clear()
+                    routes[key] = route
             accepted, public, endpoint = route
             if public:
                 principal = None
             else:
-                principal = self._authenticate(scope)
+                principal = gate.authenticate(scope)
                 if principal.kind not in accepted:
                     raise InsufficientScope()
         except Refusal as error:
@@ -244,16 +247,6 @@ class DeviceAuthMiddleware:
             await endpoint.mint(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-    def _route(self, path: str, root_path: str | None) -> _Route:
-        """What the request's path accepts; refuses a path that could mean another one."""
-        if has_unsafe_segments(path):
-            raise InvalidRequest(_UNSAFE_PATH)
-        if root_path:
-            path = strip_root_path(path, root_path)
-        if path == self._token_path:
-            return self._token_route
-        return self._rule_table.lookup(path)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The
@@ -292,3 +285,67 @@ class DeviceAuthMiddleware:
                         return
                     logger.error("devicegate on_error response sent nothing")
         await send_refusal(scope, send, error, self._realm)
+
+
+class _Gate:
+    """What a middleware decides requests with, compiled from one configuration.
+
+    Raises:
+        ConfigError: a rule accepts only kinds the configuration does not have.
+    """
+
+    __slots__ = (
+        "authenticate",
+        "authenticator",
+        "config",
+        "endpoint",
+        "routes",
+        "rule_table",
+        "token_path",
+        "token_route",
+    )
+
+    def __init__(
+        self,
+        config: GateConfig,
+        verifier: TokenVerifier,
+        rules: tuple[Rule, ...],
+        token_path: str | None,
+        realm: str,
+    ) -> None:
+        self.config = config
+        self.authenticator = Authenticator(config, verifier=verifier)
+        self.authenticate = self.authenticator.authenticate
+        configured = self.authenticator.configured_kinds
+        for rule in rules:
+            if not rule.public and not rule.accept & configured:
+                raise ConfigError(
+                    "rules",
+                    f"{rule!r} accepts no credential kind that the configuration has, so "
+                    "nothing could pass; configure the key or secret it needs",
+                )
+        self.endpoint: TokenEndpoint | None = None
+        if token_path is not None and config.api_keys and config.jwt_secrets:
+            self.endpoint = TokenEndpoint(config, realm=realm)
+        # None when nothing serves it: the path is then an ordinary one, under the rules.
+        self.token_path = token_path if self.endpoint is not None else None
+        # Every decision a path can get, built once: the remembered routes share them.
+        self.token_route = _Route(_TOKEN_PATH_KINDS, False, self.endpoint)
+        self.rule_table = RuleTable(
+            ((rule, _Route(rule.accept, rule.public, None)) for rule in rules),
+            default=_Route(configured, False, None),
+        )
+        # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,
+        # so a path's route never changes; remembering it spares the path checks and the
+        # walk through the rules on every request.
+        self.routes: dict[str | tuple[str, str], _Route] = {}
+
+    def route(self, path: str, root_path: str | None) -> _Route:
+        """What the request's path accepts; refuses a path that could mean another one."""
+        if has_unsafe_segments(path):
+            raise InvalidRequest(_UNSAFE_PATH)
+        if root_path:
+            path = strip_root_path(path, root_path)
+        if path == self.token_path:
+            return self.token_route
+        return self.rule_table.lookup(path)
