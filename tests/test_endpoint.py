@@ -644,6 +644,6 @@ async def test_behind_the_middleware_the_endpoint_builds_no_authenticator_of_its
     async with client(gate) as http:
         response = await http.post("/gen-jwt", headers={"x-api-key": keys.api_key}, json={})
     assert response.status_code == 200
-    endpoint = gate._gate.endpoint
+    endpoint = gate._gate.server_key_routes[PATH].endpoint
     assert endpoint is not None
     assert endpoint._authenticator is None

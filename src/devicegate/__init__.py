@@ -24,7 +24,8 @@ from ._errors import (
 )
 from ._middleware import DeviceAuthMiddleware
 from ._principal import CredentialKind, Principal, get_principal
-from ._revocation import RevocationCheck, RevocationList
+from ._revocation import RevocationCheck, RevocationList, RevocationStore
+from ._revoke import RevocationEndpoint
 from ._rules import Rule
 from ._tokens import IssuedToken, TokenIssuer, TokenVerifier
 
@@ -51,7 +52,9 @@ __all__ = [
     "Principal",
     "Refusal",
     "RevocationCheck",
+    "RevocationEndpoint",
     "RevocationList",
+    "RevocationStore",
     "Rule",
     "TokenCache",
     "TokenEndpoint",

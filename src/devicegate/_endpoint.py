@@ -1,4 +1,5 @@
-"""TokenEndpoint: the ASGI app behind ``POST /gen-jwt``."""
+"""The small ASGI apps that only a server API key may call: ``POST /gen-jwt`` here, and the
+shape they share (POST only, a small JSON object in, a JSON object out, no caching)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ._auth import Authenticator
 from ._claims import ClaimError
 from ._config import GateConfig
 from ._errors import (
+    DEFAULT_REALM,
     UNREADABLE_REQUEST,
     ConfigError,
     InsufficientScope,
@@ -23,7 +25,7 @@ from ._json import loads_strict_json
 from ._principal import CredentialKind, Principal, get_principal
 from ._tokens import TokenIssuer, validate_instance_id
 
-__all__ = ["TokenEndpoint"]
+__all__ = ["ServerKeyEndpoint", "TokenEndpoint"]
 
 logger = logging.getLogger("devicegate")
 
@@ -66,7 +68,86 @@ def _use_post() -> Refusal:
     return Refusal("Use POST.", status_code=405, headers=[(b"allow", b"POST")])
 
 
-class TokenEndpoint:
+class ServerKeyEndpoint:
+    """An ASGI app that answers ``POST`` requests made with the server API key, taking a JSON
+    object of at most 4 KiB (or an empty body) and answering a JSON object that no cache keeps.
+
+    Mounted alone, it authenticates the caller itself; behind
+    :class:`~devicegate.DeviceAuthMiddleware` the middleware does and calls :meth:`respond`.
+    Subclasses say what to do in :meth:`answer`.
+
+    Raises:
+        ConfigError: the configuration has no server API key.
+    """
+
+    kind = "admin"
+    """What the endpoint is, for error messages and logs."""
+
+    def __init__(self, config: GateConfig, *, realm: str = DEFAULT_REALM) -> None:
+        if not config.api_keys:
+            raise ConfigError("api_keys", f"the {self.kind} endpoint needs a server API key")
+        check_realm(realm)
+        self._config = config
+        # Built on first use: behind the middleware (which authenticates itself and calls
+        # respond()) it is never needed, and it holds a token cache of its own.
+        self._authenticator: Authenticator | None = None
+        self._realm = realm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            return
+        try:
+            if self._authenticator is None:
+                self._authenticator = Authenticator(self._config)
+            principal = self._authenticator.authenticate(scope)
+            if principal.kind is not CredentialKind.API_KEY:
+                raise InsufficientScope()
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal, self._realm)
+            return
+        except Exception as exc:  # fail closed, as the middleware does
+            logger.error(
+                "devicegate %s endpoint could not read a request (%s)",
+                self.kind,
+                type(exc).__name__,
+            )
+            await send_refusal(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
+            return
+        await self._respond(scope, receive, send, principal)
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an already-authenticated request (the middleware's entry point): the caller
+        is the principal in ``scope["user"]``."""
+        await self._respond(scope, receive, send, get_principal(scope))
+
+    async def _respond(
+        self, scope: Scope, receive: Receive, send: Send, caller: Principal | None
+    ) -> None:
+        try:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                raise _use_post()
+            body = await _read_body(scope, receive)
+            payload = await self.answer(_json_object(body), caller)
+        except Refusal as refusal:
+            await send_refusal(scope, send, refusal, self._realm)
+            return
+        except _Disconnected:
+            return
+        # RFC 6749 §5.1: token responses must not be cached (send_json adds Cache-Control);
+        # nor must anything else these endpoints answer.
+        await send_json(scope, send, 200, payload, (b"pragma", b"no-cache"))
+
+    async def answer(self, data: dict[str, Any], caller: Principal | None) -> dict[str, Any]:
+        """The JSON answer to a request whose body is ``data`` (``{}`` for an empty body).
+
+        Raises:
+            Refusal: the request cannot be served; its description is sent.
+        """
+        raise NotImplementedError
+
+
+class TokenEndpoint(ServerKeyEndpoint):
     """An ASGI app that mints device tokens for callers holding the server API key.
 
     ``POST`` with ``X-API-Key`` and a JSON body ``{"instance_id": "<device id>"}`` mints a token
@@ -92,84 +173,20 @@ class TokenEndpoint:
         https://www.rfc-editor.org/rfc/rfc6749#section-5.1
     """
 
-    def __init__(self, config: GateConfig, *, realm: str = "devicegate") -> None:
-        if not config.api_keys:
-            raise ConfigError("api_keys", "the token endpoint needs a server API key")
-        check_realm(realm)
+    kind = "token"
+
+    def __init__(self, config: GateConfig, *, realm: str = DEFAULT_REALM) -> None:
+        super().__init__(config, realm=realm)
         self.issuer = TokenIssuer(config)
-        self._config = config
-        # Built on first use: behind the middleware (which authenticates itself and calls
-        # mint()) it is never needed, and it holds a token cache of its own.
-        self._authenticator: Authenticator | None = None
-        self._realm = realm
 
     def __repr__(self) -> str:
         return f"<TokenEndpoint {self.issuer!r}>"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
-        try:
-            if self._authenticator is None:
-                self._authenticator = Authenticator(self._config)
-            principal = self._authenticator.authenticate(scope)
-            if principal.kind is not CredentialKind.API_KEY:
-                raise InsufficientScope()
-        except Refusal as refusal:
-            await send_refusal(scope, send, refusal, self._realm)
-            return
-        except Exception as exc:  # fail closed, as the middleware does
-            logger.error(
-                "devicegate token endpoint could not read a request (%s)", type(exc).__name__
-            )
-            await send_refusal(scope, send, InvalidRequest(UNREADABLE_REQUEST), self._realm)
-            return
-        await self._mint(scope, receive, send, principal)
-
     async def mint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer an already-authenticated request (the middleware's entry point): the caller
-        is the principal in ``scope["user"]``."""
-        await self._mint(scope, receive, send, get_principal(scope))
+        """:meth:`respond`, by the name this endpoint has always had."""
+        await self.respond(scope, receive, send)
 
-    async def _mint(
-        self, scope: Scope, receive: Receive, send: Send, caller: Principal | None
-    ) -> None:
-        try:
-            if scope["type"] != "http" or scope["method"] != "POST":
-                raise _use_post()
-            body = await _read_body(scope, receive)
-            instance_id, options = self._parse(body)
-            try:
-                token = self.issuer.issue(
-                    instance_id,
-                    # Which named server key asked: recorded, never chosen by the body.
-                    authorized_party=None if caller is None else caller.key_name,
-                    **options,
-                )
-            except ClaimError as exc:
-                # The message is devicegate's own text, naming devicegate's own member names.
-                raise Refusal(f"{exc}.") from None
-        except Refusal as refusal:
-            await send_refusal(scope, send, refusal, self._realm)
-            return
-        except _Disconnected:
-            return
-        logger.info("devicegate minted a %s token", "bound" if instance_id else "generic")
-        # RFC 6749 §5.1: token responses must not be cached (send_json adds Cache-Control).
-        await send_json(scope, send, 200, token.as_response(), (b"pragma", b"no-cache"))
-
-    def _parse(self, body: bytes) -> tuple[str | None, dict[str, Any]]:
-        """``(instance_id, the issuer's other options)`` that the body asks for."""
-        if not body.strip():
-            data: object = {}
-        else:
-            try:
-                data = loads_strict_json(body.decode("utf-8"))
-            except (ValueError, RecursionError):
-                raise _not_object() from None
-        if not isinstance(data, dict):
-            raise _not_object()
+    async def answer(self, data: dict[str, Any], caller: Principal | None) -> dict[str, Any]:
         if not data.keys() <= _BODY_MEMBERS:
             # Refused rather than ignored: a misspelt member ("expires") must not quietly
             # mint a token that lives longer than the caller meant.
@@ -177,18 +194,43 @@ class TokenEndpoint:
         options = {
             option: data[member] for member, option in _BODY_OPTIONS.items() if member in data
         }
-        if "instance_id" not in data:
-            if self.issuer.requires_binding:
-                raise _binding_required()
-            return None, options
+        instance_id: str | None = None
+        if "instance_id" in data:
+            try:
+                instance_id = validate_instance_id(data["instance_id"])
+            except ValueError:
+                raise _bad_instance_id() from None
+        elif self.issuer.requires_binding:
+            raise _binding_required()
         try:
-            return validate_instance_id(data["instance_id"]), options
-        except ValueError:
-            raise _bad_instance_id() from None
+            token = self.issuer.issue(
+                instance_id,
+                # Which named server key asked: recorded, never chosen by the body.
+                authorized_party=None if caller is None else caller.key_name,
+                **options,
+            )
+        except ClaimError as exc:
+            # The message is devicegate's own text, naming devicegate's own member names.
+            raise Refusal(f"{exc}.") from None
+        logger.info("devicegate minted a %s token", "bound" if instance_id else "generic")
+        return token.as_response()
 
 
 class _Disconnected(Exception):
     pass
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The JSON object in ``body`` (``{}`` when it is empty)."""
+    if not body.strip():
+        return {}
+    try:
+        data = loads_strict_json(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise _not_object() from None
+    if not isinstance(data, dict):
+        raise _not_object()
+    return data
 
 
 async def _read_body(scope: Scope, receive: Receive) -> bytes:

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._asgi import send_refusal
 from ._auth import Authenticator
 from ._config import GateConfig
-from ._endpoint import TokenEndpoint
+from ._endpoint import ServerKeyEndpoint, TokenEndpoint
 from ._errors import (
     DEFAULT_REALM,
     UNREADABLE_REQUEST,
@@ -25,7 +25,8 @@ from ._errors import (
     check_realm,
 )
 from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
-from ._revocation import RevocationCheck
+from ._revocation import RevocationCheck, RevocationStore
+from ._revoke import RevocationEndpoint
 from ._rules import Rule, RuleTable, has_unsafe_segments, strip_root_path
 from ._tokens import TokenVerifier
 
@@ -37,7 +38,8 @@ ErrorHandler = Callable[[Scope, AuthError], ASGIApp]
 """``on_error(scope, error)`` returns the ASGI app that sends the error response for a refused
 credential. Other refusals (a store that cannot answer, say) use the built-in response."""
 
-_TOKEN_PATH_KINDS = frozenset({CredentialKind.API_KEY})
+# What the built-in endpoints (minting, revoking) accept: the server API key alone.
+_SERVER_KEY_ONLY = frozenset({CredentialKind.API_KEY})
 # Paths whose decision is remembered, and the longest remembered path. Bounded so that a
 # client sending endless distinct paths costs at most about half a megabyte.
 _ROUTE_CACHE_SIZE = 1024
@@ -53,7 +55,7 @@ class _Route(NamedTuple):
 
     accepted: frozenset[CredentialKind]
     public: bool
-    endpoint: TokenEndpoint | None
+    endpoint: ServerKeyEndpoint | None
 
 
 class DeviceAuthMiddleware:
@@ -83,11 +85,16 @@ class DeviceAuthMiddleware:
         verifier: the device-token verifier, for a token cache or clock of your own, or a
             subclass (default: ``TokenVerifier(config, revocations=revocations)``). It must be
             built from the same ``config``; give ``revocations`` to it, not here.
+        revoke_path: the route path served by a built-in
+            :class:`~devicegate.RevocationEndpoint` (server API key only), or ``None``. Active
+            when the configuration has an API key and the revocations can be written to (a
+            :class:`~devicegate.RevocationList`, or a shared store).
 
     Raises:
-        ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` is not a clean
-            absolute path, a rule accepts only kinds the configuration does not have, or both
-            ``verifier`` and ``revocations`` are given.
+        ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` or
+            ``revoke_path`` is not a clean absolute path (or they are the same), a rule
+            accepts only kinds the configuration does not have, or both ``verifier`` and
+            ``revocations`` are given.
 
     References:
         https://www.rfc-editor.org/rfc/rfc6750#section-3
@@ -106,6 +113,7 @@ class DeviceAuthMiddleware:
         realm: str = DEFAULT_REALM,
         revocations: RevocationCheck | None = None,
         verifier: TokenVerifier | None = None,
+        revoke_path: str | None = "/revoke",
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
@@ -122,18 +130,22 @@ class DeviceAuthMiddleware:
         for rule in rules:
             if not isinstance(rule, Rule):
                 raise ConfigError("rules", f"every rule must be a Rule, got {rule!r}")
-        if token_path is not None and (
-            not isinstance(token_path, str) or has_unsafe_segments(token_path)
+        for field, path, example in (
+            ("token_path", token_path, "/gen-jwt"),
+            ("revoke_path", revoke_path, "/revoke"),
         ):
-            raise ConfigError("token_path", "must be an absolute path such as '/gen-jwt' or None")
+            if path is not None and (not isinstance(path, str) or has_unsafe_segments(path)):
+                raise ConfigError(field, f"must be an absolute path such as {example!r} or None")
+        if token_path is not None and token_path == revoke_path:
+            raise ConfigError("revoke_path", "must differ from token_path")
         check_realm(realm)
         self._rules = rules
-        self._requested_token_path = token_path
+        self._paths = (token_path, revoke_path)
         self._on_error = on_error
         self._realm = realm
         # Everything that follows from the configuration, compiled once and swapped whole by
         # reconfigure(): a request reads it once, so it never sees half of each.
-        self._gate = _Gate(config, verifier, rules, token_path, realm)
+        self._gate = _Gate(config, verifier, rules, self._paths, realm)
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +172,11 @@ class DeviceAuthMiddleware:
     def token_path(self) -> str | None:
         """The route path of the built-in token endpoint, or ``None``."""
         return self._gate.token_path
+
+    @property
+    def revoke_path(self) -> str | None:
+        """The route path of the built-in revocation endpoint, or ``None``."""
+        return self._gate.revoke_path
 
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
@@ -191,7 +208,7 @@ class DeviceAuthMiddleware:
         if verifier is None:
             revocations = self._gate.authenticator.verifier.revocations
             verifier = TokenVerifier(config, revocations=revocations)
-        self._gate = _Gate(config, verifier, self._rules, self._requested_token_path, self._realm)
+        self._gate = _Gate(config, verifier, self._rules, self._paths, self._realm)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -244,7 +261,7 @@ class DeviceAuthMiddleware:
             scope["user"] = principal
             scope["auth"] = credentials_for[principal.kind]
         if endpoint is not None:
-            await endpoint.mint(scope, receive, send)
+            await endpoint.respond(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -298,11 +315,11 @@ class _Gate:
         "authenticate",
         "authenticator",
         "config",
-        "endpoint",
+        "revoke_path",
         "routes",
         "rule_table",
+        "server_key_routes",
         "token_path",
-        "token_route",
     )
 
     def __init__(
@@ -310,9 +327,10 @@ class _Gate:
         config: GateConfig,
         verifier: TokenVerifier,
         rules: tuple[Rule, ...],
-        token_path: str | None,
+        paths: tuple[str | None, str | None],
         realm: str,
     ) -> None:
+        token_path, revoke_path = paths
         self.config = config
         self.authenticator = Authenticator(config, verifier=verifier)
         self.authenticate = self.authenticator.authenticate
@@ -324,13 +342,20 @@ class _Gate:
                     f"{rule!r} accepts no credential kind that the configuration has, so "
                     "nothing could pass; configure the key or secret it needs",
                 )
-        self.endpoint: TokenEndpoint | None = None
+        # Each built-in endpoint is served where it can work; otherwise its path is None and
+        # an ordinary one, under the rules.
+        self.token_path = self.revoke_path = None
+        self.server_key_routes: dict[str, _Route] = {}
         if token_path is not None and config.api_keys and config.jwt_secrets:
-            self.endpoint = TokenEndpoint(config, realm=realm)
-        # None when nothing serves it: the path is then an ordinary one, under the rules.
-        self.token_path = token_path if self.endpoint is not None else None
+            self.token_path = token_path
+            endpoint: ServerKeyEndpoint = TokenEndpoint(config, realm=realm)
+            self.server_key_routes[token_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
+        revocations = verifier.revocations
+        if revoke_path is not None and config.api_keys and isinstance(revocations, RevocationStore):
+            self.revoke_path = revoke_path
+            endpoint = RevocationEndpoint(config, revocations, realm=realm)
+            self.server_key_routes[revoke_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
         # Every decision a path can get, built once: the remembered routes share them.
-        self.token_route = _Route(_TOKEN_PATH_KINDS, False, self.endpoint)
         self.rule_table = RuleTable(
             ((rule, _Route(rule.accept, rule.public, None)) for rule in rules),
             default=_Route(configured, False, None),
@@ -346,6 +371,4 @@ class _Gate:
             raise InvalidRequest(_UNSAFE_PATH)
         if root_path:
             path = strip_root_path(path, root_path)
-        if path == self.token_path:
-            return self.token_route
-        return self.rule_table.lookup(path)
+        return self.server_key_routes.get(path) or self.rule_table.lookup(path)

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._errors import ConfigError
 
-__all__ = ["RevocationCheck", "RevocationList"]
+__all__ = ["RevocationCheck", "RevocationList", "RevocationStore"]
 
 # A token minted by devicegate lives at most a day (GateConfig caps jwt_expire_seconds), plus the
 # largest leeway: an entry is kept that long after the last token it can cover was minted.
@@ -47,6 +47,21 @@ class RevocationCheck(Protocol):
         Raise a :class:`~devicegate.Refusal` (a 503 with ``Retry-After``, say) when the answer
         cannot be known: the request is refused with it, never admitted.
         """
+
+
+@runtime_checkable
+class RevocationStore(RevocationCheck, Protocol):
+    """A :class:`RevocationCheck` that revocations can be written to: what ``POST /revoke`` and
+    ``devicegate revoke`` need. ``before`` is a Unix time (default: now); every token issued at
+    or before it is covered."""
+
+    async def revoke_token(self, jti: str) -> None: ...
+
+    async def revoke_device(self, instance_id: str, *, before: float | None = None) -> None: ...
+
+    async def revoke_subject(self, subject: str, *, before: float | None = None) -> None: ...
+
+    async def revoke_all(self, *, before: float | None = None) -> None: ...
 
 
 class RevocationList:
