@@ -22,6 +22,7 @@ from devicegate import (
     InvalidToken,
     Refusal,
     RevocationCheck,
+    RevocationEndpoint,
     RevocationList,
     TokenCache,
     TokenVerifier,
@@ -448,3 +449,163 @@ def test_a_verifier_without_revocations_never_asks(keys: Keys) -> None:
     assert verifier.revocations is None
     token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE))
     assert verifier.verify(token, DEVICE).instance_id == DEVICE
+
+
+# --- POST /revoke --------------------------------------------------------------------------------
+
+REVOKE_PATH = "/revoke"
+RECENT = int(time.time()) - 10  # a cutoff whose revocations are still kept
+
+
+async def test_revoking_over_http_refuses_the_token_on_its_next_request(
+    keys: Keys, app: RecordingApp
+) -> None:
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=RevocationList())
+    assert gate.revoke_path == REVOKE_PATH
+    claims = fresh_claims(instance_id=DEVICE, iat=int(time.time()) - 1)
+    token = make_token(keys.jwt_secret, claims)
+    async with client(gate) as http:
+        assert (await http.get("/", headers=bearer(token, DEVICE))).status_code == 200
+        response = await http.post(
+            REVOKE_PATH, headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
+        )
+        assert response.status_code == 200
+        assert response.json() == {"revoked": "instance_id", "instance_id": DEVICE}
+        assert response.headers["cache-control"] == "no-store"
+        assert_denied(await http.get("/", headers=bearer(token, DEVICE)), INVALID)
+    assert len(app.calls) == 1  # the endpoint answered itself; the app saw one request
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        ({"jti": "j-1"}, {"revoked": "jti", "jti": "j-1"}),
+        ({"sub": SUBJECT, "before": RECENT}, {"revoked": "sub", "sub": SUBJECT, "before": RECENT}),
+        (
+            {"all": True, "before": RECENT + 0.5},
+            {"revoked": "all", "all": True, "before": RECENT + 0.5},
+        ),
+    ],
+)
+async def test_what_a_revocation_answers(
+    keys: Keys, app: RecordingApp, body: dict[str, Any], answer: dict[str, Any]
+) -> None:
+    revocations = RevocationList()
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=revocations)
+    async with client(gate) as http:
+        response = await http.post(REVOKE_PATH, headers={"x-api-key": keys.api_key}, json=body)
+    assert (response.status_code, response.json()) == (200, answer)
+    assert (len(revocations), revocations.version) == (1, 1)
+
+
+BAD_VALUE = "The value to revoke must be a string of 1 to 256 printable characters."
+ONE_TARGET = "The body must name exactly one of jti, instance_id, sub or all (and may add before)."
+
+
+@pytest.mark.parametrize(
+    ("body", "description"),
+    [
+        ({}, ONE_TARGET),
+        ({"jti": "a", "sub": "b"}, ONE_TARGET),
+        ({"jti": "a", "extra": 1}, ONE_TARGET),
+        ({"before": NOW}, ONE_TARGET),
+        ({"jti": ""}, "The value to revoke must be a string of 1 to 256 printable characters."),
+        ({"sub": 42}, "The value to revoke must be a string of 1 to 256 printable characters."),
+        (
+            {"instance_id": "x" * 257},
+            "The value to revoke must be a string of 1 to 256 printable characters.",
+        ),
+        ({"all": "yes"}, 'To revoke every token, send "all": true.'),
+        ({"all": False}, 'To revoke every token, send "all": true.'),
+        ({"sub": "s", "before": "now"}, "before must be a Unix time (a number)."),
+        ({"sub": "s", "before": True}, "before must be a Unix time (a number)."),
+        ({"jti": "j", "before": NOW}, "A jti names one token: before does not apply to it."),
+    ],
+)
+async def test_bad_revocation_bodies_revoke_nothing(
+    keys: Keys, app: RecordingApp, body: dict[str, Any], description: str
+) -> None:
+    revocations = RevocationList()
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=revocations)
+    async with client(gate) as http:
+        response = await http.post(REVOKE_PATH, headers={"x-api-key": keys.api_key}, json=body)
+    assert response.status_code == 400
+    assert response.json() == {"error": "invalid_request", "error_description": description}
+    assert revocations.version == 0
+    assert not app.ran
+
+
+@pytest.mark.parametrize("credential", ["mobile_api_key", "device_token", "none", "wrong_key"])
+async def test_only_the_server_key_may_revoke(
+    keys: Keys, app: RecordingApp, credential: str
+) -> None:
+    revocations = RevocationList()
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=revocations)
+    headers = {
+        "mobile_api_key": {"authorization": keys.mobile_api_key},
+        "device_token": bearer(make_token(keys.jwt_secret, fresh_claims()), None),
+        "none": {},
+        "wrong_key": {"x-api-key": keys.mobile_api_key},
+    }[credential]
+    async with client(gate) as http:
+        response = await http.post(REVOKE_PATH, headers=headers, json={"all": True})
+    assert response.status_code in (401, 403)
+    assert response.status_code == (
+        403 if credential in ("mobile_api_key", "device_token") else 401
+    )
+    assert revocations.version == 0
+    assert not app.ran
+
+
+async def test_revoke_needs_post_and_a_small_body(keys: Keys, app: RecordingApp) -> None:
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=RevocationList())
+    async with client(gate) as http:
+        get = await http.get(REVOKE_PATH, headers={"x-api-key": keys.api_key})
+        big = await http.post(
+            REVOKE_PATH, headers={"x-api-key": keys.api_key}, content=b"{" + b" " * 5000 + b"}"
+        )
+    assert (get.status_code, get.headers["allow"]) == (405, "POST")
+    assert big.status_code == 413
+    assert not app.ran
+
+
+async def test_the_revoke_path_is_an_ordinary_one_without_a_writable_store(
+    keys: Keys, app: RecordingApp
+) -> None:
+    # A check that cannot be written to (a custom one) or no revocations at all: no endpoint.
+    for options in ({}, {"revocations": CountingRevocations()}, {"revoke_path": None}):
+        gate = DeviceAuthMiddleware(app, config=keys.config(), **options)
+        assert gate.revoke_path is None
+    async with client(gate) as http:
+        response = await http.post(REVOKE_PATH, headers={"x-api-key": keys.api_key}, json={})
+    assert response.status_code == 200
+    assert app.ran  # the app's own route
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"revoke_path": "revoke"}, "revoke_path"),
+        ({"revoke_path": "/a/../revoke"}, "revoke_path"),
+        ({"revoke_path": "/gen-jwt"}, "revoke_path"),
+    ],
+)
+def test_a_revoke_path_must_be_clean_and_its_own(
+    keys: Keys, app: RecordingApp, options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        DeviceAuthMiddleware(app, config=keys.config(), revocations=RevocationList(), **options)
+    assert refused.value.field == field
+
+
+async def test_a_standalone_revocation_endpoint(keys: Keys) -> None:
+    revocations = RevocationList()
+    endpoint = RevocationEndpoint(keys.config(), revocations)
+    async with client(endpoint) as http:
+        refused = await http.post("/", headers={"authorization": keys.mobile_api_key}, json={})
+        done = await http.post("/", headers={"x-api-key": keys.api_key}, json={"jti": "j"})
+    assert refused.status_code == 403
+    assert done.json() == {"revoked": "jti", "jti": "j"}
+    assert revocations.is_revoked({"jti": "j"})
+    with pytest.raises(ConfigError, match="RevocationStore"):
+        RevocationEndpoint(keys.config(), CountingRevocations())  # type: ignore[arg-type]
