@@ -94,7 +94,7 @@ def run_block(block: Block, namespace: dict[str, Any]) -> Any:
 
 def test_every_python_block_is_covered_here() -> None:
     # A new example in the README needs a test below; a renamed heading needs this list changed.
-    assert sorted(BLOCKS) == sorted([*QUICK_STARTS, "Rules", "Minting tokens"])
+    assert sorted(BLOCKS) == sorted([*QUICK_STARTS, "Rules", "Minting tokens", "Revoking"])
     assert len(python_blocks(README.read_text(encoding="utf-8"))) == len(BLOCKS)
 
 
@@ -324,20 +324,68 @@ def test_minting_example(keys: Keys) -> None:
     assert isinstance(namespace["issuer"], TokenIssuer)
     assert isinstance(token, IssuedToken)
     assert value == (token.access_token, token.expires_in)
-    assert token.expires_in == config.jwt_expire_seconds == 300
+    assert token.expires_in == 60 < config.jwt_expire_seconds
     assert token.instance_id == DEVICE
     assert token.as_response() == {
         "access_token": token.access_token,
         "token_type": "Bearer",
-        "expires_in": 300,
+        "expires_in": 60,
         "instance_id": DEVICE,
     }
-    # "Tokens are HS256 JWTs with iat, exp, jti (128 random bits), instance_id when bound".
+    # "Tokens are HS256 JWTs with iat, exp, jti (128 random bits), instance_id when bound, sub,
+    # application claims [...] when given".
     principal = TokenVerifier(config).verify(token.access_token, DEVICE)
     assert principal.kind is CredentialKind.DEVICE_TOKEN
     assert principal.instance_id == DEVICE
-    assert {"iat", "exp", "jti", "instance_id"} <= set(principal.claims)
-    assert principal.claims["exp"] - principal.claims["iat"] == 300
+    assert principal.subject == "user-42"
+    assert principal.claims["plan"] == "pro"
+    assert principal.claims["exp"] - principal.claims["iat"] == 60
+    assert {"iat", "exp", "jti", "instance_id", "sub"} <= set(principal.claims)
+
+
+async def test_revoking_example(keys: Keys) -> None:
+    config = keys.config()
+    issuer = TokenIssuer(config)
+    tokens = {
+        "jti": issuer.issue(instance_id="device-9"),
+        "device": issuer.issue(instance_id=DEVICE),
+        "subject": issuer.issue(instance_id="device-8", subject="user-42"),
+        "untouched": issuer.issue(instance_id="device-7"),
+    }
+    inner = RecordingApp()
+    namespace: dict[str, Any] = {
+        "app": inner,
+        "config": config,
+        "jti": tokens["jti"].claims["jti"],
+        "cutoff": 1_000_000_000.0,  # long ago: the tokens above are newer
+    }
+    # The block awaits at top level, as in a notebook or an async function of the reader's.
+    block = BLOCKS["Revoking"]
+    tree = ast.parse(block.code, filename=f"README.md:{block.line}")
+    ast.increment_lineno(tree, block.line - 1)
+    code = compile(tree, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    pending = eval(code, namespace)  # noqa: S307 - this repository's own README
+    if pending is not None:
+        await pending
+    gate = namespace["app"]
+    assert isinstance(gate, DeviceAuthMiddleware)
+    assert gate.verifier.revocations is namespace["revocations"]
+    assert gate.revoke_path == "/revoke"
+    devices = {"jti": "device-9", "device": DEVICE, "subject": "device-8", "untouched": "device-7"}
+    async with client(gate) as http:
+        statuses = {
+            name: (
+                await http.get(
+                    "/",
+                    headers={
+                        "authorization": f"Bearer {token.access_token}",
+                        "x-instance-id": devices[name],
+                    },
+                )
+            ).status_code
+            for name, token in tokens.items()
+        }
+    assert statuses == {"jti": 401, "device": 401, "subject": 401, "untouched": 200}
 
 
 def test_quick_start_configurations_load_as_the_readme_says(keys_on_disk: Keys) -> None:
