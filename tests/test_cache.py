@@ -232,9 +232,9 @@ async def test_no_request_can_widen_the_scopes_of_the_next(keys: Keys) -> None:
         assert (await http.get("/", headers={"x-api-key": keys.api_key})).status_code == 200
     assert refusals == ["TypeError", "TypeError", "AttributeError"] * 4
     # What each app set is its own; the next request got devicegate's credentials again.
-    assert [scope["auth"].scopes for scope in seen] == [["device_token", "admin"]] * 3 + [
-        ["api_key", "admin"]
-    ]
+    assert [scope["auth"].scopes for scope in seen] == [
+        ["authenticated", "device_token", "admin"]
+    ] * 3 + [["authenticated", "api_key", "admin"]]
     assert seen[0]["user"] is seen[1]["user"]
     assert isinstance(seen[0]["user"], Principal)
 

@@ -99,7 +99,7 @@ def assert_outcome(response: httpx.Response, outcome: Admitted | Denied, app: Re
         "kind": outcome.kind,
         "instance_id": outcome.instance_id,
         "authenticated": outcome.kind is not None,
-        "scopes": [] if outcome.kind is None else [outcome.kind],
+        "scopes": [] if outcome.kind is None else ["authenticated", outcome.kind],
     }
     assert len(app.calls) == 1
 
@@ -469,7 +469,7 @@ async def test_principal_is_written_into_the_scope(
     assert user.kind is kind
     assert user.is_authenticated
     assert isinstance(scope["auth"], AuthCredentials)
-    assert scope["auth"].scopes == [kind.value]
+    assert scope["auth"].scopes == ["authenticated", kind.value]
     assert get_principal(scope) is user
     assert get_principal(Request(scope)) is user
     if kind is CredentialKind.DEVICE_TOKEN:
@@ -504,7 +504,7 @@ async def test_forged_principal_is_overwritten(keys: Keys, app: RecordingApp) ->
         "kind": "mobile_api_key",
         "instance_id": None,
         "authenticated": True,
-        "scopes": ["mobile_api_key"],
+        "scopes": ["authenticated", "mobile_api_key"],
     }
     assert public.json() == {
         "kind": None,

@@ -652,7 +652,7 @@ async def test_random_requests_are_answered_safely(anyio_backend: str, sample: R
         assert not public
         assert seen.user.kind in accepted
         assert (seen.user.kind, seen.user.instance_id) == credential
-        assert seen.auth.scopes == [seen.user.kind.value]
+        assert seen.auth.scopes == ["authenticated", seen.user.kind.value]
     else:
         assert type(seen.user) is UnauthenticatedUser
         assert public

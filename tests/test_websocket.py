@@ -139,12 +139,12 @@ async def test_valid_credentials_reach_the_app(
         "kind": kind,
         "instance_id": instance_id,
         "authenticated": True,
-        "scopes": [kind],
+        "scopes": ["authenticated", kind],
     }
     (seen,) = app.calls
     assert isinstance(seen["user"], Principal)
     assert get_principal(seen) is seen["user"]
-    assert seen["auth"].scopes == [kind]
+    assert seen["auth"].scopes == ["authenticated", kind]
 
 
 async def test_forged_user_is_overwritten_on_a_websocket(keys: Keys, app: RecordingApp) -> None:
@@ -154,7 +154,7 @@ async def test_forged_user_is_overwritten_on_a_websocket(keys: Keys, app: Record
     await connect(DeviceAuthMiddleware(app, config=keys.config()), scope)
     (seen,) = app.calls
     assert seen["user"].kind is CredentialKind.MOBILE_API_KEY
-    assert seen["auth"].scopes == ["mobile_api_key"]
+    assert seen["auth"].scopes == ["authenticated", "mobile_api_key"]
 
 
 @pytest.mark.parametrize("credential", ["none", "wrong_api_key", "two_credentials", "basic"])

@@ -21,6 +21,7 @@ from ._errors import (
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
+    MissingCredentials,
     Refusal,
     check_realm,
 )
@@ -56,6 +57,7 @@ class _Route(NamedTuple):
     accepted: frozenset[CredentialKind]
     public: bool
     endpoint: ServerKeyEndpoint | None
+    optional: bool = False
 
 
 class DeviceAuthMiddleware:
@@ -237,13 +239,19 @@ class DeviceAuthMiddleware:
                         # bookkeeping on every request.
                         routes.clear()
                     routes[key] = route
-            accepted, public, endpoint = route
+            accepted, public, endpoint, optional = route
             if public:
                 principal = None
             else:
-                principal = gate.authenticate(scope)
-                if principal.kind not in accepted:
-                    raise InsufficientScope()
+                try:
+                    principal = gate.authenticate(scope)
+                except MissingCredentials:
+                    if not optional:
+                        raise
+                    principal = None  # no credential at all, where none is needed
+                else:
+                    if principal.kind not in accepted:
+                        raise InsufficientScope()
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -357,7 +365,7 @@ class _Gate:
             self.server_key_routes[revoke_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
         # Every decision a path can get, built once: the remembered routes share them.
         self.rule_table = RuleTable(
-            ((rule, _Route(rule.accept, rule.public, None)) for rule in rules),
+            ((rule, _Route(rule.accept, rule.public, None, rule.optional)) for rule in rules),
             default=_Route(configured, False, None),
         )
         # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,

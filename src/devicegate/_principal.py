@@ -120,9 +120,13 @@ class _ReadOnlyCredentials(AuthCredentials):
         raise AttributeError("the credentials of a request are read-only")
 
 
+AUTHENTICATED = "authenticated"
+"""The scope every admitted credential has, as Starlette's own backends give it, so that
+``@requires("authenticated")`` admits any caller devicegate admitted."""
+
 credentials_for: Mapping[CredentialKind, AuthCredentials] = {
     # The kind is a str enum equal to its value: "device_token" in scopes holds.
-    kind: _ReadOnlyCredentials([kind])
+    kind: _ReadOnlyCredentials([AUTHENTICATED, kind])
     for kind in CredentialKind
 }
 """The ``scope["auth"]`` of a request admitted with each credential kind."""

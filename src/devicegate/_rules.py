@@ -29,18 +29,24 @@ class Rule:
         accept: the credential kinds admitted (default: all of them).
         public: admit requests without any credential. Nothing is checked on a public path,
             so ``accept`` cannot be given with it.
+        optional: admit a request that carries no credential at all as unauthenticated, as a
+            public path does, but check one that does carry a credential as anywhere else: a
+            valid one gives its principal, an invalid one is refused. For pages that greet a
+            signed-in caller and serve everyone else too.
 
     Raises:
         ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments or a
             backslash, a semicolon or a non-printable character, a ``*`` anywhere but a final
-            ``/*``, or ``accept`` is empty (or given with ``public=True``).
+            ``/*``, or ``accept`` is empty (or given with ``public=True``), or ``public`` and
+            ``optional`` are both true.
     """
 
-    __slots__ = ("_exact", "_prefix", "_root", "accept", "path", "public")
+    __slots__ = ("_exact", "_prefix", "_root", "accept", "optional", "path", "public")
 
     path: str
     accept: frozenset[CredentialKind]
     public: bool
+    optional: bool
     _exact: frozenset[str]
     _prefix: str | None
     _root: str
@@ -51,6 +57,7 @@ class Rule:
         *,
         accept: Iterable[CredentialKind | str] | None = None,
         public: bool = False,
+        optional: bool = False,
     ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError("Rule.path", f"must start with '/', got {path!r}")
@@ -63,6 +70,11 @@ class Rule:
                 "Rule.path",
                 f"{path!r} has '.', '..' or empty segments, a backslash, a semicolon or a "
                 "non-printable character",
+            )
+        if public and optional:
+            raise ConfigError(
+                "Rule.optional",
+                "a public rule checks no credential at all; choose public or optional",
             )
         if public and accept is not None:
             raise ConfigError(
@@ -84,6 +96,7 @@ class Rule:
         set_(self, "path", path)
         set_(self, "accept", kinds)
         set_(self, "public", bool(public))
+        set_(self, "optional", bool(optional))
         # A trailing slash does not make another resource: most routers serve or redirect
         # "/admin/" to "/admin" (Litestar serves both), so a rule covers both spellings. A
         # looser reading would let a credential the rule refuses in through the other one.
@@ -103,16 +116,20 @@ class Rule:
     def __repr__(self) -> str:
         if self.public:
             return f"Rule({self.path!r}, public=True)"
+        optional = ", optional=True" if self.optional else ""
         kinds = ", ".join(sorted(kind.value for kind in self.accept))
-        return f"Rule({self.path!r}, accept={{{kinds}}})"
+        return f"Rule({self.path!r}, accept={{{kinds}}}{optional})"
+
+    def _key(self) -> tuple[str, frozenset[CredentialKind], bool, bool]:
+        return (self.path, self.accept, self.public, self.optional)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Rule):
             return NotImplemented
-        return (self.path, self.accept, self.public) == (other.path, other.accept, other.public)
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.path, self.accept, self.public))
+        return hash(self._key())
 
     def matches(self, path: str) -> bool:
         """Whether this rule applies to the route path ``path``."""
