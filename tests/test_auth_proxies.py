@@ -223,7 +223,7 @@ def keys_for_stack() -> Keys:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def api(starts_a_process: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("api") / "echo.log"
     with serve(uvicorn_command("tests.servers.echo:app"), log) as server:
         yield server
@@ -235,6 +235,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ids=lambda param: "-".join(param),
 )
 def stack(
+    starts_a_process: None,
     request: pytest.FixtureRequest,
     api: Server,
     keys_for_stack: Keys,

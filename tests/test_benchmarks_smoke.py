@@ -47,7 +47,9 @@ HTTP = {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+def run(
+    starts_a_process: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], str]:
     """One quick run: its JSON figures and its Markdown output."""
     if not shutil.which("wrk") and os.environ.get("CI"):
         pytest.fail("wrk is not installed (scripts/test installs it)")

@@ -985,6 +985,7 @@ def run_shell(line: str, environ: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.integration
 def test_printed_api_key_line_reads_the_file(tmp_path: Path, keys: Keys) -> None:
     odd_dir = tmp_path / "dir with 'quotes' and $dollars"
     odd_dir.mkdir()
@@ -998,6 +999,7 @@ def test_printed_api_key_line_reads_the_file(tmp_path: Path, keys: Keys) -> None
     assert run_shell(f'{line}; printf %s "$API_KEY"') == keys.api_key
 
 
+@pytest.mark.integration
 def test_printed_api_key_line_reads_the_environment(keys: Keys) -> None:
     text = banner(keys, ServeSettings(), DEVICEGATE_API_KEYS="k")
     (line,) = [line for line in text.splitlines() if line.startswith("  API_KEY=")]
@@ -1023,6 +1025,7 @@ def run_cli(
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("module", "never_loaded"),
     [
@@ -1050,6 +1053,7 @@ def test_layers_import_one_way(tmp_path: Path, module: str, never_loaded: str) -
     assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
 
 
+@pytest.mark.integration
 def test_real_version_and_help(tmp_path: Path) -> None:
     version = run_cli("--version", cwd=tmp_path)
     assert (version.returncode, version.stdout) == (0, f"devicegate {devicegate.__version__}\n")
@@ -1059,6 +1063,7 @@ def test_real_version_and_help(tmp_path: Path) -> None:
         assert help_.stdout.startswith(f"usage: devicegate {command}")
 
 
+@pytest.mark.integration
 def test_real_init_token_and_verify(tmp_path: Path) -> None:
     init = run_cli("init", cwd=tmp_path)
     path = tmp_path / "secrets.json"
@@ -1091,6 +1096,7 @@ def test_real_init_token_and_verify(tmp_path: Path) -> None:
             assert document[key] not in output.stdout + output.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
@@ -1116,6 +1122,7 @@ def test_real_verify_refusals(
     assert result.stderr == ""
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -1141,6 +1148,7 @@ def test_real_configuration_errors(
     assert result.stdout == ""
 
 
+@pytest.mark.integration
 def test_real_serve_on_a_port_in_use(secrets_file: Path, tmp_path: Path) -> None:
     with socket.socket() as listener:
         listener.bind((HOST, 0))
@@ -1165,7 +1173,7 @@ def running_serve(cwd: Path, *args: str) -> Iterator[Server]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(starts_a_process: None, tmp_path: Path) -> Iterator[Server]:
     with running_serve(tmp_path) as running:
         yield running
 
@@ -1249,6 +1257,7 @@ def test_real_serve_websocket(server: Server, tmp_path: Path) -> None:
     assert info.value.response.status_code == 401
 
 
+@pytest.mark.integration
 def test_real_serve_in_front_of_an_unreachable_upstream(
     secrets_file: Path, keys: Keys, tmp_path: Path
 ) -> None:
@@ -1299,6 +1308,7 @@ def until_two_workers_answer(ask: Callable[[], int | None]) -> set[int]:
     return answered
 
 
+@pytest.mark.integration
 def test_real_serve_with_workers(secrets_file: Path, keys: Keys, tmp_path: Path) -> None:
     with running_serve(tmp_path, "--workers", "2", "--public", "/") as server:
         assert "(2 workers)" in server.output()
@@ -1407,6 +1417,7 @@ def test_serve_reports_an_unresolvable_upstream_host(
     assert fake_run.calls == []
 
 
+@pytest.mark.integration
 def test_real_serve_with_an_unreachable_upstream_is_one_line(tmp_path: Path, port: int) -> None:
     with bound_port() as dead:
         result = run_cli(

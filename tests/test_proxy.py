@@ -74,7 +74,7 @@ HANG_GUARD_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def upstream(starts_a_process: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("upstream") / "echo.log"
     with serve(uvicorn_command("tests.servers.echo:app"), log) as server:
         yield server

@@ -8,6 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # it runs the script with bash
+
 SERVE = Path(__file__).resolve().parents[1] / "scripts" / "serve"
 
 

@@ -81,7 +81,9 @@ class Server:
 
 @pytest.fixture(scope="module", params=list(SERVERS))
 def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    starts_a_process: None,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
     name: str = request.param
     kind = SERVERS[name]
