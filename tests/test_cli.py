@@ -232,16 +232,6 @@ def test_token_with_the_secrets_file_from_the_environment(
     TokenVerifier(keys.config()).verify(capsys.readouterr().out.strip())
 
 
-@pytest.mark.parametrize("instance_id", ["", " padded ", "x" * 257, "caf\u00e9"])
-def test_token_refuses_a_bad_instance_id(
-    secrets_file: Path, instance_id: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(["token", "--instance-id", instance_id]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert one_line(captured.err).startswith("devicegate: --instance-id: instance_id must be")
-
-
 def test_token_without_a_jwt_secret(
     keys: Keys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -727,24 +717,6 @@ async def test_serve_with_an_upstream_and_forward_auth(
     assert health.json() == {"status": "ok"}
 
 
-def test_serve_refuses_the_upstreams_own_secrets_file_as_the_gates(
-    secrets_file: Path,
-    keys: Keys,
-    fake_run: FakeRun,
-    capsys: pytest.CaptureFixture[str],
-    port: int,
-) -> None:
-    # The same SenseCrypt file for both would give devices the upstream's own mobile key.
-    argv = ["serve", "--port", str(port), "--upstream", "http://127.0.0.1:9", "--no-upstream-check"]
-    argv += ["--secrets", str(secrets_file), "--upstream-secrets", str(secrets_file)]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "also a key or secret of this gateway" in err
-    assert len(err.strip().splitlines()) == 1
-    assert keys.api_key not in err
-    assert not fake_run.calls
-
-
 def test_serve_with_keys_from_the_environment_needs_no_file(
     tmp_path: Path,
     keys: Keys,
@@ -763,43 +735,143 @@ def test_serve_with_keys_from_the_environment_needs_no_file(
     assert keys.api_key not in err
 
 
-@pytest.mark.parametrize(
-    ("name", "value", "message"),
-    [
-        (
-            "DEVICEGATE_PORT",
-            "http",
-            "DEVICEGATE_PORT: must be an integer from 1 to 65535, got 'http'",
-        ),
-        ("DEVICEGATE_PORT", "70000", "DEVICEGATE_PORT: must be an integer from 1 to 65535"),
-        ("DEVICEGATE_WORKERS", "0", "DEVICEGATE_WORKERS: must be an integer from 1 to 1024"),
-        ("DEVICEGATE_LOG_LEVEL", "loud", "DEVICEGATE_LOG_LEVEL: must be one of critical, error"),
-        ("DEVICEGATE_PUBLIC", "relative", "Rule.path: must start with '/', got 'relative'"),
-        ("DEVICEGATE_UPSTREAM", "ftp://x", "upstream: must be an http:// or https:// URL"),
-        ("DEVICEGATE_FORWARD_AUTH_SECRET_ENV", "UNSET_SECRET", "a shared secret needs a forward"),
-    ],
-)
-def test_serve_bad_environment_values(
+BAD_UPSTREAM_TIMEOUT = "devicegate: invalid configuration: --upstream-timeout: must be a number "
+
+# Arguments and DEVICEGATE_* variables that `devicegate` refuses before it does anything: the
+# command line, the variables it adds to the environment, and the one line it prints on stderr
+# (exit status 2, nothing on stdout, no server started). Each runs beside a valid secrets.json.
+REFUSED_INPUT = [
+    # -- token: the device a token is bound to travels in a header, so it must survive one. --
+    pytest.param(
+        ["token", "--instance-id", ""],
+        {},
+        "devicegate: --instance-id: instance_id must be 1 to 256 characters",
+        id="token-empty-instance-id",
+    ),
+    pytest.param(
+        ["token", "--instance-id", "x" * 257],
+        {},
+        "devicegate: --instance-id: instance_id must be 1 to 256 characters",
+        id="token-long-instance-id",
+    ),
+    pytest.param(
+        ["token", "--instance-id", " padded "],
+        {},
+        "devicegate: --instance-id: instance_id must be printable ASCII without surrounding spaces",
+        id="token-padded-instance-id",
+    ),
+    pytest.param(
+        ["token", "--instance-id", "caf\u00e9"],
+        {},
+        "devicegate: --instance-id: instance_id must be printable ASCII without surrounding spaces",
+        id="token-non-ascii-instance-id",
+    ),
+    # -- serve: flags. --
+    pytest.param(
+        ["serve", "--workers", "2", "--public", "/a,b"],
+        {},
+        "devicegate: invalid configuration: public: '/a,b': a public path cannot contain ','",
+        id="workers-and-a-comma-in-a-public-path",  # workers read it back comma-separated
+    ),
+    *(
+        pytest.param(
+            ["serve", "--upstream", "http://127.0.0.1:9", "--upstream-timeout", value],
+            {},
+            BAD_UPSTREAM_TIMEOUT + rest,
+            id=f"upstream-timeout-{value}",
+        )
+        for value, rest in [
+            ("soon", "of seconds, such as 30 or 2.5"),
+            ("0", "of seconds above zero"),
+            ("-1", "of seconds above zero"),
+            ("inf", "of seconds above zero"),
+            ("nan", "of seconds above zero"),
+        ]
+    ),
+    # The same SenseCrypt file for both would give devices the upstream's own mobile key.
+    pytest.param(
+        [
+            *("serve", "--upstream", "http://127.0.0.1:9", "--no-upstream-check"),
+            *("--secrets", "secrets.json", "--upstream-secrets", "secrets.json"),
+        ],
+        {},
+        "devicegate: invalid configuration: upstream_secrets_file: the upstream api_key is also "
+        "a key or secret of this gateway; give the gateway keys of its own (devicegate init), "
+        "so that devices never hold the upstream's",
+        id="upstream-secrets-are-the-gateways",
+    ),
+    # -- serve: variables. A bad value is named, and echoed only where it cannot be a secret. --
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_PORT": "http"},
+        "devicegate: invalid configuration: DEVICEGATE_PORT: must be an integer from 1 to "
+        "65535, got 'http'",
+        id="port-not-a-number",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_PORT": "70000"},
+        "devicegate: invalid configuration: DEVICEGATE_PORT: must be an integer from 1 to "
+        "65535, got '70000'",
+        id="port-too-large",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_WORKERS": "0"},
+        "devicegate: invalid configuration: DEVICEGATE_WORKERS: must be an integer from 1 to "
+        "1024, got '0'",
+        id="no-workers",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_LOG_LEVEL": "loud"},
+        "devicegate: invalid configuration: DEVICEGATE_LOG_LEVEL: must be one of critical, "
+        "error, warning, info, debug, trace",
+        id="unknown-log-level",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_PUBLIC": "relative"},
+        "devicegate: invalid configuration: Rule.path: must start with '/', got 'relative'",
+        id="relative-public-path",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_UPSTREAM": "ftp://x"},
+        "devicegate: invalid configuration: upstream: must be an http:// or https:// URL such "
+        "as http://127.0.0.1:9000; its scheme is neither",
+        id="upstream-not-http",
+    ),
+    pytest.param(
+        ["serve"],
+        {"DEVICEGATE_FORWARD_AUTH_SECRET_ENV": "UNSET_SECRET", "UNSET_SECRET": "shared"},
+        "devicegate: invalid configuration: forward_auth_secret: a shared secret needs a "
+        "forward-auth path",
+        id="forward-auth-secret-without-a-path",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "environ", "line"), REFUSED_INPUT)
+def test_refused_input_is_one_line_and_exit_status_2(
     secrets_file: Path,
+    keys: Keys,
     fake_run: FakeRun,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    name: str,
-    value: str,
-    message: str,
+    argv: list[str],
+    environ: dict[str, str],
+    line: str,
 ) -> None:
-    monkeypatch.setenv("UNSET_SECRET", "shared")
-    monkeypatch.setenv(name, value)
-    assert cli.main(["serve"]) == 2
-    assert message in one_line(capsys.readouterr().err)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert one_line(captured.err) == line
+    for secret in (keys.api_key, keys.mobile_api_key, keys.jwt_secret):
+        assert secret not in captured.err
     assert fake_run.calls == []
-
-
-def test_serve_workers_refuse_a_public_path_with_a_comma(
-    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(["serve", "--workers", "2", "--public", "/a,b"]) == 2
-    assert "cannot contain ','" in one_line(capsys.readouterr().err)
 
 
 def test_serve_without_uvicorn(
@@ -1430,18 +1502,6 @@ def test_real_serve_with_an_unreachable_upstream_is_one_line(tmp_path: Path, por
         .splitlines()[-1]
         .startswith(f"devicegate: cannot reach the upstream at {HOST}:{dead}")
     )
-
-
-@pytest.mark.parametrize("value", ["soon", "0", "-1", "inf", "nan"])
-def test_serve_refuses_a_bad_upstream_timeout(
-    secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str], value: str
-) -> None:
-    argv = ["serve", "--upstream", "http://127.0.0.1:9", "--upstream-timeout", value]
-    assert cli.main(argv) == 2
-    assert one_line(capsys.readouterr().err).startswith(
-        "devicegate: invalid configuration: --upstream-timeout: must be a number of seconds"
-    )
-    assert fake_run.calls == []
 
 
 def test_upstream_timeout_reaches_the_workers_through_the_environment() -> None:
