@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
-import httpx
 import pytest
 from starlette.types import Scope
 
@@ -27,6 +26,7 @@ from tests.helpers import (
     answer,
     bearer,
     call_asgi,
+    client,
     count_verifications,
     http_scope,
     make_token,
@@ -224,8 +224,7 @@ async def test_realm_is_configurable(keys: Keys) -> None:
 
 
 async def test_through_http_with_traefik_headers(keys: Keys) -> None:
-    transport = httpx.ASGITransport(app=forward_auth(keys))
-    async with httpx.AsyncClient(transport=transport, base_url="http://devicegate") as http:
+    async with client(forward_auth(keys), "http://devicegate") as http:
         allowed = await http.get(
             AUTH_PATH,
             headers={
@@ -497,10 +496,9 @@ async def test_requests_without_the_proxy_secret_cannot_flood_the_log(
     # Anyone who reaches the endpoint can send these: one WARNING line each let a client fill
     # the disk. Logged at DEBUG, as the middleware logs its refusals.
     endpoint = ForwardAuth(keys.config(), shared_secret=SECRET)
-    transport = httpx.ASGITransport(app=endpoint)
     headers = {"x-original-uri": "/orders", "x-api-key": keys.api_key}
     with caplog.at_level("DEBUG", logger="devicegate"):
-        async with httpx.AsyncClient(transport=transport, base_url="http://auth") as http:
+        async with client(endpoint, "http://auth") as http:
             statuses = {(await http.get(AUTH_PATH, headers=headers)).status_code for _ in range(50)}
     assert statuses == {403}
     assert [record.levelname for record in caplog.records] == ["DEBUG"] * 50

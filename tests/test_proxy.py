@@ -41,6 +41,7 @@ from tests.helpers import (
     Keys,
     bearer,
     call_asgi,
+    client,
     fresh_keys,
     http_scope,
     make_token,
@@ -270,10 +271,8 @@ async def through_mock_upstream(
 ) -> Exchange:
     """:func:`drive` a new proxy to ``upstream`` whose requests ``handler`` answers in-process
     (an httpx client with ``client_options``), then close it."""
-    async with httpx.AsyncClient(
-        transport=httpx.MockTransport(handler), **client_options
-    ) as client:
-        proxy = ReverseProxy(upstream, upstream_api_key=UPSTREAM_API_KEY, client=client)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), **client_options) as pool:
+        proxy = ReverseProxy(upstream, upstream_api_key=UPSTREAM_API_KEY, client=pool)
         try:
             return await drive(proxy, scope)
         finally:
@@ -369,9 +368,7 @@ async def test_configured_header_names_are_removed(upstream: Server, keys: Keys)
     app = DeviceAuthMiddleware(proxy, config=config)
     token = make_token(keys.jwt_secret, instance_id="d1")
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway.example"
-        ) as http:
+        async with client(app, "http://gateway.example") as http:
             server = echo(await http.get("/", headers={"x-server-key": keys.api_key}))
             device = echo(
                 await http.get("/", headers={"authorization": f"Bearer {token}", "x-device": "d1"})
@@ -822,12 +819,12 @@ async def test_a_client_passed_in_is_used_and_left_open() -> None:
 
     async with httpx.AsyncClient(
         transport=httpx.MockTransport(handler), headers={"x-client-default": "not applied"}
-    ) as client:
-        proxy = ReverseProxy("http://upstream.invalid:8080/api", client=client)
+    ) as pool:
+        proxy = ReverseProxy("http://upstream.invalid:8080/api", client=pool)
         scope = {**request_scope("/a b", query=b"x=%41"), "raw_path": b"/a%20b"}
         result = await drive(proxy, scope)
         await proxy.aclose()
-        assert not client.is_closed
+        assert not pool.is_closed
     assert result.status == 200
     (request,) = requests
     assert request.extensions["target"] == b"/api/a%20b?x=%41"
@@ -1213,8 +1210,8 @@ def body_of(exchange: Exchange) -> Any:
 async def test_a_stalled_request_body_is_408_and_frees_the_upstream(
     upstream: Server, framing: tuple[bytes, bytes], first: bytes
 ) -> None:
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
-        proxy = proxy_for(upstream, timeout=0.3, client=client)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as pool:
+        proxy = proxy_for(upstream, timeout=0.3, client=pool)
         scope = request_scope("/v1/enroll", method="POST", headers=[framing], user=api_key_user())
         sent: list[Message] = []
 
@@ -1615,9 +1612,7 @@ async def test_encoded_mount_prefix_forwards_the_path_the_rules_judged(
     gate = DeviceAuthMiddleware(proxy, config=keys.config(), rules=[Rule("/docs/*", public=True)])
     app = Starlette(routes=[Mount("/api", app=gate)])
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway.example"
-        ) as http:
+        async with client(app, "http://gateway.example") as http:
             encoded = echo(await http.get("/%61pi/docs/x%2By?q=%41"))
             plain = echo(await http.get("/api/docs/x%2By?q=%41"))
             private = await http.get("/%61pi/private")
@@ -1642,9 +1637,7 @@ async def test_path_rewritten_without_its_raw_path_is_400(upstream: Server, keys
 
     marker = secrets.token_hex(8)
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=rewriting), base_url="http://gateway.example"
-        ) as http:
+        async with client(rewriting, "http://gateway.example") as http:
             response = await http.get(f"/internal/secret?marker={marker}")
     finally:
         await proxy.aclose()
@@ -1706,9 +1699,7 @@ async def test_an_encoded_slash_behind_a_public_rule_is_400_through_the_gateway(
     gate = DeviceAuthMiddleware(proxy, config=keys.config(), rules=[Rule("/public/*", public=True)])
     marker = secrets.token_hex(8)
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gate), base_url="http://gateway.example"
-        ) as http:
+        async with client(gate, "http://gateway.example") as http:
             smuggled = await http.get(f"/public%2F{marker}/reports")
             public = await http.get(f"/public/{marker}/reports")
     finally:
@@ -1751,9 +1742,7 @@ async def test_health_with_a_trailing_slash_is_never_forwarded(
 ) -> None:
     app = build_app(keys.config(), upstream=upstream.url, upstream_api_key=UPSTREAM_API_KEY)
     marker = secrets.token_hex(8)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway.example"
-    ) as http:
+    async with client(app, "http://gateway.example") as http:
         for path in ("/health", "/health/"):
             response = await http.get(f"{path}?marker={marker}")
             assert response.json() == {"status": "ok"}
