@@ -355,25 +355,50 @@ async def test_outcome_table(
     assert_outcome(response, outcome, app)
 
 
-async def test_missing_credential_response_exactly(keys: Keys, app: RecordingApp) -> None:
-    async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
-        response = await http.get("/")
-    assert response.status_code == 401
-    assert response.headers["www-authenticate"] == 'Bearer realm="devicegate"'
-    assert response.content == (
-        b'{"error":"unauthorized","error_description":"Authentication is required."}'
-    )
-    assert not app.ran
-
-
-async def test_invalid_token_response_exactly(keys: Keys, app: RecordingApp) -> None:
-    async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
-        response = await http.get("/", headers={"authorization": "Bearer a.b.c"})
-    assert response.status_code == 401
-    assert response.headers["www-authenticate"] == (
+# The bytes of each refusal, written out in full (the table above checks them through
+# assert_denied): the request's headers, the status, the one challenge and the exact body.
+EXACT_REFUSALS = [
+    pytest.param(
+        {},
+        401,
+        'Bearer realm="devicegate"',
+        b'{"error":"unauthorized","error_description":"Authentication is required."}',
+        id="missing",
+    ),
+    pytest.param(
+        {"authorization": "Bearer a.b.c"},
+        401,
         'Bearer realm="devicegate", error="invalid_token", '
-        'error_description="The credential is invalid, expired or not valid for this device."'
-    )
+        'error_description="The credential is invalid, expired or not valid for this device."',
+        b'{"error":"invalid_token","error_description":'
+        b'"The credential is invalid, expired or not valid for this device."}',
+        id="invalid-token",
+    ),
+    pytest.param(
+        {"authorization": "Bearer "},
+        400,
+        'Bearer realm="devicegate", error="invalid_request", '
+        'error_description="The Authorization header is malformed."',
+        b'{"error":"invalid_request","error_description":"The Authorization header is malformed."}',
+        id="malformed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "status", "challenge", "body"), EXACT_REFUSALS)
+async def test_refusal_bytes_exactly(
+    keys: Keys,
+    app: RecordingApp,
+    headers: dict[str, str],
+    status: int,
+    challenge: str,
+    body: bytes,
+) -> None:
+    async with client(DeviceAuthMiddleware(app, config=keys.config())) as http:
+        response = await http.get("/", headers=headers)
+    assert response.status_code == status
+    assert response.headers.get_list("www-authenticate") == [challenge]
+    assert response.content == body
     assert not app.ran
 
 
