@@ -62,6 +62,7 @@ from tests.servers.process import (
     children,
     connection_owner,
     devicegate_command,
+    listening_port,
     serve,
     sync_client,
 )
@@ -911,10 +912,7 @@ def test_serve_with_an_upstream_but_a_missing_module(
 def test_serve_on_a_port_in_use(
     secrets_file: Path, fake_run: FakeRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with socket.socket() as listener:
-        listener.bind((HOST, 0))
-        listener.listen()
-        port = listener.getsockname()[1]
+    with listening_port() as port:
         assert cli.main(["serve", "--port", str(port)]) == 1
     assert one_line(capsys.readouterr().err) == (
         f"devicegate: port {port} on 127.0.0.1 is already in use (is another server "
@@ -1222,10 +1220,7 @@ def test_real_configuration_errors(
 
 @pytest.mark.integration
 def test_real_serve_on_a_port_in_use(secrets_file: Path, tmp_path: Path) -> None:
-    with socket.socket() as listener:
-        listener.bind((HOST, 0))
-        listener.listen()
-        port = listener.getsockname()[1]
+    with listening_port() as port:
         result = run_cli("serve", "--port", str(port), "--secrets", "secrets.json", cwd=tmp_path)
     assert result.returncode == 1
     assert one_line(result.stderr) == (
@@ -1462,10 +1457,8 @@ def test_serve_stops_when_the_upstream_is_unreachable(
 def test_serve_checks_a_reachable_upstream_and_starts(
     secrets_file: Path, fake_run: FakeRun, port: int
 ) -> None:
-    with socket.socket() as listening:
-        listening.bind((HOST, 0))
-        listening.listen()
-        upstream = f"http://{HOST}:{listening.getsockname()[1]}"
+    with listening_port() as up:
+        upstream = f"http://{HOST}:{up}"
         assert cli.main(["serve", "--port", str(port), "--upstream", upstream]) == 0
     assert len(fake_run.calls) == 1
 
@@ -1520,10 +1513,8 @@ def test_upstream_timeout_flag_wins_over_a_bad_variable(
     secrets_file: Path, fake_run: FakeRun, monkeypatch: pytest.MonkeyPatch, port: int
 ) -> None:
     monkeypatch.setenv("DEVICEGATE_UPSTREAM_TIMEOUT", "not-a-number")
-    with socket.socket() as listening:
-        listening.bind((HOST, 0))
-        listening.listen()
-        upstream = f"http://{HOST}:{listening.getsockname()[1]}"
+    with listening_port() as up:
+        upstream = f"http://{HOST}:{up}"
         argv = ["serve", "--port", str(port), "--upstream", upstream, "--upstream-timeout", "5"]
         assert cli.main(argv) == 0
     assert len(fake_run.calls) == 1

@@ -70,6 +70,17 @@ def bound_port(*, reuse_address: bool = False) -> Iterator[int]:
         yield port
 
 
+@contextlib.contextmanager
+def listening_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts connections while the block runs, and never answers:
+    a port already in use, or an upstream that is up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        sock.listen()
+        port: int = sock.getsockname()[1]
+        yield port
+
+
 def listening(server: Server) -> bool:
     """Whether ``server`` accepts TCP connections."""
     try:
