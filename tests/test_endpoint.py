@@ -593,10 +593,15 @@ async def test_logs_never_contain_the_token(keys: Keys, caplog: pytest.LogCaptur
         )
     token = response.json()["access_token"]
     records = [record for record in caplog.records if record.name.startswith("devicegate")]
-    assert [record.getMessage() for record in records] == ["devicegate minted a bound token"]
+    # One audit line, naming the token by its jti and its device, never by itself.
+    assert [record.name for record in records] == ["devicegate.audit"]
+    jti = TokenVerifier(keys.config()).verify(token, DEVICE).claims["jti"]
+    assert records[0].getMessage() == (
+        f"devicegate minted a token: jti={jti!r} instance_id={DEVICE!r} expires_in=300"
+    )
     for record in records:
-        text = record.getMessage() + repr(record.args)
-        for secret in (token, keys.api_key, keys.jwt_secret, DEVICE):
+        text = record.getMessage() + repr(record.args) + repr(record.__dict__)
+        for secret in (token, keys.api_key, keys.jwt_secret):
             assert secret not in text
 
 

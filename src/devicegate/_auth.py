@@ -12,7 +12,7 @@ from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
-from ._errors import InvalidReason, InvalidToken
+from ._errors import AuthError, InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
 
@@ -79,18 +79,22 @@ class Authenticator:
         kind, value, device = read_credential(
             scope["headers"], self._api_key_header, self._device_header
         )
-        if kind is DEVICE_TOKEN:
-            return self._check_token(value, device)
-        if kind is API_KEY:
-            keys, principals = self._api_keys, self._api_key_principals
-        else:
-            keys, principals = self._mobile_api_keys, self._mobile_api_key_principals
-        if not keys:
-            raise InvalidToken(InvalidReason.NOT_CONFIGURED)
-        index = match_key(value, keys)
-        if index < 0:
-            raise InvalidToken(InvalidReason.UNKNOWN_KEY)
-        return principals[index]
+        try:
+            if kind is DEVICE_TOKEN:
+                return self._check_token(value, device)
+            if kind is API_KEY:
+                keys, principals = self._api_keys, self._api_key_principals
+            else:
+                keys, principals = self._mobile_api_keys, self._mobile_api_key_principals
+            if not keys:
+                raise InvalidToken(InvalidReason.NOT_CONFIGURED)
+            index = match_key(value, keys)
+            if index < 0:
+                raise InvalidToken(InvalidReason.UNKNOWN_KEY)
+            return principals[index]
+        except AuthError as error:
+            error.credential_kind = kind.value  # for the audit log: which kind was refused
+            raise
 
 
 def _key_principals(kind: CredentialKind, names: tuple[str | None, ...]) -> tuple[Principal, ...]:

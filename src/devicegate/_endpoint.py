@@ -9,6 +9,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from ._asgi import send_json, send_refusal, serve_lifespan
+from ._audit import log_mint
 from ._auth import Authenticator
 from ._claims import ClaimError
 from ._config import GateConfig
@@ -212,7 +213,12 @@ class TokenEndpoint(ServerKeyEndpoint):
         except ClaimError as exc:
             # The message is devicegate's own text, naming devicegate's own member names.
             raise Refusal(f"{exc}.") from None
-        logger.info("devicegate minted a %s token", "bound" if instance_id else "generic")
+        log_mint(
+            token.claims["jti"],
+            instance_id,
+            None if caller is None else caller.key_name,
+            token.expires_in,
+        )
         return token.as_response()
 
 

@@ -151,6 +151,12 @@ class AuthError(Refusal):
     description = "The credential is invalid, expired or not valid for this device."
     challenge = True
 
+    # What devicegate knew of the refused credential, for the audit log only (never sent):
+    # its kind once read, and for a token whose signature verified, its jti and device.
+    credential_kind: str | None = None
+    token_id: str | None = None
+    instance_id: str | None = None
+
 
 class MissingCredentials(AuthError):
     """The request carried no credential at all."""

@@ -10,6 +10,7 @@ from starlette.authentication import UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_refusal
+from ._audit import log_refusal
 from ._auth import Authenticator
 from ._config import GateConfig
 from ._endpoint import ServerKeyEndpoint, TokenEndpoint
@@ -20,7 +21,6 @@ from ._errors import (
     ConfigError,
     InsufficientScope,
     InvalidRequest,
-    InvalidToken,
     MissingCredentials,
     Refusal,
     check_realm,
@@ -251,7 +251,9 @@ class DeviceAuthMiddleware:
                     principal = None  # no credential at all, where none is needed
                 else:
                     if principal.kind not in accepted:
-                        raise InsufficientScope()
+                        refused = InsufficientScope()
+                        refused.credential_kind = principal.kind.value
+                        raise refused
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -274,16 +276,7 @@ class DeviceAuthMiddleware:
             await self.app(scope, receive, send)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
-        # DEBUG, not INFO: a flood of bad requests must not become a flood of log lines. The
-        # server's access log already records the status.
-        if logger.isEnabledFor(logging.DEBUG):
-            reason = error.reason.value if isinstance(error, InvalidToken) else error.error
-            logger.debug(
-                "devicegate refused a %s request: %d %s",
-                scope["type"],
-                error.status_code,
-                reason or "unauthorized",
-            )
+        log_refusal(scope, error)
         if self._on_error is not None and scope["type"] == "http" and isinstance(error, AuthError):
             try:
                 responder = self._on_error(scope, error)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
+from ._audit import log_revocation
 from ._config import GateConfig
 from ._endpoint import ServerKeyEndpoint
 from ._errors import DEFAULT_REALM, ConfigError, Refusal
@@ -14,7 +14,6 @@ from ._revocation import RevocationStore
 
 __all__ = ["RevocationEndpoint"]
 
-audit = logging.getLogger("devicegate.audit")
 
 # Each target a body may name, and the RevocationStore method that revokes it.
 _TARGETS = {
@@ -104,9 +103,7 @@ class RevocationEndpoint(ServerKeyEndpoint):
             ):
                 raise Refusal(_BAD_NAME)
             await revoke(value, **options)
-        who = "a server key" if caller is None or caller.key_name is None else caller.key_name
-        # The target's kind, never its value: a device id or subject is the app's data.
-        audit.info("devicegate revocation: %s by %s", target, who)
+        log_revocation(target, None if caller is None else caller.key_name)
         answer: dict[str, Any] = {"revoked": target, target: value}
         if options:
             answer["before"] = options["before"]
