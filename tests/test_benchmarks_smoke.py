@@ -29,6 +29,7 @@ IN_PROCESS = {
     "raw + devicegate, cached device token, 100,000 revocations": (
         "raw + devicegate, cached device token"
     ),
+    "raw + devicegate, cached device token, metrics on": "raw + devicegate, cached device token",
     "Starlette hello-world": None,
     "Starlette + devicegate, cached device token": "Starlette hello-world",
     "Starlette + AuthenticationMiddleware + PyJWT": "Starlette hello-world",
@@ -106,7 +107,7 @@ def test_the_machine_and_every_target_are_stated(run: tuple[dict[str, Any], str]
     figures, output = run
     assert figures["machine"]["python"].startswith("CPython ")
     assert "starlette " in figures["machine"]["packages"]
-    expected = 7 if figures["over HTTP"] else 6
+    expected = 8 if figures["over HTTP"] else 7
     assert len(figures["targets"]) == expected
     for target in figures["targets"]:
         assert isinstance(target["met"], bool)

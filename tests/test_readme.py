@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import prometheus_client
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.types import ASGIApp
 
 import devicegate
@@ -94,7 +96,9 @@ def run_block(block: Block, namespace: dict[str, Any]) -> Any:
 
 def test_every_python_block_is_covered_here() -> None:
     # A new example in the README needs a test below; a renamed heading needs this list changed.
-    assert sorted(BLOCKS) == sorted([*QUICK_STARTS, "Rules", "Minting tokens", "Revoking"])
+    assert sorted(BLOCKS) == sorted(
+        [*QUICK_STARTS, "Rules", "Minting tokens", "Revoking", "Metrics"]
+    )
     assert len(python_blocks(README.read_text(encoding="utf-8"))) == len(BLOCKS)
 
 
@@ -396,3 +400,19 @@ def test_quick_start_configurations_load_as_the_readme_says(keys_on_disk: Keys) 
         assert config.api_keys == (keys_on_disk.api_key,)
         assert config.mobile_api_keys == (keys_on_disk.mobile_api_key,)
         assert config.jwt_secret == keys_on_disk.jwt_secret
+
+
+async def test_metrics_example(keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The block registers with prometheus_client's global REGISTRY: here, with a fresh one.
+    registry = CollectorRegistry()
+    monkeypatch.setattr(prometheus_client, "REGISTRY", registry)
+    inner = RecordingApp()
+    namespace: dict[str, Any] = {"app": inner, "config": keys.config()}
+    run_block(BLOCKS["Metrics"], namespace)
+    gate = namespace["app"]
+    assert isinstance(gate, DeviceAuthMiddleware)
+    async with client(gate) as http:
+        assert (await http.get("/", headers={"x-api-key": keys.api_key})).status_code == 200
+    text = generate_latest(registry).decode()
+    assert 'devicegate_requests_total{kind="api_key",outcome="admitted"} 1.0' in text
+    assert "devicegate_token_cache_entries 0.0" in text

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._config import ConfigError, GateConfig
+from ._counters import Counters
 from ._endpoint import TokenEndpoint
 from ._errors import (
     AuthError,
@@ -38,6 +39,7 @@ __all__ = [
     "AuthError",
     "CachedToken",
     "ConfigError",
+    "Counters",
     "CredentialKind",
     "DeviceAuthMiddleware",
     "DeviceGateError",

@@ -18,9 +18,17 @@ from starlette.types import Scope
 
 from ._errors import AuthError, InvalidToken, Refusal
 
-__all__ = ["audit", "log_mint", "log_refusal", "log_revocation"]
+__all__ = ["audit", "log_mint", "log_refusal", "log_revocation", "refusal_reason"]
 
 audit = logging.getLogger("devicegate.audit")
+
+
+def refusal_reason(refusal: Refusal) -> str:
+    """Why ``refusal`` was made, in one word of a small fixed set: an ``InvalidReason`` value,
+    else the error code (``no_credential`` when no credential was sent)."""
+    if isinstance(refusal, InvalidToken):
+        return refusal.reason.value
+    return refusal.error or "no_credential"
 
 
 def _write(message: str, facts: dict[str, Any]) -> None:
@@ -56,14 +64,10 @@ def log_refusal(scope: Scope, refusal: Refusal, route_path: str | None = None) -
     """Write the line of a refused request (when INFO is enabled on the audit logger)."""
     if not audit.isEnabledFor(logging.INFO):
         return
-    if isinstance(refusal, InvalidToken):
-        reason: str = refusal.reason.value
-    else:
-        reason = refusal.error or "no_credential"
     client = scope.get("client")
     facts: dict[str, Any] = {
         "event": "refused",
-        "reason": reason,
+        "reason": refusal_reason(refusal),
         "status": refusal.status_code,
         "kind": None,
         "method": scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET",

@@ -13,6 +13,7 @@ from ._audit import log_mint
 from ._auth import Authenticator
 from ._claims import ClaimError
 from ._config import GateConfig
+from ._counters import Counters
 from ._errors import (
     DEFAULT_REALM,
     UNREADABLE_REQUEST,
@@ -84,11 +85,14 @@ class ServerKeyEndpoint:
     kind = "admin"
     """What the endpoint is, for error messages and logs."""
 
-    def __init__(self, config: GateConfig, *, realm: str = DEFAULT_REALM) -> None:
+    def __init__(
+        self, config: GateConfig, *, realm: str = DEFAULT_REALM, counters: Counters | None = None
+    ) -> None:
         if not config.api_keys:
             raise ConfigError("api_keys", f"the {self.kind} endpoint needs a server API key")
         check_realm(realm)
         self._config = config
+        self._counters = counters
         # Built on first use: behind the middleware (which authenticates itself and calls
         # respond()) it is never needed, and it holds a token cache of its own.
         self._authenticator: Authenticator | None = None
@@ -176,8 +180,10 @@ class TokenEndpoint(ServerKeyEndpoint):
 
     kind = "token"
 
-    def __init__(self, config: GateConfig, *, realm: str = DEFAULT_REALM) -> None:
-        super().__init__(config, realm=realm)
+    def __init__(
+        self, config: GateConfig, *, realm: str = DEFAULT_REALM, counters: Counters | None = None
+    ) -> None:
+        super().__init__(config, realm=realm, counters=counters)
         self.issuer = TokenIssuer(config)
 
     def __repr__(self) -> str:
@@ -213,6 +219,8 @@ class TokenEndpoint(ServerKeyEndpoint):
         except ClaimError as exc:
             # The message is devicegate's own text, naming devicegate's own member names.
             raise Refusal(f"{exc}.") from None
+        if self._counters is not None:
+            self._counters.minted += 1
         log_mint(
             token.claims["jti"],
             instance_id,

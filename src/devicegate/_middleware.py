@@ -10,9 +10,10 @@ from starlette.authentication import UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_refusal
-from ._audit import log_refusal
+from ._audit import log_refusal, refusal_reason
 from ._auth import Authenticator
 from ._config import GateConfig
+from ._counters import Counters
 from ._endpoint import ServerKeyEndpoint, TokenEndpoint
 from ._errors import (
     DEFAULT_REALM,
@@ -91,6 +92,8 @@ class DeviceAuthMiddleware:
             :class:`~devicegate.RevocationEndpoint` (server API key only), or ``None``. Active
             when the configuration has an API key and the revocations can be written to (a
             :class:`~devicegate.RevocationList`, or a shared store).
+        counters: where to count what is admitted, refused, minted and revoked (for
+            :mod:`devicegate.metrics`); ``None`` counts nothing.
 
     Raises:
         ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` or
@@ -116,6 +119,7 @@ class DeviceAuthMiddleware:
         revocations: RevocationCheck | None = None,
         verifier: TokenVerifier | None = None,
         revoke_path: str | None = "/revoke",
+        counters: Counters | None = None,
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
@@ -145,9 +149,10 @@ class DeviceAuthMiddleware:
         self._paths = (token_path, revoke_path)
         self._on_error = on_error
         self._realm = realm
+        self._counters = counters
         # Everything that follows from the configuration, compiled once and swapped whole by
         # reconfigure(): a request reads it once, so it never sees half of each.
-        self._gate = _Gate(config, verifier, rules, self._paths, realm)
+        self._gate = _Gate(config, verifier, rules, self._paths, realm, counters)
 
     def __repr__(self) -> str:
         return (
@@ -210,7 +215,7 @@ class DeviceAuthMiddleware:
         if verifier is None:
             revocations = self._gate.authenticator.verifier.revocations
             verifier = TokenVerifier(config, revocations=revocations)
-        self._gate = _Gate(config, verifier, self._rules, self._paths, self._realm)
+        self._gate = _Gate(config, verifier, self._rules, self._paths, self._realm, self._counters)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -262,6 +267,9 @@ class DeviceAuthMiddleware:
             await self._deny(scope, receive, send, InvalidRequest(UNREADABLE_REQUEST))
             return
 
+        counters = self._counters
+        if counters is not None:
+            counters.admitted["none" if principal is None else principal.kind] += 1
         # The principal comes from us alone: overwrite whatever an earlier layer put there.
         # The credentials are shared and read-only: no app can widen the next request's scopes.
         if principal is None:
@@ -277,6 +285,9 @@ class DeviceAuthMiddleware:
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         log_refusal(scope, error)
+        if self._counters is not None:
+            kind = (error.credential_kind if isinstance(error, AuthError) else None) or "none"
+            self._counters.refused[kind, refusal_reason(error)] += 1
         if self._on_error is not None and scope["type"] == "http" and isinstance(error, AuthError):
             try:
                 responder = self._on_error(scope, error)
@@ -330,6 +341,7 @@ class _Gate:
         rules: tuple[Rule, ...],
         paths: tuple[str | None, str | None],
         realm: str,
+        counters: Counters | None,
     ) -> None:
         token_path, revoke_path = paths
         self.config = config
@@ -349,12 +361,12 @@ class _Gate:
         self.server_key_routes: dict[str, _Route] = {}
         if token_path is not None and config.api_keys and config.jwt_secrets:
             self.token_path = token_path
-            endpoint: ServerKeyEndpoint = TokenEndpoint(config, realm=realm)
+            endpoint: ServerKeyEndpoint = TokenEndpoint(config, realm=realm, counters=counters)
             self.server_key_routes[token_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
         revocations = verifier.revocations
         if revoke_path is not None and config.api_keys and isinstance(revocations, RevocationStore):
             self.revoke_path = revoke_path
-            endpoint = RevocationEndpoint(config, revocations, realm=realm)
+            endpoint = RevocationEndpoint(config, revocations, realm=realm, counters=counters)
             self.server_key_routes[revoke_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
         # Every decision a path can get, built once: the remembered routes share them.
         self.rule_table = RuleTable(

@@ -7,6 +7,7 @@ from typing import Any
 
 from ._audit import log_revocation
 from ._config import GateConfig
+from ._counters import Counters
 from ._endpoint import ServerKeyEndpoint
 from ._errors import DEFAULT_REALM, ConfigError, Refusal
 from ._principal import Principal
@@ -58,7 +59,12 @@ class RevocationEndpoint(ServerKeyEndpoint):
     kind = "revocation"
 
     def __init__(
-        self, config: GateConfig, revocations: RevocationStore, *, realm: str = DEFAULT_REALM
+        self,
+        config: GateConfig,
+        revocations: RevocationStore,
+        *,
+        realm: str = DEFAULT_REALM,
+        counters: Counters | None = None,
     ) -> None:
         if not isinstance(revocations, RevocationStore):
             raise ConfigError(
@@ -66,7 +72,7 @@ class RevocationEndpoint(ServerKeyEndpoint):
                 "must be a RevocationStore such as RevocationList, got "
                 f"{type(revocations).__name__}",
             )
-        super().__init__(config, realm=realm)
+        super().__init__(config, realm=realm, counters=counters)
         self.revocations = revocations
 
     def __repr__(self) -> str:
@@ -103,6 +109,8 @@ class RevocationEndpoint(ServerKeyEndpoint):
             ):
                 raise Refusal(_BAD_NAME)
             await revoke(value, **options)
+        if self._counters is not None:
+            self._counters.revoked[target] += 1
         log_revocation(target, None if caller is None else caller.key_name)
         answer: dict[str, Any] = {"revoked": target, target: value}
         if options:

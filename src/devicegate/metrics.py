@@ -1,0 +1,98 @@
+"""Prometheus metrics for devicegate: ``pip install 'devicegate[metrics]'``.
+
+The middleware counts in plain integers (:class:`~devicegate.Counters`); the collector here
+reads them when Prometheus scrapes, so the request path never calls into the metrics library::
+
+    from prometheus_client import REGISTRY
+    from devicegate import Counters, DeviceAuthMiddleware
+    from devicegate.metrics import DevicegateCollector
+
+    counters = Counters()
+    app = DeviceAuthMiddleware(app, config=config, counters=counters)
+    REGISTRY.register(DevicegateCollector(counters, middleware=app))
+
+Names follow Prometheus conventions (``devicegate_`` prefix, ``_total`` counters), and every
+label takes a small fixed set of values: never a path, a token, a key or a device id.
+
+References:
+    https://prometheus.io/docs/practices/naming/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+try:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "devicegate.metrics needs prometheus_client: pip install 'devicegate[metrics]'"
+    ) from exc
+
+from ._counters import Counters
+from ._middleware import DeviceAuthMiddleware
+
+__all__ = ["DevicegateCollector"]
+
+
+class DevicegateCollector(Collector):
+    """Exposes a :class:`~devicegate.Counters` (and, given the middleware, its token cache) as
+    Prometheus metrics:
+
+    * ``devicegate_requests_total{kind, outcome}``: requests decided, by credential kind
+      (``api_key``, ``mobile_api_key``, ``device_token``, or ``none``) and outcome
+      (``admitted``, or the reason of the refusal: ``expired``, ``bad_signature``,
+      ``wrong_device``, ``revoked``, ``insufficient_scope``, ``no_credential``...);
+    * ``devicegate_tokens_minted_total`` and ``devicegate_revocations_total{target}``;
+    * ``devicegate_token_cache_entries``: verified tokens remembered right now.
+
+    Args:
+        counters: what the middleware counts into.
+        middleware: the middleware, for the gauges of its state.
+    """
+
+    def __init__(
+        self, counters: Counters, *, middleware: DeviceAuthMiddleware | None = None
+    ) -> None:
+        if not isinstance(counters, Counters):
+            raise TypeError(f"counters must be a devicegate.Counters, got {type(counters)}")
+        self._counters = counters
+        self._middleware = middleware
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters
+        # Copied first: a request on another thread may add a key while this one reads.
+        admitted, refused, revoked = (
+            dict(counters.admitted),
+            dict(counters.refused),
+            dict(counters.revoked),
+        )
+        requests = CounterMetricFamily(
+            "devicegate_requests",
+            "Requests devicegate decided, by credential kind and outcome.",
+            labels=["kind", "outcome"],
+        )
+        for kind, count in sorted(admitted.items()):
+            requests.add_metric([str(kind), "admitted"], count)
+        for (kind, reason), count in sorted(refused.items()):
+            requests.add_metric([kind, reason], count)
+        yield requests
+        yield CounterMetricFamily(
+            "devicegate_tokens_minted", "Tokens minted at the token endpoint.", counters.minted
+        )
+        revocations = CounterMetricFamily(
+            "devicegate_revocations",
+            "Revocations written, by what they named.",
+            labels=["target"],
+        )
+        for target, count in sorted(revoked.items()):
+            revocations.add_metric([target], count)
+        yield revocations
+        if self._middleware is not None:
+            yield GaugeMetricFamily(
+                "devicegate_token_cache_entries",
+                "Verified tokens remembered right now.",
+                self._middleware.verifier.cache_size,
+            )
