@@ -27,6 +27,7 @@ from .._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
 from .._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from .._middleware import DeviceAuthMiddleware
 from .._principal import get_principal
+from .._revocation import RevocationCheck
 from .._rules import Rule
 from ._policy import caller_headers
 from ._refusals import MethodNotAllowed
@@ -97,6 +98,9 @@ class ForwardAuth:
         shared_secret: a secret the proxy must send in ``X-Devicegate-Forward-Secret``
             (at least 16 bytes of visible ASCII, different from every key in ``config``).
         realm: the ``realm`` of ``WWW-Authenticate`` challenges.
+        revocations: asked whether a verified device token was revoked, as by the middleware:
+            give it the store the gateway's ``/revoke`` writes to, or a revoked token would
+            still pass here.
 
     Raises:
         ConfigError: as :class:`~devicegate.DeviceAuthMiddleware` for ``rules`` and ``realm``,
@@ -116,13 +120,19 @@ class ForwardAuth:
         rules: Sequence[Rule] = (),
         shared_secret: str | None = None,
         realm: str = DEFAULT_REALM,
+        revocations: RevocationCheck | None = None,
     ) -> None:
         # The decision is the middleware's own, run over the original request: one code path
         # for both ways of deploying devicegate, so they cannot drift apart.
         self._gate = DeviceAuthMiddleware(
-            _admit, config=config, rules=rules, token_path=None, realm=realm
+            _admit,
+            config=config,
+            rules=rules,
+            token_path=None,
+            realm=realm,
+            revocations=revocations,
+            revoke_path=None,
         )
-        self._config = config
         self._realm = realm
         self._secret = None if shared_secret is None else _check_secret(config, shared_secret)
 
@@ -135,8 +145,8 @@ class ForwardAuth:
 
     @property
     def config(self) -> GateConfig:
-        """The configuration this endpoint was built with."""
-        return self._config
+        """The configuration in force."""
+        return self._gate.config
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -146,10 +156,23 @@ class ForwardAuth:
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
 
-        The secrets are fixed for the life of this endpoint: clearing revokes nothing by
-        itself. To rotate ``jwt_secret``, build a new endpoint from the new configuration.
+        Clearing revokes nothing by itself; to change keys or secrets, :meth:`reconfigure`.
         """
         self._gate.clear_token_cache()
+
+    def reconfigure(self, config: GateConfig) -> None:
+        """Put ``config`` in force for every request that starts from now on, as
+        :meth:`DeviceAuthMiddleware.reconfigure <devicegate.DeviceAuthMiddleware.reconfigure>`
+        does: requests under way finish under the old one, revocations are kept.
+
+        Raises:
+            ConfigError: as the constructor (the shared secret is one of ``config``'s keys,
+                say); the configuration in force then stays.
+        """
+        if self._secret is not None:
+            # Checked before anything changes: the secret must stay distinct from every key.
+            _check_secret(config, self._secret.decode("ascii"))
+        self._gate.reconfigure(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
