@@ -580,6 +580,7 @@ async def test_serve_creates_secrets_and_runs_the_gate(
         "log_level": "info",
         "lifespan": "on",
         "server_header": False,
+        "log_config": cli._log_config("info"),
     }
     async with client(app) as http:
         minted = await http.post(

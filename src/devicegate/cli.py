@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import copy
 import dataclasses
 import errno
 import json
@@ -39,6 +40,7 @@ from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
     DEFAULT_FORWARD_AUTH_PATH,
+    DEFAULT_REVOKE_PATH,
     DEFAULT_TOKEN_PATH,
     ServeSettings,
     has_env_credentials,
@@ -347,8 +349,10 @@ def _api_key_expression(settings: ServeSettings, environ: Mapping[str, str]) -> 
     if environ.get("DEVICEGATE_API_KEYS", "").strip() or settings.secrets_file is None:
         return '"${DEVICEGATE_API_KEYS%%,*}"'
     # python3 rather than jq: present wherever devicegate was installed.
+    # The first key of a rotation list or of named keys: the one devicegate token uses.
     program = (
         'import json,sys; k=json.load(open(sys.argv[1]))["api_key"]; '
+        "k=list(k.values()) if isinstance(k, dict) else k; "
         "print(k if isinstance(k, str) else k[0])"
     )
     return f'"$(python3 -c {shlex.quote(program)} {shlex.quote(settings.secrets_file)})"'
@@ -378,6 +382,7 @@ def serve_banner(
     lines.append(f"  public paths: {', '.join(('/health', *settings.public))}")
     if settings.forward_auth_path is not None:
         lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
+    lines.append(f"  {_revocation_line(settings, config, base, workers)}")
     device_header = _PRETTY_HEADERS.get(config.device_header, config.device_header)
     target = f"{base}/" if settings.upstream else f"{base}/whoami"
     if settings.token_path is None or not (config.api_keys and config.jwt_secrets):
@@ -402,6 +407,35 @@ def serve_banner(
     return "\n".join(lines) + "\n"
 
 
+def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, workers: int) -> str:
+    if settings.revoke_path is None:
+        return "revocation endpoint: off (--revoke-path none)"
+    if not config.api_keys:
+        return "revocation endpoint: off (needs an api_key)"
+    if workers > 1:
+        # Said once at start, and answered 501 at the path: never a silent disagreement.
+        return (
+            f"revocation endpoint: off with {workers} workers: an in-memory revocation list "
+            "lives in one process, so a revocation would hold in one worker only (a shared "
+            f"store is needed); POST {settings.revoke_path} answers 501"
+        )
+    return f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only)"
+
+
+def _log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging, with devicegate's own lines (reloads, revocations, upstream
+    failures) printed the same way at the same level."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("loggers", {})["devicegate"] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
 def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
     if args.upstream_timeout is not None:  # the flag wins: its variable is not even read
         environ = {k: v for k, v in environ.items() if k != "DEVICEGATE_UPSTREAM_TIMEOUT"}
@@ -421,6 +455,8 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
         changes["public"] = tuple(args.public)
     if args.token_path is not None:
         changes["token_path"] = None if args.token_path.lower() == "none" else args.token_path
+    if args.revoke_path is not None:
+        changes["revoke_path"] = None if args.revoke_path.lower() == "none" else args.revoke_path
     settings = dataclasses.replace(settings, **changes)
     if settings.secrets_file is None and not has_env_credentials(environ):
         path = Path(DEFAULT_SECRETS_FILE).absolute()
@@ -452,7 +488,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     log_level = args.log_level or environ.get("DEVICEGATE_LOG_LEVEL", "").strip().lower() or "info"
     if log_level not in LOG_LEVELS:
         raise ConfigError("DEVICEGATE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
-    settings = _serve_settings(args, environ)
+    settings = dataclasses.replace(_serve_settings(args, environ), workers=workers)
     config = settings.load_config(environ)
     try:
         app = settings.build(environ, config)
@@ -472,6 +508,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         "log_level": log_level,
         "lifespan": "on",
         "server_header": False,
+        "log_config": _log_config(log_level),
     }
     if workers > 1:
         # Workers are fresh processes that import the app by name; they read the same
@@ -599,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"path of the token endpoint, or 'none' (env DEVICEGATE_TOKEN_PATH; default "
         f"{DEFAULT_TOKEN_PATH})",
+    )
+    serve.add_argument(
+        "--revoke-path",
+        metavar="PATH",
+        help=f"path of the revocation endpoint, or 'none' (env DEVICEGATE_REVOKE_PATH; default "
+        f"{DEFAULT_REVOKE_PATH}; off with --workers above 1)",
     )
     serve.add_argument(
         "--log-level",

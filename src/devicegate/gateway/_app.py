@@ -1,5 +1,5 @@
-"""Assembling the ASGI app ``devicegate serve`` runs: the gate, the token endpoint, the demo or a
-reverse proxy, and optionally a forward-auth endpoint.
+"""Assembling the ASGI app ``devicegate serve`` runs: the gate, the token and revocation
+endpoints, the demo or a reverse proxy, and optionally a forward-auth endpoint.
 
 ``build_app`` takes ready values; :class:`ServeSettings` carries what the command line resolved
 and round-trips through ``DEVICEGATE_*`` environment variables, so that every uvicorn worker
@@ -10,17 +10,20 @@ holds the forward-auth secret do.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._asgi import send_refusal
 from .._config import (
     CREDENTIAL_VARIABLES,
     GateConfig,
+    env_int,
     env_list,
     env_seconds,
     env_str,
@@ -30,13 +33,19 @@ from .._config import (
 )
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
+from .._principal import CredentialKind
+from .._revocation import RevocationList
 from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._policy import DEFAULT_TIMEOUT
+from ._refusals import RevocationOff
+from ._reload import ReloadableApp
 
 __all__ = [
     "DEFAULT_FORWARD_AUTH_PATH",
+    "DEFAULT_REVOKE_PATH",
     "DEFAULT_TOKEN_PATH",
+    "ReloadableApp",
     "ServeSettings",
     "app_from_env",
     "build_app",
@@ -46,8 +55,11 @@ __all__ = [
     "read_upstream_secrets",
 ]
 
+logger = logging.getLogger("devicegate")
+
 DEFAULT_TOKEN_PATH = "/gen-jwt"  # noqa: S105 - a path, not a secret
 DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
+DEFAULT_REVOKE_PATH = "/revoke"
 
 _DISABLED = "none"
 
@@ -156,6 +168,11 @@ class _PathSwitch:
             await self.app(scope, receive, send)
 
 
+async def _revocation_off(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer at the revocation path when revocation cannot hold in every process."""
+    await send_refusal(scope, send, RevocationOff())
+
+
 def build_app(
     config: GateConfig,
     *,
@@ -167,7 +184,11 @@ def build_app(
     forward_auth_path: str | None = None,
     forward_auth_secret: str | None = None,
     token_path: str | None = DEFAULT_TOKEN_PATH,
-) -> ASGIApp:
+    revoke_path: str | None = DEFAULT_REVOKE_PATH,
+    workers: int = 1,
+    reload: Callable[[], GateConfig] | None = None,
+    reload_source: str = "the configuration",
+) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
     :class:`~devicegate.DeviceAuthMiddleware` guards the embedded demo app, or a
@@ -187,6 +208,15 @@ def build_app(
         forward_auth_path: the path of the forward-auth endpoint, or ``None``.
         forward_auth_secret: a shared secret the proxy must send to the forward-auth endpoint.
         token_path: the path of the token endpoint, or ``None``.
+        revoke_path: the path of the revocation endpoint (server API key only), or ``None``.
+            Revocations are kept in a :class:`~devicegate.RevocationList` in this process,
+            which the gate and the forward-auth endpoint both consult.
+        workers: how many processes serve this app. Above 1 an in-memory list would hold in
+            one of them only, so revocation is off: ``revoke_path`` answers 501 to the server
+            API key (and is never forwarded).
+        reload: reads the configuration again; with it, SIGHUP puts what it returns in force
+            (see :meth:`ReloadableApp.reconfigure`). ``None``: SIGHUP is left alone.
+        reload_source: what ``reload`` reads, for the log line.
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -194,18 +224,20 @@ def build_app(
         ImportError: ``upstream`` is given but httpx (the ``server`` extra) is missing.
     """
     public_rules = [Rule(path, public=True) for path in public]
+    if revoke_path is not None:
+        _check_path("revoke_path", revoke_path)
+        if any(
+            path is not None and Rule(revoke_path).matches(path)
+            for path in (HEALTH_PATH, token_path)
+        ):
+            raise ConfigError("revoke_path", f"{revoke_path!r} is already served; choose another")
     inner: ASGIApp
     if upstream is None:
         if upstream_api_key is not None or upstream_mobile_api_key is not None:
             raise ConfigError("upstream_secrets_file", "upstream credentials need an upstream")
         inner = demo_app
     else:
-        for what, key in (
-            ("upstream api_key", upstream_api_key),
-            ("upstream mobile_api_key", upstream_mobile_api_key),
-        ):
-            if key is not None and opens_a_door_of(config, key):
-                raise _shared_with_upstream(what)
+        _check_upstream_keys(config, upstream_api_key, upstream_mobile_api_key)
         from .proxy import ReverseProxy  # lazy: httpx is in the server extra
 
         # The gateway answers its own health check: an unauthenticated probe must not reach
@@ -225,22 +257,40 @@ def build_app(
                 device_header=config.device_header,
             ),
         )
+    rules = [Rule(HEALTH_PATH, public=True), *public_rules]
+    revocations: RevocationList | None = None
+    if revoke_path is not None and workers > 1:
+        if config.api_keys:
+            # Refused to the server key alone, as the endpoint itself would be; everyone else
+            # gets the usual 401/403. Never forwarded: the switch answers before the app.
+            rules.insert(1, Rule(revoke_path, accept=[CredentialKind.API_KEY]))
+            inner = _PathSwitch(revoke_path, _revocation_off, inner)
+        revoke_path = None
+    elif revoke_path is not None:
+        revocations = RevocationList()
     gate = DeviceAuthMiddleware(
         inner,
         config=config,
-        rules=[Rule(HEALTH_PATH, public=True), *public_rules],
+        rules=rules,
         token_path=token_path,
+        revocations=revocations,
+        revoke_path=revoke_path,
     )
+
+    def check(new: GateConfig) -> None:
+        _check_upstream_keys(new, upstream_api_key, upstream_mobile_api_key)
+
+    options: dict[str, Any] = {"check": check, "load": reload, "source": reload_source}
     if forward_auth_path is None:
         if forward_auth_secret is not None:
             raise ConfigError("forward_auth_secret", "a shared secret needs a forward-auth path")
-        return gate
+        return ReloadableApp(gate, gate=gate, **options)
     _check_path("forward_auth_path", forward_auth_path)
     # The switch below matches as a Rule does (both slash spellings), so the clash check must
     # too: "/gen-jwt/" would otherwise hide the token endpoint.
     if any(
         path is not None and Rule(forward_auth_path).matches(path)
-        for path in (HEALTH_PATH, token_path)
+        for path in (HEALTH_PATH, token_path, revoke_path)
     ):
         raise ConfigError(
             "forward_auth_path", f"{forward_auth_path!r} is already served; choose another path"
@@ -248,12 +298,27 @@ def build_app(
     from .forward_auth import ForwardAuth
 
     # Only the user's public paths: /health is the gateway's own, and making the protected
-    # server's /health public behind the proxy is a decision for its operator.
-    endpoint = ForwardAuth(config, rules=public_rules, shared_secret=forward_auth_secret)
+    # server's /health public behind the proxy is a decision for its operator. The same
+    # revocations as the gate's: a token revoked through /revoke is refused here too.
+    endpoint = ForwardAuth(
+        config, rules=public_rules, shared_secret=forward_auth_secret, revocations=revocations
+    )
     # ForwardAuth answers websocket handshakes itself (with a refusal).
-    return _PathSwitch(
+    app = _PathSwitch(
         forward_auth_path, endpoint, gate, scope_types=frozenset({"http", "websocket"})
     )
+    return ReloadableApp(app, gate=gate, forward_auth=endpoint, **options)
+
+
+def _check_upstream_keys(
+    config: GateConfig, upstream_api_key: str | None, upstream_mobile_api_key: str | None
+) -> None:
+    for what, key in (
+        ("upstream api_key", upstream_api_key),
+        ("upstream mobile_api_key", upstream_mobile_api_key),
+    ):
+        if key is not None and opens_a_door_of(config, key):
+            raise _shared_with_upstream(what)
 
 
 # A timeout in seconds, from a variable or a command-line flag: the environment's parser.
@@ -273,6 +338,8 @@ class ServeSettings:
         forward_auth_path: where the forward-auth endpoint answers, or ``None``.
         forward_auth_secret_env: the name of the variable holding the forward-auth secret.
         token_path: where the token endpoint answers, or ``None``.
+        revoke_path: where the revocation endpoint answers, or ``None``.
+        workers: how many worker processes serve the app (revocation is off above 1).
     """
 
     secrets_file: str | None = None
@@ -283,6 +350,8 @@ class ServeSettings:
     forward_auth_path: str | None = None
     forward_auth_secret_env: str | None = None
     token_path: str | None = DEFAULT_TOKEN_PATH
+    revoke_path: str | None = DEFAULT_REVOKE_PATH
+    workers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServeSettings:
@@ -294,6 +363,8 @@ class ServeSettings:
 
         timeout = read_env(environ, "DEVICEGATE_UPSTREAM_TIMEOUT", env_seconds)
         token_path = get("TOKEN_PATH") or DEFAULT_TOKEN_PATH
+        revoke_path = get("REVOKE_PATH") or DEFAULT_REVOKE_PATH
+        workers = read_env(environ, "DEVICEGATE_WORKERS", env_int) or 1
         return cls(
             secrets_file=get("SECRETS_FILE"),
             upstream=get("UPSTREAM"),
@@ -303,6 +374,8 @@ class ServeSettings:
             forward_auth_path=get("FORWARD_AUTH_PATH"),
             forward_auth_secret_env=get("FORWARD_AUTH_SECRET_ENV"),
             token_path=None if token_path.lower() == _DISABLED else token_path,
+            revoke_path=None if revoke_path.lower() == _DISABLED else revoke_path,
+            workers=workers,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -319,14 +392,20 @@ class ServeSettings:
             "DEVICEGATE_FORWARD_AUTH_PATH": self.forward_auth_path or "",
             "DEVICEGATE_FORWARD_AUTH_SECRET_ENV": self.forward_auth_secret_env or "",
             "DEVICEGATE_TOKEN_PATH": self.token_path or _DISABLED,
+            "DEVICEGATE_REVOKE_PATH": self.revoke_path or _DISABLED,
+            "DEVICEGATE_WORKERS": str(self.workers),
         }
 
     def load_config(self, environ: Mapping[str, str]) -> GateConfig:
         """The gate's configuration (see :func:`load_config`)."""
         return load_config(self.secrets_file, environ)
 
-    def build(self, environ: Mapping[str, str], config: GateConfig | None = None) -> ASGIApp:
+    def build(self, environ: Mapping[str, str], config: GateConfig | None = None) -> ReloadableApp:
         """Build the app; ``environ`` supplies the configuration and the forward-auth secret.
+
+        On SIGHUP the app reads the configuration again (the secrets file, then ``environ``'s
+        ``DEVICEGATE_*`` overrides) and puts it in force; the upstream's secrets file and the
+        forward-auth secret are read here only.
 
         Raises:
             ConfigError: anything in the settings or the files they name is unusable.
@@ -354,6 +433,10 @@ class ServeSettings:
             forward_auth_path=self.forward_auth_path,
             forward_auth_secret=secret,
             token_path=self.token_path,
+            revoke_path=self.revoke_path,
+            workers=self.workers,
+            reload=lambda: self.load_config(environ),
+            reload_source=self.secrets_file or "the DEVICEGATE_* variables",
         )
 
 
@@ -361,6 +444,14 @@ def app_from_env() -> ASGIApp:
     """The uvicorn factory each worker of ``devicegate serve --workers N`` imports.
 
     Reads :class:`ServeSettings` and the gate's configuration from ``os.environ``, where the
-    parent process put them.
+    parent process put them. A configuration refused here (a secrets file broken since the
+    parent checked it, say, when uvicorn replaces the workers on SIGHUP) is logged in one
+    line, and the worker exits with status 1: uvicorn then keeps the workers that run.
     """
-    return ServeSettings.from_env(os.environ).build(os.environ)
+    try:
+        return ServeSettings.from_env(os.environ).build(os.environ)
+    except ConfigError as exc:
+        logger.error("devicegate: this worker cannot start, the configuration is refused: %s", exc)
+        # Status 1, not uvicorn's "startup failure" (3): a worker replaced after a crash while
+        # the file is broken would otherwise make uvicorn stop every worker.
+        raise SystemExit(1) from None

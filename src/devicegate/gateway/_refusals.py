@@ -9,6 +9,7 @@
     ├── BodyTimeout              408 request_timeout, connection closed
     ├── BodyTooLarge             413 invalid_request, connection closed
     ├── WebsocketNotForwarded    501 invalid_request
+    ├── RevocationOff            501 revocation_off, connection closed
     ├── BadGateway               502 bad_gateway
     └── GatewayTimeout           504 gateway_timeout
 
@@ -38,6 +39,7 @@ __all__ = [
     "ConflictingFraming",
     "GatewayTimeout",
     "MethodNotAllowed",
+    "RevocationOff",
     "UnforwardableTarget",
     "WebsocketNotForwarded",
 ]
@@ -109,6 +111,22 @@ class WebsocketNotForwarded(Refusal):
 
     status_code = 501
     description = "This gateway does not forward websockets."
+
+
+class RevocationOff(Refusal):
+    """``POST /revoke`` to ``devicegate serve --workers N``: an in-memory revocation list lives
+    in one worker process, so a revocation would hold in whichever worker took the request and
+    silently not in the others. Refused rather than half done, and never forwarded."""
+
+    status_code = 501
+    error = "revocation_off"
+    description = (
+        "Revocation is off: this server runs several worker processes and has no shared "
+        "revocation store, so a revocation would hold in one of them only."
+    )
+
+    def __init__(self) -> None:
+        super().__init__(close=True)  # the body was not read
 
 
 class BadGateway(Refusal):
