@@ -35,8 +35,10 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
+from ._claims import ClaimError
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
+from ._json import loads_strict_json
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
     DEFAULT_FORWARD_AUTH_PATH,
@@ -61,6 +63,14 @@ DEFAULT_PORT = 8000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
 DEMO_INSTANCE_ID = "demo-device"
+# Which flag of ``token`` each member a ClaimError names came from.
+_CLAIM_FLAGS = {"sub": "--sub", "claims": "--claim", "expires_in": "--lifetime"}
+# The flag that sets a claim --claim may not, where there is one.
+_RESERVED_CLAIM_HINTS = {
+    "sub": "use --sub",
+    "instance_id": "use --instance-id",
+    "exp": "use --lifetime",
+}
 # The import string uvicorn workers load; they rebuild the app from the environment.
 WORKER_FACTORY = "devicegate.gateway._app:app_from_env"
 
@@ -173,10 +183,57 @@ def _config(secrets_file: str | None, environ: Mapping[str, str]) -> GateConfig:
 # -- token ---------------------------------------------------------------------------------------
 
 
+def _claim_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--claim NAME=JSON`` options as claims; a usage error names the claim."""
+    claims: dict[str, Any] = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        shown = _shown(name)
+        if not equals or not name:
+            where = f" {shown}" if name else ""
+            raise CommandError(
+                f"--claim{where}: expected NAME=JSON, such as --claim tier=2", EXIT_USAGE
+            )
+        if name in claims:
+            raise CommandError(f"--claim {shown}: given more than once", EXIT_USAGE)
+        try:
+            claims[name] = loads_strict_json(text)
+        except (ValueError, RecursionError):
+            # The value is not echoed: it may be something the user would not want on screen.
+            raise CommandError(
+                f"--claim {shown}: the value is not JSON (a string needs quotes: "
+                f"--claim {shlex.quote(name)}='\"text\"')",
+                EXIT_USAGE,
+            ) from None
+    return claims
+
+
 def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    issuer = TokenIssuer(_config(args.secrets, environ))
+    config = _config(args.secrets, environ)
+    claims = _claim_options(args.claim or ())
+    issuer = TokenIssuer(config)
     try:
-        issued = issuer.issue(args.instance_id)
+        issued = issuer.issue(
+            args.instance_id,
+            subject=args.sub,
+            claims=claims or None,
+            lifetime=args.lifetime,
+        )
+    except ClaimError as exc:
+        if exc.member in claims:  # a reserved name given to --claim
+            hint = _RESERVED_CLAIM_HINTS.get(exc.member)
+            raise CommandError(
+                f"--claim {exc.member}: {exc}" + (f"; {hint}" if hint else ""), EXIT_USAGE
+            ) from None
+        if exc.member == "expires_in":
+            raise CommandError(
+                f"--lifetime: must be from 1 to {config.jwt_expire_seconds} seconds, the "
+                "configured jwt_expire_seconds (a token never outlives it)",
+                EXIT_USAGE,
+            ) from None
+        raise CommandError(
+            f"{_CLAIM_FLAGS.get(exc.member, '--claim')}: {exc}", EXIT_USAGE
+        ) from None
     except ValueError as exc:
         raise CommandError(f"--instance-id: {exc}", EXIT_USAGE) from None
     print(issued.access_token)
@@ -656,6 +713,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a fresh access token, and nothing else, on one line.",
     )
     token.add_argument("--instance-id", metavar="ID", help="bind the token to this device id")
+    token.add_argument("--sub", metavar="SUBJECT", help="the token's subject (a user id, say)")
+    token.add_argument(
+        "--claim",
+        metavar="NAME=JSON",
+        action="append",
+        help="add an application claim, its value as JSON (repeatable): --claim tier=2, "
+        "--claim roles='[\"reader\"]', --claim team='\"blue\"'",
+    )
+    token.add_argument(
+        "--lifetime",
+        metavar="SECONDS",
+        type=int,
+        help="seconds until the token expires, at most the configured jwt_expire_seconds "
+        "(the default)",
+    )
     _secrets_argument(token)
     token.set_defaults(handler=_token)
 
