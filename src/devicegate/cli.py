@@ -1,11 +1,11 @@
-"""The ``devicegate`` command line: ``init``, ``serve``, ``token`` and ``verify``.
+"""The ``devicegate`` command line: ``init``, ``serve``, ``token``, ``verify`` and ``revoke``.
 
 Every failure the user can cause (a missing or weak secrets file, a port in use, a bad flag or
 environment value) ends in one line on stderr and a non-zero exit status, never a traceback:
 
     0  success (``verify``: the token is valid)
     1  the operation failed (``verify``: the token is invalid; a file exists; a port is in use;
-       the upstream is unreachable)
+       the upstream is unreachable; ``revoke``: the server refused or cannot be reached)
     2  usage or configuration error (bad flags or environment, ConfigError, missing extra)
   130  interrupted (Ctrl-C)
 
@@ -21,13 +21,17 @@ import binascii
 import copy
 import dataclasses
 import errno
+import http.client
 import json
+import math
 import os
 import secrets
 import shlex
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +43,7 @@ from ._claims import ClaimError
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
+from ._rules import has_unsafe_segments
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
     DEFAULT_FORWARD_AUTH_PATH,
@@ -63,6 +68,9 @@ DEFAULT_PORT = 8000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
 DEMO_INSTANCE_ID = "demo-device"
+# How long ``revoke`` waits for the server, and how much of its answer it reads.
+REVOKE_TIMEOUT_SECONDS = 30.0
+_MAX_ANSWER_BYTES = 64 * 1024
 # Which flag of ``token`` each member a ClaimError names came from.
 _CLAIM_FLAGS = {"sub": "--sub", "claims": "--claim", "expires_in": "--lifetime"}
 # The flag that sets a claim --claim may not, where there is one.
@@ -314,6 +322,170 @@ def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+# -- revoke --------------------------------------------------------------------------------------
+
+# Each target flag, the member of the /revoke body it becomes, and how the answer is told.
+_REVOKE_TARGETS = {
+    "jti": ("jti", "the token with jti {value}"),
+    "device": ("instance_id", "every token of the device {value}"),
+    "sub": ("sub", "every token of the subject {value}"),
+    "all": ("all", "every token"),
+}
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        # A redirect would carry the server API key to wherever the answer points: refused,
+        # and reported as the server's answer (urllib raises HTTPError with its status).
+        return None
+
+
+def _before_argument(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            "must be a Unix time (seconds since 1970), such as 1700000000"
+        )
+    return int(value) if value.is_integer() else value
+
+
+def _server_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The revocation endpoint: ``--url`` (or ``DEVICEGATE_URL``, else where ``serve`` with this
+    environment listens) plus the revocation path."""
+    base = args.url or environ.get("DEVICEGATE_URL", "").strip()
+    field = "--url" if args.url else "DEVICEGATE_URL"
+    if not base:
+        host = environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
+        port = _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
+        base, field = f"http://{_display_host(host)}:{port}", "DEVICEGATE_HOST/DEVICEGATE_PORT"
+    # The URL itself is not echoed in errors: it may carry a password.
+    try:
+        parts = urlsplit(base)
+        _ = parts.port
+    except ValueError:
+        raise CommandError(f"{field}: not a valid URL", EXIT_USAGE) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(
+            f"{field}: must be the server's http:// or https:// URL, such as "
+            f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
+            EXIT_USAGE,
+        )
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise CommandError(
+            f"{field}: must be the server's URL alone, without credentials, query or fragment",
+            EXIT_USAGE,
+        )
+    path = args.revoke_path or environ.get("DEVICEGATE_REVOKE_PATH", "").strip()
+    path = path or DEFAULT_REVOKE_PATH
+    if path.lower() == "none":
+        raise CommandError(
+            "the revocation endpoint is off (DEVICEGATE_REVOKE_PATH=none); name its path with "
+            "--revoke-path",
+            EXIT_USAGE,
+        )
+    if not path.startswith("/") or has_unsafe_segments(path):
+        raise CommandError(
+            f"--revoke-path: must be an absolute path such as {DEFAULT_REVOKE_PATH}", EXIT_USAGE
+        )
+    return base.rstrip("/") + path
+
+
+def _post_json(url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
+    """POST ``body`` to ``url``; the status and the start of the answer, whatever the status."""
+    # No proxy from the environment and no redirects: the server key goes to ``url`` alone.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")  # noqa: S310 - the scheme was checked
+    where = urlsplit(url).netloc.rpartition("@")[2]
+    try:
+        with opener.open(request, timeout=REVOKE_TIMEOUT_SECONDS) as response:
+            status: int = response.status
+            return status, response.read(_MAX_ANSWER_BYTES)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read(_MAX_ANSWER_BYTES)
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        words = reason.strerror or str(reason) if isinstance(reason, OSError) else str(reason)
+        raise CommandError(f"cannot reach the server at {where} ({words})") from None
+    except TimeoutError:
+        raise CommandError(
+            f"the server at {where} did not answer within {REVOKE_TIMEOUT_SECONDS:g} s"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CommandError(f"the exchange with {where} failed ({type(exc).__name__})") from None
+
+
+def _answer(raw: bytes) -> dict[str, Any]:
+    try:
+        data = loads_strict_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _moment(timestamp: object) -> str:
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        return "now"
+    try:
+        moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return repr(timestamp)
+    return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} ({timestamp:g})"
+
+
+def _revoke(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    (flag,) = [name for name in _REVOKE_TARGETS if getattr(args, name) not in (None, False)]
+    member, told = _REVOKE_TARGETS[flag]
+    if args.before is not None and flag == "jti":
+        raise CommandError(
+            "--before applies to --device, --sub and --all: a jti names one token", EXIT_USAGE
+        )
+    url = _server_url(args, environ)
+    config = _config(args.secrets, environ)
+    if not config.api_keys:
+        raise CommandError(
+            "revoke needs the server API key (api_key in the secrets file, or DEVICEGATE_API_KEYS)",
+            EXIT_USAGE,
+        )
+    value = True if flag == "all" else getattr(args, flag)
+    body: dict[str, Any] = {member: value}
+    if args.before is not None:
+        body["before"] = args.before
+    # With several (named or rotated) keys, the first is the one in force, as for ``token``.
+    headers = {config.api_key_header: config.api_keys[0], "content-type": "application/json"}
+    status, raw = _post_json(url, headers, json.dumps(body).encode())
+    answer = _answer(raw)
+    if status != 200 or answer.get("revoked") != member:
+        raise CommandError(_refused(status, answer, url))
+    what = told.format(value=_shown(repr(value)))
+    if flag == "jti":
+        print(f"revoked {what}")
+    else:
+        print(f"revoked {what} issued at or before {_moment(answer.get('before'))}")
+    return EXIT_OK
+
+
+def _refused(status: int, answer: Mapping[str, Any], url: str) -> str:
+    """One line saying why the server did not revoke, with what to check."""
+    where = urlsplit(url).netloc.rpartition("@")[2]
+    error, description = answer.get("error"), answer.get("error_description")
+    said = ""
+    if isinstance(error, str) and isinstance(description, str):
+        # The server's own fixed text; kept short and printable all the same.
+        said = f": {_shown(error[:64])}: {_shown(description[:300])}"
+    line = f"the server at {where} did not revoke ({status}{said})"
+    if status == 404:
+        return f"{line}; check --url and --revoke-path (serve --revoke-path names it)"
+    if status in (401, 403):
+        return f"{line}; --secrets must name the server's secrets file (its api_key)"
+    if status == 200:
+        return f"{line}; its answer is not a revocation: is --url a devicegate server?"
+    return line
+
+
 # -- serve ---------------------------------------------------------------------------------------
 
 
@@ -476,7 +648,10 @@ def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, wor
             "lives in one process, so a revocation would hold in one worker only (a shared "
             f"store is needed); POST {settings.revoke_path} answers 501"
         )
-    return f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only)"
+    return (
+        f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only; "
+        "devicegate revoke)"
+    )
 
 
 def _log_config(log_level: str) -> dict[str, Any]:
@@ -601,8 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="devicegate",
         description="Device-bound JWT and API-key authentication for ASGI apps.",
-        epilog="Exit status: 0 success, 1 failure (verify: invalid token), 2 usage or "
-        "configuration error.",
+        epilog="Exit status: 0 success, 1 failure (verify: invalid token; revoke: refused or "
+        "unreachable), 2 usage or configuration error.",
     )
     parser.add_argument("--version", action="version", version=f"devicegate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -747,6 +922,39 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--instance-id", metavar="ID", help="the device id the request would carry")
     _secrets_argument(verify)
     verify.set_defaults(handler=_verify)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke tokens on a running server",
+        description="Ask a running 'devicegate serve' to revoke one token, every token of a "
+        "device or a subject, or every token, with the server API key from the secrets file. "
+        "A revoked token is refused on its next request. Prints what was revoked; exit 1 when "
+        "the server refuses or cannot be reached.",
+    )
+    targets = revoke.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--jti", metavar="ID", help="the one token with this jti")
+    targets.add_argument("--device", metavar="ID", help="every token bound to this instance_id")
+    targets.add_argument("--sub", metavar="SUBJECT", help="every token of this subject")
+    targets.add_argument("--all", action="store_true", help="every token")
+    revoke.add_argument(
+        "--before",
+        metavar="UNIXTIME",
+        type=_before_argument,
+        help="only tokens issued at or before this Unix time (default: now; not with --jti)",
+    )
+    revoke.add_argument(
+        "--url",
+        help="the server (env DEVICEGATE_URL; default http://DEVICEGATE_HOST:DEVICEGATE_PORT, "
+        f"that is http://{DEFAULT_HOST}:{DEFAULT_PORT})",
+    )
+    revoke.add_argument(
+        "--revoke-path",
+        metavar="PATH",
+        help=f"the server's revocation path (env DEVICEGATE_REVOKE_PATH; default "
+        f"{DEFAULT_REVOKE_PATH})",
+    )
+    _secrets_argument(revoke)
+    revoke.set_defaults(handler=_revoke)
     return parser
 
 
