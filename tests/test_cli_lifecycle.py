@@ -22,13 +22,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import jwt
 import pytest
+from starlette.types import Message
 
 from devicegate import ConfigError, cli
-from devicegate.gateway._app import ServeSettings, build_app
-from tests.helpers import Keys, bearer, client, fresh_keys, scrub_devicegate_env, write_secrets
+from devicegate.gateway._app import ReloadableApp, ServeSettings, build_app
+from devicegate.gateway._reload import can_receive_hangup
+from tests.helpers import (
+    Keys,
+    bearer,
+    client,
+    fresh_keys,
+    lifespan_scope,
+    scrub_devicegate_env,
+    write_secrets,
+)
 from tests.servers.process import (
     HOST,
     IO_SECONDS,
@@ -295,7 +306,7 @@ def replace_file(path: Path, document: str | None) -> None:
         path.write_text(document)
 
 
-def built(secrets_file: Path, **options: Any) -> Any:
+def built(secrets_file: Path, **options: Any) -> ReloadableApp:
     return ServeSettings(secrets_file=str(secrets_file), **options).build({})
 
 
@@ -373,6 +384,36 @@ async def test_reload_is_all_or_nothing_across_gate_and_forward_auth(
     assert app.gate.config is before
     assert app.forward_auth is not None
     assert app.forward_auth.config is before
+
+
+@pytest.mark.skipif(not can_receive_hangup(), reason="no SIGHUP here")
+async def test_sighup_during_the_lifespan_reloads_on_either_event_loop(
+    secrets_file: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = built(secrets_file)
+    new = fresh_keys()
+    reloaded = anyio.Event()
+    reload = app.reload
+
+    async def reload_and_tell() -> bool:
+        done = await reload()
+        reloaded.set()
+        return done
+
+    monkeypatch.setattr(app, "reload", reload_and_tell)
+    to_app, app_inbox = anyio.create_memory_object_stream[Message](2)
+    app_outbox, from_app = anyio.create_memory_object_stream[Message](2)
+    async with to_app, app_inbox, app_outbox, from_app, anyio.create_task_group() as tasks:
+        tasks.start_soon(app, lifespan_scope(), app_inbox.receive, app_outbox.send)
+        await to_app.send({"type": "lifespan.startup"})
+        assert (await from_app.receive())["type"] == "lifespan.startup.complete"
+        write_secrets(secrets_file, new)
+        os.kill(os.getpid(), signal.SIGHUP)
+        with anyio.fail_after(IO_SECONDS):
+            await reloaded.wait()
+        assert app.config.api_keys == (new.api_key,)
+        await to_app.send({"type": "lifespan.shutdown"})
+        assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
 
 
 def test_a_worker_that_cannot_start_says_why_in_one_line(
