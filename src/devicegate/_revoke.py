@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from ._audit import log_revocation
@@ -40,7 +41,8 @@ class RevocationEndpoint(ServerKeyEndpoint):
     ``{"instance_id": "..."}`` (every token of a device), ``{"sub": "..."}`` (every token of a
     subject) or ``{"all": true}`` (every token), the last three optionally with ``"before"``
     (a Unix time, default now: tokens issued later are not affected). The answer, 200, says
-    what was revoked: ``{"revoked": "instance_id", "instance_id": "...", "before": ...}``.
+    what was revoked and the cutoff that applied:
+    ``{"revoked": "instance_id", "instance_id": "...", "before": 1764700000.5}``.
     A revoked token is refused on its next request.
 
     Mounted alone, it authenticates the caller itself; behind
@@ -96,6 +98,9 @@ class RevocationEndpoint(ServerKeyEndpoint):
             ):
                 raise Refusal(_BAD_BEFORE)
             options["before"] = before
+        if target != "jti" and "before" not in options:
+            # Decided here rather than by the store, so that the answer can say what applied.
+            options["before"] = time.time()
         revoke = getattr(self.revocations, _TARGETS[target])
         if target == "all":
             if value is not True:
