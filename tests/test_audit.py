@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from devicegate import CredentialKind, DeviceAuthMiddleware, RevocationList, Rule
+from devicegate import CredentialKind, DeviceAuthMiddleware, RevocationList, Rule, TokenVerifier
 from tests.helpers import Keys, RecordingApp, bearer, client, http_scope, make_token
 from tests.helpers import answer as call_app
 
@@ -74,7 +74,10 @@ async def test_one_line_per_refusal_says_why(
     assert message.startswith("devicegate refused a request: ")
     assert f"reason={expected['reason']}" in message
     assert f"status={expected['status']}" in message
+    # No credential and no secret; the device id, which is not one, may be named.
     for value in [*headers.values(), keys.api_key, keys.mobile_api_key, keys.jwt_secret]:
+        if value == DEVICE:
+            continue
         assert value not in message
         assert value not in repr(facts)
 
@@ -119,3 +122,42 @@ async def test_nothing_is_written_when_the_audit_logger_is_off(
         async with client(gate) as http:
             assert (await http.get("/")).status_code == 401
     assert audit_lines(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("other-device", "wrong_device"), ("expired", "expired"), ("revoked", "revoked")],
+)
+async def test_a_refused_token_is_named_by_its_jti_and_device(
+    keys: Keys, app: RecordingApp, caplog: pytest.LogCaptureFixture, how: str, reason: str
+) -> None:
+    revocations = RevocationList()
+    gate = DeviceAuthMiddleware(app, config=keys.config(), revocations=revocations)
+    lifetime = -5 if how == "expired" else 300
+    token = make_token(keys.jwt_secret, instance_id=DEVICE, lifetime=lifetime)
+    jti = TokenVerifier(keys.config(leeway_seconds=60)).verify(token, DEVICE).claims["jti"]
+    if how == "revoked":
+        await revocations.revoke_token(jti)
+    device = "device-2" if how == "other-device" else DEVICE
+    with caplog.at_level(logging.INFO, logger="devicegate.audit"):
+        async with client(gate) as http:
+            assert (await http.get("/", headers=bearer(token, device))).status_code == 401
+    (record,) = audit_lines(caplog)
+    facts = record.devicegate  # type: ignore[attr-defined]
+    assert (facts["reason"], facts["jti"], facts["instance_id"]) == (reason, jti, DEVICE)
+    assert f"jti={jti!r}" in record.getMessage()
+    assert token not in record.getMessage()
+
+
+async def test_a_forged_token_names_nothing(
+    keys: Keys, app: RecordingApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Signed with another secret: its claims are whatever the client wrote, never logged.
+    token = make_token("another-secret-" * 4, instance_id="planted-device")
+    gate = DeviceAuthMiddleware(app, config=keys.config())
+    with caplog.at_level(logging.INFO, logger="devicegate.audit"):
+        async with client(gate) as http:
+            assert (await http.get("/", headers=bearer(token, "planted-device"))).status_code == 401
+    (record,) = audit_lines(caplog)
+    assert record.devicegate["reason"] == "bad_signature"  # type: ignore[attr-defined]
+    assert "planted" not in record.getMessage()

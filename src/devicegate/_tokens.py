@@ -235,7 +235,7 @@ class TokenVerifier:
             if device_id is None:
                 raise InvalidRequest(_MISSING_DEVICE)
             if not hmac.compare_digest(bound, device_id):
-                raise InvalidToken(InvalidReason.WRONG_DEVICE)
+                raise _refusal_of(InvalidReason.WRONG_DEVICE, principal.claims)
         return principal
 
     def _recheck(
@@ -246,7 +246,7 @@ class TokenVerifier:
         version = revocations.version  # read first: a change while asking means asking again
         if revocations.is_revoked(entry.principal.claims):
             self._cache.discard(token)
-            raise InvalidToken(InvalidReason.REVOKED)
+            raise _refusal_of(InvalidReason.REVOKED, entry.principal.claims)
         self._cache_put(token, entry._replace(revocations_version=version))
         return entry.bound, entry.principal
 
@@ -295,12 +295,17 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.MALFORMED) from None
         if not isinstance(claims, dict):
             raise InvalidToken(InvalidReason.MALFORMED)
-        entry = self._check_claims(claims)
+        try:
+            entry = self._check_claims(claims)
+        except InvalidToken as error:
+            # The signature verified: the claims are the issuer's, so they may name the token.
+            _name(error, claims)
+            raise
         revocations = self._revocations
         if revocations is not None:
             version = revocations.version  # read first: a change while asking means asking again
             if revocations.is_revoked(entry.principal.claims):
-                raise InvalidToken(InvalidReason.REVOKED)
+                raise _refusal_of(InvalidReason.REVOKED, claims)
             entry = entry._replace(revocations_version=version)
         return entry
 
@@ -362,6 +367,20 @@ class TokenVerifier:
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
         return CachedToken(expires_at, valid_from, bound, principal, -1)
+
+
+def _name(error: InvalidToken, claims: Mapping[str, Any]) -> None:
+    """Tell the audit log which token ``error`` refused: its ``jti`` and device, when they are
+    strings. Only for claims whose signature verified."""
+    jti, instance_id = claims.get("jti"), claims.get("instance_id")
+    error.token_id = jti if isinstance(jti, str) else None
+    error.instance_id = instance_id if isinstance(instance_id, str) else None
+
+
+def _refusal_of(reason: InvalidReason, claims: Mapping[str, Any]) -> InvalidToken:
+    error = InvalidToken(reason)
+    _name(error, claims)
+    return error
 
 
 # 9999-12-31T23:59:59Z: no date library (nor PyJWT's datetime conversion) goes beyond it.
