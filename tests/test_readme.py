@@ -36,6 +36,7 @@ from devicegate import (
     TokenVerifier,
 )
 from tests.helpers import Keys, RecordingApp, client, fresh_keys
+from tests.test_fastapi import swagger_headers
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEVICE = "device-123"  # the device id the README's own examples use
@@ -97,7 +98,7 @@ def run_block(block: Block, namespace: dict[str, Any]) -> Any:
 def test_every_python_block_is_covered_here() -> None:
     # A new example in the README needs a test below; a renamed heading needs this list changed.
     assert sorted(BLOCKS) == sorted(
-        [*QUICK_STARTS, "Rules", "Minting tokens", "Revoking", "Metrics"]
+        [*QUICK_STARTS, "Rules", FASTAPI_SECTION, "Minting tokens", "Revoking", "Metrics"]
     )
     assert len(python_blocks(README.read_text(encoding="utf-8"))) == len(BLOCKS)
 
@@ -274,6 +275,76 @@ async def test_quick_start_reports_the_key_kinds(
         mobile = await http.get(route, headers={"authorization": keys_on_disk.mobile_api_key})
     assert server.json() == {"kind": "api_key", "device": None}
     assert mobile.json() == {"kind": "mobile_api_key", "device": None}
+
+
+# --- FastAPI dependencies and /docs ----------------------------------------------------------
+
+FASTAPI_SECTION = "FastAPI dependencies and /docs"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_fastapi_section_example(anyio_backend: str, keys_on_disk: Keys) -> None:
+    app = quick_start_app(FASTAPI_SECTION)
+    api_key = {"x-api-key": keys_on_disk.api_key}
+    async with client(app) as http:
+        # "make its page, its document and its OAuth2 redirect page public; everything else
+        # stays protected (/redoc too)".
+        for path in ("/docs", "/docs/oauth2-redirect", "/openapi.json"):
+            assert (await http.get(path)).status_code == 200, path
+        for path in ("/redoc", "/me", "/profile", "/reports", "/"):
+            response = await http.get(path)
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"] == REALM_ONLY
+        document = (await http.get("/openapi.json")).json()
+
+        # The four schemes, each route listing those of the kinds it accepts.
+        assert set(document["components"]["securitySchemes"]) == {
+            "api_key",
+            "mobile_api_key",
+            "device_token",
+            "instance_id",
+        }
+        security = {path: document["paths"][path]["get"]["security"] for path in document["paths"]}
+        every: list[dict[str, list[str]]] = [
+            {"api_key": []},
+            {"mobile_api_key": []},
+            {"device_token": []},
+            {"instance_id": []},
+        ]
+        assert security == {
+            "/me": every,
+            "/profile": [{"device_token": []}, {"instance_id": []}],
+            "/reports": [{"api_key": []}],
+            "/welcome": every,
+        }
+
+        # What Swagger UI sends once a device token and its instance_id are authorized.
+        token = TokenIssuer(keys_on_disk.config()).issue(instance_id=DEVICE).access_token
+        device = swagger_headers(
+            document, "/profile", {"device_token": token, "instance_id": DEVICE}
+        )
+        profile = await http.get("/profile", headers=device)
+        assert profile.status_code == 200, profile.text
+        assert profile.json() == {"device": DEVICE, "user": None}
+
+        # "a key is refused here with 403", "so is a device token here": in devicegate's shape.
+        for path, headers in (("/profile", api_key), ("/reports", device)):
+            refused = await http.get(path, headers=headers)
+            assert refused.status_code == 403, path
+            assert refused.json() == {
+                "error": "insufficient_scope",
+                "error_description": "This credential is not accepted for this resource.",
+            }
+            assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
+        reports = await http.get("/reports", headers=api_key)
+        assert reports.json() == {"key": None}
+
+        me = await http.get("/me", headers={"authorization": keys_on_disk.mobile_api_key})
+        assert me.json() == {"kind": "mobile_api_key", "device": None}
+        stranger = await http.get("/welcome")
+        assert stranger.json() == {"hello": "stranger"}
+        welcomed = await http.get("/welcome", headers=device)
+        assert welcomed.json() == {"hello": DEVICE}
 
 
 # --- the other blocks ----------------------------------------------------------------------
