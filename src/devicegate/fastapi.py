@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 try:
     from fastapi import HTTPException, Security
@@ -44,7 +44,7 @@ from starlette.exceptions import WebSocketException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from ._asgi import refusal_parts
+from ._asgi import WS_POLICY_VIOLATION, refusal_parts
 from ._auth import Authenticator
 from ._config import GateConfig
 from ._errors import (
@@ -59,9 +59,6 @@ from ._principal import CredentialKind, Principal, get_principal
 
 __all__ = ["DeviceGateSecurity", "RefusalException", "refusal_handler"]
 
-# The websocket close code for "policy violation" (RFC 6455 §7.4.1), as the middleware uses
-# when it cannot send a denial response.
-_WS_POLICY_VIOLATION = 1008
 # Headers that describe refusal_parts' own body: FastAPI's default handler renders another one.
 _BODY_HEADERS = frozenset({b"content-type", b"content-length"})
 
@@ -183,10 +180,10 @@ class _PrincipalDependency:
             self._refuse(connection, InsufficientScope())
         return principal
 
-    def _refuse(self, connection: HTTPConnection, refusal: Refusal) -> None:
+    def _refuse(self, connection: HTTPConnection, refusal: Refusal) -> NoReturn:
         if connection.scope["type"] == "websocket":
             # A handshake refused by a dependency closes as the middleware's fallback does.
-            raise WebSocketException(_WS_POLICY_VIOLATION, reason=refusal.description)
+            raise WebSocketException(WS_POLICY_VIOLATION, reason=refusal.description)
         raise RefusalException(refusal, realm=self.realm)
 
 
