@@ -197,7 +197,7 @@ def test_tampered_payload(verifier: TokenVerifier, secret: str, change: dict[str
 
 def test_tampered_header(verifier: TokenVerifier, secret: str) -> None:
     _, payload, signature = make_token(secret, valid_claims(), header=HS256).split(".")
-    token = f"{segment({'alg': 'HS256', 'typ': 'JWT', 'kid': 'x'})}.{payload}.{signature}"
+    token = f"{segment({'alg': 'HS256', 'typ': 'JWT', 'x': 'y'})}.{payload}.{signature}"
     assert refused(verifier, token) is InvalidReason.BAD_SIGNATURE
 
 
@@ -301,9 +301,8 @@ def test_embedded_key_pointers(
         {"jwk": {"kty": "oct", "k": b64url(ATTACKER_KEY)}},
         {"jku": "https://attacker.example/jwks.json"},
         {"x5u": "https://attacker.example/cert.pem"},
-        {"kid": "../../../../dev/null"},
     ],
-    ids=["jwk", "jku", "x5u", "kid"],
+    ids=["jwk", "jku", "x5u"],
 )
 def test_key_pointers_are_ignored_not_followed(
     keys: Keys, secret: str, pointer: dict[str, Any]
@@ -332,8 +331,9 @@ def test_key_pointers_are_ignored_not_followed(
     ],
 )
 def test_kid_injection(verifier: TokenVerifier, kid: str, key: bytes) -> None:
+    # A kid selects a configured key by exact match or nothing: unknown, no key is tried.
     token = make_token(key, valid_claims(), header={**HS256, "kid": kid})
-    assert refused(verifier, token) is InvalidReason.BAD_SIGNATURE
+    assert refused(verifier, token) is InvalidReason.UNKNOWN_KEY
 
 
 @pytest.mark.parametrize(

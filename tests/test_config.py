@@ -364,6 +364,9 @@ def test_every_field_is_a_keyword_argument(keys: Keys) -> None:
         "issuer",
         "audience",
         "token_cache_size",
+        "jwt_private_key",
+        "jwt_public_keys",
+        "jwks_url",
     }
     assert config.jwt_secrets == (keys.jwt_secret,)
     assert config.token_cache_size == 5
@@ -789,7 +792,7 @@ def test_a_byte_order_mark_is_allowed(tmp_path: Path, keys: Keys) -> None:
         pytest.param(lambda k: {"api_key": {"billing": 12345}}, "api_keys", id="named-key-int"),
         pytest.param(lambda k: {"api_key": {"": k.api_key}}, "api_keys", id="empty-key-name"),
         pytest.param(
-            lambda k: {"jwt_secret": {"2026-12": k.jwt_secret}}, "jwt_secret", id="named-secret"
+            lambda k: {"jwt_secret": {"2026-12": "short"}}, "jwt_secret", id="named-weak-secret"
         ),
         pytest.param(lambda k: {"api_key": True}, "api_key", id="api-key-bool"),
         pytest.param(
@@ -861,6 +864,9 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
         "DEVICEGATE_ISSUER": "https://issuer.example",
         "DEVICEGATE_AUDIENCE": "mobile",
         "DEVICEGATE_TOKEN_CACHE_SIZE": "0",
+        "DEVICEGATE_JWT_PRIVATE_KEY": "",
+        "DEVICEGATE_JWT_PUBLIC_KEYS": "",
+        "DEVICEGATE_JWKS_URL": "",
         "DEVICEGATE_SOMETHING_ELSE": "ignored",
         "API_KEYS": "ignored-without-prefix",
     }
@@ -1032,6 +1038,8 @@ def test_credential_variables_are_those_of_the_keys_and_secret() -> None:
         "DEVICEGATE_API_KEYS",
         "DEVICEGATE_MOBILE_API_KEYS",
         "DEVICEGATE_JWT_SECRET",
+        "DEVICEGATE_JWT_PRIVATE_KEY",
+        "DEVICEGATE_JWT_PUBLIC_KEYS",
     )
 
 

@@ -26,6 +26,7 @@ from devicegate import (
     TokenEndpoint,
     TokenVerifier,
 )
+from devicegate._keys import derive_kid
 from tests.helpers import (
     DUPLICATE,
     FORBIDDEN,
@@ -156,7 +157,7 @@ async def test_bound_token(keys: Keys, app: RecordingApp, mount: str) -> None:
     assert not app.ran
 
     header = jwt.get_unverified_header(token)
-    assert header == {"alg": "HS256", "typ": "JWT"}
+    assert header == {"alg": "HS256", "kid": derive_kid(keys.jwt_secret.encode()), "typ": "JWT"}
     claims = jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])
     assert set(claims) == {"iat", "exp", "jti", "instance_id"}
     assert claims["instance_id"] == DEVICE
@@ -498,7 +499,11 @@ async def test_what_a_client_may_choose_stays_within_bounds(keys: Keys) -> None:
     attempt = {"instance_id": DEVICE, "sub": "admin", "expires_in": 30, "claims": {"x": 1}}
     response = await mint(TokenEndpoint(keys.config()), keys.api_key, body=attempt)
     token = assert_token_response(response, DEVICE, expires_in=30)
-    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+    assert jwt.get_unverified_header(token) == {
+        "alg": "HS256",
+        "kid": derive_kid(keys.jwt_secret.encode()),
+        "typ": "JWT",
+    }
     claims = jwt.decode(token, keys.jwt_secret, algorithms=["HS256"])
     assert set(claims) == {"iat", "exp", "jti", "instance_id", "sub", "x"}
     assert claims["exp"] - claims["iat"] == 30
@@ -650,5 +655,5 @@ async def test_behind_the_middleware_the_endpoint_builds_no_authenticator_of_its
         response = await http.post("/gen-jwt", headers={"x-api-key": keys.api_key}, json={})
     assert response.status_code == 200
     endpoint = gate._gate.server_key_routes[PATH].endpoint
-    assert endpoint is not None
+    assert isinstance(endpoint, TokenEndpoint)
     assert endpoint._authenticator is None

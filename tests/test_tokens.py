@@ -26,6 +26,7 @@ from devicegate import (
     TokenIssuer,
     TokenVerifier,
 )
+from devicegate._keys import derive_kid
 from devicegate._tokens import MAX_CACHED_TOKEN_BYTES, validate_instance_id
 from tests.helpers import INVALID_INSTANCE_IDS, NOW, Clock, Keys, claims_at, make_token
 
@@ -461,8 +462,9 @@ def test_rotation_first_secret_signs(keys: Keys) -> None:
     issued = TokenIssuer(GateConfig(jwt_secret=[keys.jwt_secret, old]), clock=Clock()).issue()
     principal = verifier(GateConfig(jwt_secret=keys.jwt_secret)).verify(issued.access_token)
     assert dict(principal.claims) == dict(issued.claims)
+    # The header names the key that signed: without it, no key is tried.
     only_old = verifier(GateConfig(jwt_secret=old))
-    assert reason_of(only_old, issued.access_token) is InvalidReason.BAD_SIGNATURE
+    assert reason_of(only_old, issued.access_token) is InvalidReason.UNKNOWN_KEY
 
 
 def test_changing_the_secret_invalidates_tokens(keys: Keys) -> None:
@@ -535,7 +537,11 @@ def test_issue_generic_token(keys: Keys) -> None:
     assert claims["iat"] == NOW  # whole seconds (RFC 7519 NumericDate, as an integer)
     assert claims["exp"] == NOW + 300
     header_segment, payload_segment, _ = issued.access_token.split(".")
-    assert decode_segment(header_segment) == {"alg": "HS256", "typ": "JWT"}
+    assert decode_segment(header_segment) == {
+        "alg": "HS256",
+        "kid": derive_kid(keys.jwt_secret.encode()),
+        "typ": "JWT",
+    }
     assert decode_segment(payload_segment) == claims
 
 
@@ -681,7 +687,10 @@ def test_pyjwt_token_with_datetimes_iss_aud_and_kid_verifies(keys: Keys) -> None
         algorithm="HS256",
         headers={"kid": "2024-rotation"},
     )
-    config = keys.config(issuer=ISSUER, audience=AUDIENCE)
+    # The kid selects the secret named so.
+    config = GateConfig(
+        jwt_secret={"2024-rotation": keys.jwt_secret}, issuer=ISSUER, audience=AUDIENCE
+    )
     principal = TokenVerifier(config).verify(token, DEVICE.encode())
     assert principal.claims["aud"] == [AUDIENCE, "other"]
     assert principal.claims["exp"] == int((now + timedelta(minutes=5)).timestamp())
@@ -716,7 +725,11 @@ def test_minted_token_verifies_with_pyjwt(keys: Keys, instance_id: str | None) -
     )
     assert decoded == dict(issued.claims)
     assert decoded.get("instance_id") == instance_id
-    assert jwt.get_unverified_header(issued.access_token) == {"alg": "HS256", "typ": "JWT"}
+    assert jwt.get_unverified_header(issued.access_token) == {
+        "alg": "HS256",
+        "kid": derive_kid(keys.jwt_secret.encode()),
+        "typ": "JWT",
+    }
 
 
 def test_minted_token_refused_by_pyjwt_with_another_secret(keys: Keys) -> None:

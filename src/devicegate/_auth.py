@@ -56,7 +56,7 @@ class Authenticator:
             kinds.add(CredentialKind.API_KEY)
         if self._mobile_api_keys:
             kinds.add(CredentialKind.MOBILE_API_KEY)
-        if config.jwt_secrets:
+        if config.key_ring or config.jwks_url is not None:
             kinds.add(CredentialKind.DEVICE_TOKEN)
         self.configured_kinds = frozenset(kinds)
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import ConfigError
 from ._json import DuplicateMember, loads_strict_json
+from ._keys import HmacKey, Key, KeyRing, load_private_key, load_public_key
+from ._remote_keys import check_jwks_url
 
 __all__ = [
     "CREDENTIAL_VARIABLES",
@@ -28,6 +30,7 @@ __all__ = [
     "env_bool",
     "env_int",
     "env_list",
+    "env_public_keys",
     "env_seconds",
     "env_secret",
     "env_str",
@@ -112,6 +115,58 @@ def _named_keys(field: str, value: object) -> tuple[tuple[str, ...], tuple[str |
         return _as_tuple(field, tuple(value.values())), names
     keys = _as_tuple(field, value)
     return keys, (None,) * len(keys)
+
+
+def _private_key(value: object) -> tuple[str | None, str | None]:
+    """``(pem, name)`` of a ``jwt_private_key`` argument: PEM text or ``{name: pem}``."""
+    field = "jwt_private_key"
+    if value is None:
+        return None, None
+    if isinstance(value, Mapping):
+        if len(value) != 1:
+            raise ConfigError(
+                field,
+                "give one private key (as {key id: PEM}); the public keys of others go in "
+                "jwt_public_keys",
+            )
+        (pem,), (name,) = _named_keys(field, value)
+        return pem, name
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(field, "must be PEM text, a mapping of one key id to PEM text, or None")
+    return value, None
+
+
+def _public_keys(value: object) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+    """``(keys, names)`` of a ``jwt_public_keys`` argument, every key as text: PEM, or a JWK's
+    canonical JSON. A JWK Set (a mapping or JSON text with ``keys``) stands for its keys."""
+    field = "jwt_public_keys"
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(field, "the JSON text is not a JWK or a JWK Set") from None
+    if isinstance(value, Mapping):
+        if isinstance(value.get("keys"), list):
+            value = value["keys"]  # a JWK Set
+        elif "kty" in value:
+            value = [value]  # one JWK
+        else:
+            named = {name: _key_text(field, key) for name, key in value.items()}
+            return _named_keys(field, named)
+    if value is None or isinstance(value, str):
+        return _as_tuple(field, value), (None,) * len(_as_tuple(field, value))
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise ConfigError(field, "must be a key, a list of keys or a mapping of key ids to keys")
+    keys = tuple(_key_text(field, key) for key in value)
+    return keys, (None,) * len(keys)
+
+
+def _key_text(field: str, key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, Mapping):
+        return json.dumps(dict(key), sort_keys=True, separators=(",", ":"))
+    raise ConfigError(field, f"every key must be PEM text or a JWK, got {type(key).__name__}")
 
 
 def _as_tuple(field: str, value: object) -> tuple[str, ...]:
@@ -235,7 +290,12 @@ def opens_a_door_of(config: GateConfig, value: str) -> bool:
     same = separation_key(value)
     return any(
         separation_key(key) == same
-        for key in (*config.api_keys, *config.mobile_api_keys, *config.jwt_secrets)
+        for key in (
+            *config.api_keys,
+            *config.mobile_api_keys,
+            *config.jwt_secrets,
+            *filter(None, [config.jwt_private_key]),
+        )
     )
 
 
@@ -278,6 +338,18 @@ def env_secret(variable: str, raw: str) -> str:
 def env_list(variable: str, raw: str) -> tuple[str, ...]:
     """Comma-separated values; blanks between commas are skipped."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def env_public_keys(variable: str, raw: str) -> str | tuple[str, ...]:
+    """Public keys: PEM blocks one after the other, or JSON text (a JWK or a JWK Set)."""
+    text = raw.strip()
+    if text.startswith("{"):
+        return text
+    blocks = tuple(_PEM_BLOCK.findall(text))
+    return blocks or text  # not PEM: the constructor says what is wrong
+
+
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z ]+-----.+?-----END [A-Z ]+-----", re.DOTALL)
 
 
 def env_int(variable: str, raw: str) -> int:
@@ -394,7 +466,8 @@ class GateConfig:
     """The name of each of :attr:`mobile_api_keys`, in the same order."""
 
     # The environment holds one secret, taken whole (a secret may contain a comma); rotate
-    # through a secrets file. As an argument: a string, an iterable of them, or None.
+    # through a secrets file. As an argument: a string, an iterable of them, a mapping of key
+    # ids to secrets, or None.
     jwt_secret: str | None = field(
         default=None,
         repr=False,
@@ -402,11 +475,50 @@ class GateConfig:
         metadata=_from(env_secret, file_member="jwt_secret", secret=True),
     )
     """The HS256 secret that signs new tokens (at least 32 bytes), or ``None`` when tokens are
-    not configured. Given several, the first signs and every one verifies. A secret written
-    ``base64url:<value>`` stands for the bytes it encodes (see :func:`secret_bytes`)."""
+    not configured. Given several, the first signs (unless ``jwt_private_key`` is set) and
+    every one verifies. Given as a mapping (``{"2026-12": "..."}``), each name is the key id
+    (``kid``) of its secret; an unnamed secret gets a key id derived from it (see
+    :mod:`devicegate._keys`). A secret written ``base64url:<value>`` stands for the bytes it
+    encodes (see :func:`secret_bytes`)."""
 
     jwt_secrets: tuple[str, ...] = field(init=False, repr=False)
     """Every secret that verifies tokens; the first one signs."""
+
+    jwt_secret_names: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
+    """The key id given to each of :attr:`jwt_secrets`, in the same order (``None``: derived)."""
+
+    jwt_private_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_from(env_secret, file_member="jwt_private_key", secret=True),
+    )
+    """An Ed25519 or P-256 private key (unencrypted PEM) that signs new tokens with EdDSA or
+    ES256: the key decides the algorithm. It signs instead of ``jwt_secret``, which then only
+    verifies. As an argument: PEM text, or a mapping of one key id to PEM text. Needs the
+    ``crypto`` extra."""
+
+    jwt_private_key_name: str | None = field(init=False, repr=False, compare=False)
+    """The key id given to :attr:`jwt_private_key` (``None``: its RFC 7638 thumbprint)."""
+
+    jwt_public_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata=_from(env_public_keys, file_member="jwt_public_keys", secret=True),
+    )
+    """Ed25519 or P-256 public keys that verify tokens but cannot sign: PEM text or JWKs (a
+    mapping or JSON text; a JWK Set is read as its keys). As an argument: one key, an iterable
+    of them, or a mapping of key ids to keys. Needs the ``crypto`` extra."""
+
+    jwt_public_key_names: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
+    """The key id given to each of :attr:`jwt_public_keys` (``None``: the JWK's ``kid`` or
+    the key's thumbprint)."""
+
+    jwks_url: str | None = field(default=None, metadata=_from(env_str, file_member="jwks_url"))
+    """A JWK Set (``https://``, or ``http://`` on a loopback address) whose keys also verify
+    tokens: tokens minted by another service. Fetched and refreshed by the verifier."""
+
+    key_ring: KeyRing = field(init=False, repr=False, compare=False)
+    """Every configured key by key id: the private key, the secrets, the public keys."""
 
     jwt_expire_seconds: int = field(
         default=300, metadata=_from(env_int, file_member="jwt_expire_seconds")
@@ -450,7 +562,13 @@ class GateConfig:
             *,
             api_keys: str | Iterable[str] | Mapping[str, str] = ...,
             mobile_api_keys: str | Iterable[str] | Mapping[str, str] = ...,
-            jwt_secret: str | Iterable[str] | None = ...,
+            jwt_secret: str | Iterable[str] | Mapping[str, str] | None = ...,
+            jwt_private_key: str | Mapping[str, str] | None = ...,
+            jwt_public_keys: str
+            | Mapping[str, Any]
+            | Iterable[str | Mapping[str, Any]]
+            | Mapping[str, str | Mapping[str, Any]] = ...,
+            jwks_url: str | None = ...,
             jwt_expire_seconds: int = ...,
             device_header: str = ...,
             api_key_header: str = ...,
@@ -467,18 +585,24 @@ class GateConfig:
         set_ = object.__setattr__
         api, api_names = _named_keys("api_keys", self.api_keys)
         mobile, mobile_names = _named_keys("mobile_api_keys", self.mobile_api_keys)
-        secrets = _as_tuple("jwt_secret", self.jwt_secret)
+        secrets, secret_names = _named_keys("jwt_secret", self.jwt_secret)
+        private, private_name = _private_key(self.jwt_private_key)
+        public, public_names = _public_keys(self.jwt_public_keys)
+        jwks_url = self.jwks_url
+        if jwks_url is not None:
+            check_jwks_url("jwks_url", jwks_url)
         for key in api:
             check_key("api_keys", key, MIN_API_KEY_BYTES)
         for key in mobile:
             check_key("mobile_api_keys", key, MIN_API_KEY_BYTES)
         for key in secrets:
             _check_jwt_secret(key)
-        if not (api or mobile or secrets):
+        if not (api or mobile or secrets or private or public or jwks_url):
             raise ConfigError(
                 "api_keys",
-                "no credential is configured: set at least one of api_keys, mobile_api_keys "
-                "or jwt_secret (or load a secrets.json with GateConfig.from_secrets_file)",
+                "no credential is configured: set at least one of api_keys, mobile_api_keys, "
+                "jwt_secret, jwt_private_key, jwt_public_keys or jwks_url (or load a "
+                "secrets.json with GateConfig.from_secrets_file)",
             )
         seen: dict[str, str] = {}
         for name, keys in (("api_keys", api), ("mobile_api_keys", mobile), ("jwt_secret", secrets)):
@@ -500,6 +624,24 @@ class GateConfig:
         set_(self, "mobile_api_key_names", mobile_names)
         set_(self, "jwt_secret", secrets[0] if secrets else None)
         set_(self, "jwt_secrets", secrets)
+        set_(self, "jwt_secret_names", secret_names)
+        set_(self, "jwt_private_key", private)
+        set_(self, "jwt_private_key_name", private_name)
+        set_(self, "jwt_public_keys", public)
+        set_(self, "jwt_public_key_names", public_names)
+        # The ring is built once, here: a key that does not load stops the process at start-up.
+        ring: list[Key] = []
+        if private is not None:
+            ring.append(load_private_key("jwt_private_key", private, private_name))
+        ring.extend(
+            HmacKey(secret_bytes(secret), name)
+            for secret, name in zip(secrets, secret_names, strict=True)
+        )
+        ring.extend(
+            load_public_key("jwt_public_keys", key, name)
+            for key, name in zip(public, public_names, strict=True)
+        )
+        set_(self, "key_ring", KeyRing(ring))
         _check_int(
             "jwt_expire_seconds", self.jwt_expire_seconds, low=1, high=MAX_TOKEN_LIFETIME_SECONDS
         )
@@ -530,7 +672,12 @@ class GateConfig:
                 continue  # jwt_secrets: counted as jwt_secret
             value = getattr(self, item.name)
             if source.secret:
-                count = len(self.jwt_secrets if item.name == "jwt_secret" else value)
+                if item.name == "jwt_secret":
+                    count = len(self.jwt_secrets)
+                elif item.name == "jwt_private_key":
+                    count = 0 if value is None else 1
+                else:
+                    count = len(value)
                 shown.append(f"{item.name}=<{count} hidden>")
             else:
                 shown.append(f"{item.name}={value!r}")
@@ -557,7 +704,13 @@ class GateConfig:
         kept = {
             "api_keys": _keys_argument(self.api_keys, self.api_key_names),
             "mobile_api_keys": _keys_argument(self.mobile_api_keys, self.mobile_api_key_names),
-            "jwt_secret": self.jwt_secrets,
+            "jwt_secret": _keys_argument(self.jwt_secrets, self.jwt_secret_names),
+            "jwt_private_key": (
+                self.jwt_private_key
+                if self.jwt_private_key_name is None or self.jwt_private_key is None
+                else {self.jwt_private_key_name: self.jwt_private_key}
+            ),
+            "jwt_public_keys": _keys_argument(self.jwt_public_keys, self.jwt_public_key_names),
             "issuer": self.issuers or None,
             "audience": self.audiences or None,
         }
@@ -708,8 +861,9 @@ def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
         if not source.secret:
             options[name] = value  # checked by the constructor, as any argument
         elif value is not None:  # a null key is no key
-            if isinstance(value, dict) and name != "jwt_secret":
-                options[name] = value  # names of keys, checked by the constructor
+            if isinstance(value, dict) or name == "jwt_public_keys":
+                # Names of keys, a JWK, a JWK Set: checked by the constructor.
+                options[name] = value
             elif not isinstance(value, (str, list)):
                 raise ConfigError(
                     member,

@@ -3,16 +3,17 @@
 Verification is done here rather than by ``jwt.decode`` because the rules devicegate promises are
 stricter than PyJWT's and are cheaper checked once, in one pass:
 
-* one algorithm, from configuration (HS256); the token's ``alg`` only has to agree with it
-  (RFC 8725 §3.1), and key-pointing header fields (``jwk``, ``jku``, ``x5u``, ``x5c``, ``kid``)
-  never select a key;
+* the key decides the algorithm (RFC 8725 §3.1): ``kid`` selects one configured key by exact
+  match (an unknown ``kid`` is refused with no key tried), and the token's ``alg`` must then be
+  that key's; a token without ``kid`` is tried against the HMAC secrets alone, as before key
+  ids existed. Key-pointing header fields (``jwk``, ``jku``, ``x5u``, ``x5c``) are ignored;
 * strict compact serialisation: three unpadded, canonical base64url segments, UTF-8 JSON objects
   without duplicate members (RFC 7515 §3.1, §4, §5.2);
 * claim types checked (an ``exp`` that is a string, a bool or a float is refused);
 * an unknown ``crit`` extension is refused (RFC 7515 §4.1.11).
 
-The signature is checked before the payload is parsed. Minting uses PyJWT, and the test suite
-checks in both directions that PyJWT and this verifier agree.
+The signature is checked before the payload is parsed. Minting is done here too, with a header
+built once per key; the test suite checks in both directions that PyJWT and this verifier agree.
 
 References:
     https://www.rfc-editor.org/rfc/rfc8725
@@ -25,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import math
 import re
 import secrets
@@ -34,14 +36,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
-import jwt
-
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._claims import check_application_claims, check_lifetime, check_subject
-from ._config import GateConfig, secret_bytes
+from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
+from ._keys import ASYMMETRIC_ALGORITHMS, EDDSA, ES256, HS256, Key
 from ._principal import CredentialKind, Principal
+from ._remote_keys import RemoteKeySet
 from ._revocation import RevocationCheck
 
 __all__ = [
@@ -54,12 +56,22 @@ __all__ = [
     "validate_instance_id",
 ]
 
-ALGORITHM = "HS256"
 MAX_INSTANCE_ID_LENGTH = 256
 MAX_CACHED_TOKEN_BYTES = 4096
 
-# Three base64url segments without padding. An HS256 signature is 32 bytes: 43 characters.
-_COMPACT_JWS = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{43})")
+# Three base64url segments without padding, the last as long as a signature of a configured
+# algorithm: HS256 signs 32 bytes (43 characters), EdDSA and ES256 64 bytes (86 characters;
+# RFC 7518 §3.4: ES256 is the raw R||S, so a DER signature, 70 to 72 bytes, is malformed).
+_SIGNATURE_CHARACTERS = {HS256: 43, EDDSA: 86, ES256: 86}
+
+
+def _compact_jws(algorithms: frozenset[str]) -> re.Pattern[bytes]:
+    lengths = "|".join(
+        f"[A-Za-z0-9_-]{{{size}}}"
+        for size in sorted({_SIGNATURE_CHARACTERS[algorithm] for algorithm in algorithms})
+    )
+    return re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.(" + lengths.encode() + rb")")
+
 
 _MISSING_DEVICE = "The token is bound to a device; send the device header."
 _JWT_TYPES = frozenset({"JWT", "APPLICATION/JWT"})
@@ -118,6 +130,8 @@ class TokenVerifier:
         revocations: asked whether a verified token was revoked; a revoked token is refused
             on its next request, cached or not.
         clock: returns the current Unix time; for tests.
+        remote_keys: the keys of the configuration's ``jwks_url`` (default: a
+            :class:`~devicegate._remote_keys.RemoteKeySet` of it, when it is set).
     """
 
     def __init__(
@@ -127,6 +141,7 @@ class TokenVerifier:
         cache: TokenCache | None = None,
         revocations: RevocationCheck | None = None,
         clock: Clock = time.time,
+        remote_keys: RemoteKeySet | None = None,
     ) -> None:
         if cache is None:
             cache = MemoryTokenCache(config.token_cache_size)
@@ -136,7 +151,16 @@ class TokenVerifier:
             raise ConfigError(
                 "revocations", f"must be a RevocationCheck, got {type(revocations).__name__}"
             )
-        self._secrets = tuple(secret_bytes(secret) for secret in config.jwt_secrets)
+        ring = config.key_ring
+        self._keys_by_kid = ring.by_kid
+        self._hmac_keys = ring.hmac_keys
+        if remote_keys is None and config.jwks_url is not None:
+            remote_keys = RemoteKeySet(config.jwks_url)
+        self._remote_keys = remote_keys
+        self._algorithms = ring.algorithms | (
+            ASYMMETRIC_ALGORITHMS if remote_keys is not None else frozenset()
+        )
+        self._compact_jws = _compact_jws(self._algorithms or frozenset({HS256}))
         self._leeway = config.leeway_seconds
         self._issuers = frozenset(config.issuers)
         self._audiences = frozenset(config.audiences)
@@ -250,10 +274,15 @@ class TokenVerifier:
         self._cache_put(token, entry._replace(revocations_version=version))
         return entry.bound, entry.principal
 
+    @property
+    def remote_keys(self) -> RemoteKeySet | None:
+        """The keys of the configuration's ``jwks_url``, or ``None``."""
+        return self._remote_keys
+
     def _verify_uncached(self, token: bytes) -> CachedToken:
-        if not self._secrets:
+        if not self._algorithms:
             raise InvalidToken(InvalidReason.NOT_CONFIGURED)
-        match = _COMPACT_JWS.fullmatch(token)
+        match = self._compact_jws.fullmatch(token)
         if match is None:
             raise InvalidToken(InvalidReason.MALFORMED)
         header_segment, payload_segment, signature = match.groups()
@@ -263,8 +292,10 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.MALFORMED) from None
         if not isinstance(header, dict):
             raise InvalidToken(InvalidReason.MALFORMED)
-        # RFC 8725 §3.1: the algorithm is ours; the header must merely agree with it.
-        if header.get("alg") != ALGORITHM:
+        # RFC 8725 §3.1: the algorithms are those of our keys; the header must merely agree
+        # with the key it selects (checked below). "none", "HS512", "RS256"... end here.
+        alg = header.get("alg")
+        if type(alg) is not str or alg not in self._algorithms:
             raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
         if "crit" in header or header.get("b64", True) is not True:
             # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown; an unencoded
@@ -278,16 +309,34 @@ class TokenVerifier:
             # without regard to case: "JWT", "jwt" and "application/jwt" are one type.
             if not isinstance(typ, str) or typ.upper() not in _JWT_TYPES:
                 raise InvalidToken(InvalidReason.BAD_HEADER)
-        if "kid" in header and not isinstance(header["kid"], str):
-            raise InvalidToken(InvalidReason.BAD_HEADER)
-
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
-        valid = False
-        for secret in self._secrets:
-            expected = _b64url(hmac.digest(secret, signing_input, "sha256"))
-            valid |= hmac.compare_digest(expected, signature)
-        if not valid:
-            raise InvalidToken(InvalidReason.BAD_SIGNATURE)
+        if "kid" in header:
+            kid = header["kid"]
+            if not isinstance(kid, str):
+                raise InvalidToken(InvalidReason.BAD_HEADER)
+            # The kid selects one configured key by exact match, or none: it is never a path,
+            # a query or a URL, and an unknown one is refused before any key is tried.
+            key: Key | None = self._keys_by_kid.get(kid)
+            if key is None and self._remote_keys is not None:
+                key = self._remote_keys.get(kid)
+            if key is None:
+                raise InvalidToken(InvalidReason.UNKNOWN_KEY)
+            # RFC 8725 §2.1: the key fixes the algorithm. An HS256 token naming an EdDSA key's
+            # kid would otherwise make the public key an HMAC secret.
+            if alg != key.algorithm:
+                raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
+            if not key.verify(signing_input, signature):
+                raise InvalidToken(InvalidReason.BAD_SIGNATURE)
+        elif alg == HS256:
+            # Minted before key ids, or elsewhere: each HMAC secret is tried, as it always was.
+            valid = False
+            for hmac_key in self._hmac_keys:
+                valid |= hmac_key.verify(signing_input, signature)
+            if not valid:
+                raise InvalidToken(InvalidReason.BAD_SIGNATURE)
+        else:
+            # An asymmetric token must say which key: public keys are never tried blindly.
+            raise InvalidToken(InvalidReason.UNKNOWN_KEY)
 
         try:
             claims = decode_json_segment(payload_segment)
@@ -437,7 +486,9 @@ class IssuedToken:
 
 
 class TokenIssuer:
-    """Mints HS256 device tokens signed with the configuration's current ``jwt_secret``.
+    """Mints device tokens signed with the configuration's signing key: its
+    ``jwt_private_key`` (EdDSA or ES256, as the key is) when set, else its first
+    ``jwt_secret`` (HS256). The header names the key's ``kid``.
 
     Claims: ``iat``, ``exp`` (``iat`` plus the lifetime), ``jti`` (128 random bits),
     ``instance_id`` when bound, ``sub`` and application claims when given, ``azp`` (the named
@@ -445,14 +496,21 @@ class TokenIssuer:
     algorithm, the ``jti`` or any registered claim, and may only shorten the lifetime.
 
     Raises:
-        ConfigError: the configuration has no ``jwt_secret``.
+        ConfigError: the configuration has no ``jwt_secret`` and no ``jwt_private_key``.
     """
 
     def __init__(self, config: GateConfig, *, clock: Clock = time.time) -> None:
-        secret = config.jwt_secret
-        if secret is None:
+        key = config.key_ring.signing_key
+        if key is None:
             raise ConfigError("jwt_secret", "TokenIssuer needs a jwt_secret to sign tokens")
-        self._secret = secret_bytes(secret)
+        self._key = key
+        self._sign = key.sign
+        # Built once: the header is the same for every token this key signs.
+        self._header = _b64url(
+            json.dumps(
+                {"alg": key.algorithm, "kid": key.kid, "typ": "JWT"}, separators=(",", ":")
+            ).encode()
+        )
         self._lifetime = config.jwt_expire_seconds
         self._issuer = config.issuer
         self._audience = config.audience
@@ -461,6 +519,16 @@ class TokenIssuer:
 
     def __repr__(self) -> str:
         return f"<TokenIssuer lifetime={self._lifetime}s>"
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm of the signing key: ``HS256``, ``EdDSA`` or ``ES256``."""
+        return self._key.algorithm
+
+    @property
+    def kid(self) -> str:
+        """The key id of the signing key, in every token's header."""
+        return self._key.kid
 
     @property
     def requires_binding(self) -> bool:
@@ -528,7 +596,12 @@ class TokenIssuer:
             payload["iss"] = self._issuer
         if self._audience is not None:
             payload["aud"] = self._audience
-        access_token = jwt.encode(payload, self._secret, algorithm=ALGORITHM)
+        signing_input = (
+            self._header
+            + b"."
+            + _b64url(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
+        )
+        access_token = (signing_input + b"." + _b64url(self._sign(signing_input))).decode()
         return IssuedToken(
             access_token=access_token,
             token_type="Bearer",  # noqa: S106 - RFC 6750 token type
