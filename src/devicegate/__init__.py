@@ -23,6 +23,7 @@ from ._errors import (
     MissingCredentials,
     Refusal,
 )
+from ._jwks import JwksEndpoint
 from ._middleware import DeviceAuthMiddleware
 from ._principal import CredentialKind, Principal, get_principal
 from ._revocation import RevocationCheck, RevocationList, RevocationStore
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "IssuedToken",
+    "JwksEndpoint",
     "MemoryTokenCache",
     "MissingCredentials",
     "Principal",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from starlette.authentication import UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,7 @@ from ._errors import (
     Refusal,
     check_realm,
 )
+from ._jwks import JwksEndpoint
 from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
 from ._revocation import RevocationCheck, RevocationStore
 from ._revoke import RevocationEndpoint
@@ -52,12 +53,19 @@ _UNSAFE_PATH = (
 )
 
 
+class _Endpoint(Protocol):
+    """A built-in endpoint: answers a request the middleware has authenticated (or, for a
+    public one, let through)."""
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 class _Route(NamedTuple):
     """What a request path decides before any credential is read."""
 
     accepted: frozenset[CredentialKind]
     public: bool
-    endpoint: ServerKeyEndpoint | None
+    endpoint: _Endpoint | None
     optional: bool = False
 
 
@@ -94,6 +102,9 @@ class DeviceAuthMiddleware:
             :class:`~devicegate.RevocationList`, or a shared store).
         counters: where to count what is admitted, refused, minted and revoked (for
             :mod:`devicegate.metrics`); ``None`` counts nothing.
+        jwks_path: the route path served by a built-in :class:`~devicegate.JwksEndpoint`
+            (public: no credential needed), or ``None``. Active when the configuration has an
+            EdDSA or ES256 key to publish.
 
     Raises:
         ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` or
@@ -120,6 +131,7 @@ class DeviceAuthMiddleware:
         verifier: TokenVerifier | None = None,
         revoke_path: str | None = "/revoke",
         counters: Counters | None = None,
+        jwks_path: str | None = "/.well-known/jwks.json",
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
@@ -139,14 +151,17 @@ class DeviceAuthMiddleware:
         for field, path, example in (
             ("token_path", token_path, "/gen-jwt"),
             ("revoke_path", revoke_path, "/revoke"),
+            ("jwks_path", jwks_path, "/.well-known/jwks.json"),
         ):
             if path is not None and (not isinstance(path, str) or has_unsafe_segments(path)):
                 raise ConfigError(field, f"must be an absolute path such as {example!r} or None")
         if token_path is not None and token_path == revoke_path:
             raise ConfigError("revoke_path", "must differ from token_path")
+        if jwks_path is not None and jwks_path in (token_path, revoke_path):
+            raise ConfigError("jwks_path", "must differ from token_path and revoke_path")
         check_realm(realm)
         self._rules = rules
-        self._paths = (token_path, revoke_path)
+        self._paths = (token_path, revoke_path, jwks_path)
         self._on_error = on_error
         self._realm = realm
         self._counters = counters
@@ -184,6 +199,11 @@ class DeviceAuthMiddleware:
     def revoke_path(self) -> str | None:
         """The route path of the built-in revocation endpoint, or ``None``."""
         return self._gate.revoke_path
+
+    @property
+    def jwks_path(self) -> str | None:
+        """The route path of the built-in JWKS endpoint, or ``None``."""
+        return self._gate.jwks_path
 
     def clear_token_cache(self) -> None:
         """Forget every verified token, so that each is verified again in full on its next use.
@@ -327,6 +347,7 @@ class _Gate:
         "authenticate",
         "authenticator",
         "config",
+        "jwks_path",
         "revoke_path",
         "routes",
         "rule_table",
@@ -339,11 +360,11 @@ class _Gate:
         config: GateConfig,
         verifier: TokenVerifier,
         rules: tuple[Rule, ...],
-        paths: tuple[str | None, str | None],
+        paths: tuple[str | None, str | None, str | None],
         realm: str,
         counters: Counters | None,
     ) -> None:
-        token_path, revoke_path = paths
+        token_path, revoke_path, jwks_path = paths
         self.config = config
         self.authenticator = Authenticator(config, verifier=verifier)
         self.authenticate = self.authenticator.authenticate
@@ -357,9 +378,9 @@ class _Gate:
                 )
         # Each built-in endpoint is served where it can work; otherwise its path is None and
         # an ordinary one, under the rules.
-        self.token_path = self.revoke_path = None
+        self.token_path = self.revoke_path = self.jwks_path = None
         self.server_key_routes: dict[str, _Route] = {}
-        if token_path is not None and config.api_keys and config.jwt_secrets:
+        if token_path is not None and config.api_keys and config.key_ring.signing_key:
             self.token_path = token_path
             endpoint: ServerKeyEndpoint = TokenEndpoint(config, realm=realm, counters=counters)
             self.server_key_routes[token_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
@@ -368,6 +389,10 @@ class _Gate:
             self.revoke_path = revoke_path
             endpoint = RevocationEndpoint(config, revocations, realm=realm, counters=counters)
             self.server_key_routes[revoke_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
+        if jwks_path is not None and config.key_ring.jwks()["keys"]:
+            # Public keys are public by design: other services fetch them without a credential.
+            self.jwks_path = jwks_path
+            self.server_key_routes[jwks_path] = _Route(frozenset(), True, JwksEndpoint(config))
         # Every decision a path can get, built once: the remembered routes share them.
         self.rule_table = RuleTable(
             ((rule, _Route(rule.accept, rule.public, None, rule.optional)) for rule in rules),
