@@ -573,3 +573,19 @@ async def test_forgeries_through_the_middleware(ring: Ring, app: Any) -> None:
     assert response.status_code == 401
     assert 'error="invalid_token"' in response.headers["www-authenticate"]
     assert not app.ran
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "EdDSA", "ES256"])
+def test_init_writes_the_fields_of_the_algorithm(tmp_path: Path, algorithm: str) -> None:
+    from devicegate import cli
+
+    path = tmp_path / "secrets.json"
+    assert cli.main(["init", "--path", str(path), "--algorithm", algorithm]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    document = json.loads(path.read_text())
+    assert ("jwt_secret" in document) is (algorithm == "HS256")
+    assert ("jwt_private_key" in document) is (algorithm != "HS256")
+    config = GateConfig.from_secrets_file(path)
+    issued = TokenIssuer(config).issue(DEVICE)
+    assert header_of(issued.access_token)["alg"] == algorithm
+    assert TokenVerifier(config).verify(issued.access_token, DEVICE).instance_id == DEVICE

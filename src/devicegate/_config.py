@@ -861,7 +861,7 @@ def _from_secrets_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
         if not source.secret:
             options[name] = value  # checked by the constructor, as any argument
         elif value is not None:  # a null key is no key
-            if isinstance(value, dict) or name == "jwt_public_keys":
+            if isinstance(value, dict) or name in ("jwt_private_key", "jwt_public_keys"):
                 # Names of keys, a JWK, a JWK Set: checked by the constructor.
                 options[name] = value
             elif not isinstance(value, (str, list)):

@@ -56,6 +56,7 @@ __all__ = [
     "Key",
     "KeyRing",
     "derive_kid",
+    "generate_private_key_pem",
     "jwk_key",
     "load_private_key",
     "load_public_key",
@@ -265,6 +266,30 @@ def _cryptography(field: str) -> None:
             field,
             f"EdDSA and ES256 keys need the 'cryptography' package: {_CRYPTO_EXTRA}",
         ) from None
+
+
+def generate_private_key_pem(algorithm: str) -> str:
+    """A fresh, unencrypted PKCS#8 PEM private key for ``algorithm`` (``EdDSA`` or ``ES256``).
+
+    Raises:
+        ConfigError: ``cryptography`` is missing, or the algorithm is neither.
+    """
+    _cryptography("algorithm")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    private: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+    if algorithm == EDDSA:
+        private = ed25519.Ed25519PrivateKey.generate()
+    elif algorithm == ES256:
+        private = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise ConfigError("algorithm", "must be EdDSA or ES256 for a private key")
+    return private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
 
 
 def load_private_key(field: str, pem: str, kid: str | None = None) -> Key:

@@ -43,6 +43,7 @@ from ._claims import ClaimError
 from ._config import GateConfig
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
+from ._keys import generate_private_key_pem
 from ._rules import has_unsafe_segments
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
@@ -128,8 +129,9 @@ def _random_key() -> str:
     return base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode("ascii")
 
 
-def write_secrets_file(path: str | os.PathLike[str]) -> None:
-    """Create a SenseCrypt-format ``secrets.json`` with fresh random keys, mode 0600.
+def write_secrets_file(path: str | os.PathLike[str], algorithm: str = "HS256") -> None:
+    """Create a SenseCrypt-format ``secrets.json`` with fresh random keys, mode 0600: a
+    ``jwt_secret`` for HS256, or a ``jwt_private_key`` (PEM) for ``EdDSA`` or ``ES256``.
 
     The file is created with ``O_EXCL``, so an existing file (or a symlink planted in its
     place) is never overwritten or followed, and it is never readable by others, not even for
@@ -138,13 +140,14 @@ def write_secrets_file(path: str | os.PathLike[str]) -> None:
     Raises:
         FileExistsError: ``path`` already exists.
         OSError: the file cannot be created or written.
+        ConfigError: an asymmetric algorithm without the ``crypto`` extra.
     """
-    document = {
-        "api_key": _random_key(),
-        "mobile_api_key": _random_key(),
-        "jwt_secret": _random_key(),
-        "jwt_expire_seconds": 300,
-    }
+    document: dict[str, Any] = {"api_key": _random_key(), "mobile_api_key": _random_key()}
+    if algorithm == "HS256":
+        document["jwt_secret"] = _random_key()
+    else:
+        document["jwt_private_key"] = generate_private_key_pem(algorithm)
+    document["jwt_expire_seconds"] = 300
     data = (json.dumps(document, indent=2) + "\n").encode("ascii")
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, 0o600)
@@ -165,7 +168,9 @@ def write_secrets_file(path: str | os.PathLike[str]) -> None:
 def _init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     path = Path(args.path).absolute()
     try:
-        write_secrets_file(path)
+        write_secrets_file(path, args.algorithm)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
     except FileExistsError:
         raise CommandError(
             f"{path} already exists; refusing to overwrite it (remove it first or choose "
@@ -790,6 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument(
         "--path", default=DEFAULT_SECRETS_FILE, help="where to write it (default: %(default)s)"
+    )
+    init.add_argument(
+        "--algorithm",
+        choices=["HS256", "EdDSA", "ES256"],
+        default="HS256",
+        help="how tokens are signed: HS256 writes a jwt_secret; EdDSA (Ed25519) and ES256 "
+        "(P-256) write a jwt_private_key and need devicegate[crypto] (default: %(default)s)",
     )
     init.set_defaults(handler=_init)
 
