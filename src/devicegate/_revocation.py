@@ -14,19 +14,36 @@ References:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigError
 
-__all__ = ["RevocationCheck", "RevocationList", "RevocationStore"]
+__all__ = [
+    "REVOCATION_KINDS",
+    "RevocationCheck",
+    "RevocationEntry",
+    "RevocationKind",
+    "RevocationList",
+    "RevocationStore",
+]
 
 # A token minted by devicegate lives at most a day (GateConfig caps jwt_expire_seconds), plus the
 # largest leeway: an entry is kept that long after the last token it can cover was minted.
 DEFAULT_RETENTION_SECONDS = 86_400 + 60
 _SWEEP_SECONDS = 60.0
+
+RevocationKind = Literal["jti", "instance_id", "sub", "all"]
+"""What a revocation names: one token, a device, a subject, or every token (named ``None``)."""
+REVOCATION_KINDS: tuple[RevocationKind, ...] = ("jti", "instance_id", "sub", "all")
+
+RevocationEntry = tuple[RevocationKind, "str | None", float]
+"""``(kind, name, cutoff)``: one revocation as a replica copies it. ``cutoff`` is ``before`` for a
+device, a subject or every token, and the time of revocation for a ``jti``; the entry is kept
+``retention`` seconds after it."""
 
 
 @runtime_checkable
@@ -99,12 +116,16 @@ class RevocationList:
             )
         self._retention = float(retention)
         self._clock = clock
-        # jti -> when to forget it, in that order; device or subject -> (before, when to forget).
-        self._tokens: OrderedDict[str, float] = OrderedDict()
+        # jti -> (revoked at, when to forget it), in that order; device or subject -> (before,
+        # when to forget it).
+        self._tokens: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._devices: dict[str, tuple[float, float]] = {}
         self._subjects: dict[str, tuple[float, float]] = {}
         self._all: tuple[float, float] | None = None
         self._next_sweep = 0.0
+        # Writes may come from more than one thread (a shared store's replica is fed by a
+        # background thread); reads take no lock and see each entry whole or not at all.
+        self._lock = threading.Lock()
         self.version = 0
 
     def __repr__(self) -> str:
@@ -122,56 +143,107 @@ class RevocationList:
         issued_at = claims.get("iat")
         if self._all is not None and _covers(self._all, issued_at):
             return True
+        # One lookup each, never "in" then "[]": another thread may forget an entry in between.
         device = claims.get("instance_id")
-        if (
-            device is not None
-            and device in self._devices
-            and _covers(self._devices[device], issued_at)
-        ):
-            return True
+        if type(device) is str:
+            entry = self._devices.get(device)
+            if entry is not None and _covers(entry, issued_at):
+                return True
         subject = claims.get("sub")
-        return (
-            subject is not None
-            and subject in self._subjects
-            and _covers(self._subjects[subject], issued_at)
-        )
+        if type(subject) is str:
+            entry = self._subjects.get(subject)
+            if entry is not None and _covers(entry, issued_at):
+                return True
+        return False
 
     async def revoke_token(self, jti: str) -> None:
         """Revoke the one token whose ``jti`` claim is ``jti``."""
-        _check_name("jti", jti)
-        now = self._now()
-        self._tokens[jti] = now + self._retention
-        self._tokens.move_to_end(jti)
-        self._changed(now)
+        self.record("jti", jti, self._now())
 
     async def revoke_device(self, instance_id: str, *, before: float | None = None) -> None:
         """Revoke every token bound to ``instance_id`` issued at or before ``before`` (now)."""
-        _check_name("instance_id", instance_id)
-        self._revoke(self._devices, instance_id, before)
+        self.record("instance_id", instance_id, self._before(before))
 
     async def revoke_subject(self, subject: str, *, before: float | None = None) -> None:
         """Revoke every token whose ``sub`` is ``subject`` issued at or before ``before`` (now)."""
-        _check_name("sub", subject)
-        self._revoke(self._subjects, subject, before)
+        self.record("sub", subject, self._before(before))
 
     async def revoke_all(self, *, before: float | None = None) -> None:
         """Revoke every token issued at or before ``before`` (default: now)."""
-        now = self._now()
-        cutoff = self._before(before, now)
-        if self._all is None or cutoff > self._all[0]:
-            self._all = (cutoff, cutoff + self._retention)
-        self._changed(now)
+        self.record("all", None, self._before(before))
 
-    def _revoke(
-        self, table: dict[str, tuple[float, float]], name: str, before: float | None
-    ) -> None:
+    def record(self, kind: RevocationKind, name: str | None, cutoff: float) -> bool:
+        """Add one entry as a replica receives it (what the ``revoke_*`` methods do, with the
+        cutoff given rather than taken from the clock). Safe to call from any thread.
+
+        An entry already past retention is ignored, and so is one that an entry held already
+        covers (a later cutoff covers everything an earlier one did).
+
+        Returns:
+            whether the list changed (its :attr:`version` moved).
+
+        Raises:
+            ValueError: an unknown ``kind``, a ``name`` that is not a non-empty string (or not
+                ``None`` for ``"all"``), or a ``cutoff`` that is not a finite Unix time.
+        """
+        if kind not in REVOCATION_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(REVOCATION_KINDS)}")
+        if kind == "all" and name is not None:
+            raise ValueError("a revocation of every token must have no name")
+        if kind != "all" and (not isinstance(name, str) or not name):
+            raise ValueError(f"{kind} must be a non-empty string")
+        if not _is_number(cutoff):
+            raise ValueError("before must be a finite Unix time")
         now = self._now()
-        cutoff = self._before(before, now)
-        held = table.get(name)
-        # A later cutoff covers everything an earlier one did; an earlier one adds nothing.
-        if held is None or cutoff > held[0]:
-            table[name] = (cutoff, cutoff + self._retention)
-        self._changed(now)
+        cutoff = float(cutoff)
+        until = cutoff + self._retention
+        with self._lock:
+            if until <= now:
+                changed = False
+            elif name is None:
+                changed = self._all is None or self._all[0] < cutoff
+                if changed:
+                    self._all = (cutoff, until)
+            elif kind == "jti":
+                held = self._tokens.get(name)
+                changed = held is None or held[0] < cutoff
+                if changed:
+                    # Kept in the order they were added, which is the order they expire in
+                    # unless a replica brings an older one late: that one is forgotten late.
+                    self._tokens[name] = (cutoff, until)
+                    self._tokens.move_to_end(name)
+            else:
+                table = self._devices if kind == "instance_id" else self._subjects
+                held = table.get(name)
+                # A later cutoff covers everything an earlier one did; an earlier one adds
+                # nothing.
+                changed = held is None or held[0] < cutoff
+                if changed:
+                    table[name] = (cutoff, until)
+            self._forget(now)
+            if changed:
+                self.version += 1
+        return changed
+
+    def entries(self) -> list[RevocationEntry]:
+        """Every entry held, as ``(kind, name, cutoff)``: what a shared store copies back when
+        it lost its own."""
+        now = self._now()
+        found: list[RevocationEntry] = []
+        with self._lock:
+            for kind, table in (
+                ("jti", self._tokens),
+                ("instance_id", self._devices),
+                ("sub", self._subjects),
+            ):
+                found += [
+                    (kind, name, cutoff)  # type: ignore[misc]
+                    for name, (cutoff, until) in table.items()
+                    if until > now
+                ]
+            if self._all is not None and self._all[1] > now:
+                found.append(("all", None, self._all[0]))
+        return found
 
     def _now(self) -> float:
         now = self._clock()
@@ -179,20 +251,19 @@ class RevocationList:
             raise ValueError("the clock returned no usable time")
         return float(now)
 
-    @staticmethod
-    def _before(before: float | None, now: float) -> float:
+    def _before(self, before: float | None) -> float:
         if before is None:
-            return now
+            return self._now()
         if not _is_number(before):
             raise ValueError("before must be a finite Unix time")
         return float(before)
 
-    def _changed(self, now: float) -> None:
-        """Forget what can no longer cover a valid token, and tell cached tokens to ask again."""
+    def _forget(self, now: float) -> None:
+        """Forget what can no longer cover a valid token (the caller holds the lock)."""
         tokens = self._tokens
         # Held in the order they expire: the oldest first, each forgotten in constant time.
         while tokens:
-            jti, until = next(iter(tokens.items()))
+            jti, (_, until) = next(iter(tokens.items()))
             if until > now:
                 break
             del tokens[jti]
@@ -204,7 +275,6 @@ class RevocationList:
                     del table[name]
             if self._all is not None and self._all[1] <= now:
                 self._all = None
-        self.version += 1
 
 
 def _covers(entry: tuple[float, float], issued_at: object) -> bool:
@@ -215,8 +285,3 @@ def _covers(entry: tuple[float, float], issued_at: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_name(field: str, value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{field} must be a non-empty string")
