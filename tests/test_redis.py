@@ -69,7 +69,7 @@ async def eventually(condition: Callable[[], bool], *, within: float) -> float:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
+def server(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
     with redis_server(tmp_path) as running:
         yield running
 
@@ -399,6 +399,7 @@ def test_bad_options_are_refused_at_start_up(options: dict[str, Any], field: str
     assert not [thread for thread in threading.enumerate() if thread.name == THREAD_NAME]
 
 
+@pytest.mark.integration
 def test_without_the_extra_the_import_error_names_it() -> None:
     line = "import sys; sys.modules['redis'] = None; import devicegate.redis"
     result = subprocess.run(  # noqa: S603 - our own interpreter and a fixed line
@@ -408,6 +409,7 @@ def test_without_the_extra_the_import_error_names_it() -> None:
     assert "pip install 'devicegate[redis]'" in result.stderr
 
 
+@pytest.mark.integration
 def test_the_core_never_imports_redis() -> None:
     line = "import sys, devicegate, devicegate.gateway; print('redis' in sys.modules)"
     result = subprocess.run(  # noqa: S603 - our own interpreter and a fixed line
