@@ -9,6 +9,7 @@ noticed quickly; every bound asserted below is derived from it.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from devicegate.redis import NOT_SHARED, UNAVAILABLE, RedisRevocationList
 from tests.helpers import Keys, RecordingApp, bearer, claims_at, client, make_token
 from tests.servers.process import child_env
 from tests.servers.redis_server import RedisServer, redis_server
+from tests.test_readme import BLOCKS, README
 
 STALENESS = 1.0
 SOCKET_TIMEOUT = 0.25
@@ -348,6 +350,23 @@ async def test_fail_open_admits_during_an_outage_and_says_so(
     assert store.state.as_dict()["fresh"] is False
     assert store.state.fail_open
     assert "fail_open" in caplog.text
+
+
+@pytest.mark.integration
+async def test_the_readme_example(server: RedisServer, keys: Keys, app: RecordingApp) -> None:
+    block = BLOCKS["Revoking across instances: Redis"]
+    code = block.code.replace("redis://redis.internal:6379/0", server.url)
+    tree = ast.parse(code, filename=f"README.md:{block.line}")
+    ast.increment_lineno(tree, block.line - 1)
+    compiled = compile(tree, str(README), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    namespace: dict[str, Any] = {"app": app, "config": keys.config()}
+    namespace.update(DeviceAuthMiddleware=DeviceAuthMiddleware)
+    pending = eval(compiled, namespace)  # noqa: S307 - this repository's own README
+    if pending is not None:
+        await pending
+    assert namespace["app"].verifier.revocations is namespace["revocations"]
+    assert list(held_in_redis(server)) == ["instance_id:device-123"]
+    assert not [thread for thread in threading.enumerate() if thread.name == THREAD_NAME]
 
 
 # -- the object itself ---------------------------------------------------------------------------
