@@ -55,7 +55,9 @@ REVOCATIONS: dict[str, Revoke] = {
 
 
 def fresh_claims(**changes: Any) -> dict[str, Any]:
-    return claims_at(now=int(time.time()), **{"instance_id": DEVICE, "sub": SUBJECT, **changes})
+    """Claims of a token minted a second ago: before any revocation the test makes next (an
+    ``iat`` of now, truncated to the second, may fall after one made a moment later)."""
+    return claims_at(now=int(time.time()) - 1, **{"instance_id": DEVICE, "sub": SUBJECT, **changes})
 
 
 async def eventually(condition: Callable[[], bool], *, within: float) -> float:
