@@ -646,6 +646,11 @@ def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, wor
         return "revocation endpoint: off (--revoke-path none)"
     if not config.api_keys:
         return "revocation endpoint: off (needs an api_key)"
+    if settings.redis_url is not None:
+        return (
+            f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only; "
+            "devicegate revoke), shared with every worker and instance through Redis"
+        )
     if workers > 1:
         # Said once at start, and answered 501 at the path: never a silent disagreement.
         return (
@@ -694,6 +699,10 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
         changes["token_path"] = None if args.token_path.lower() == "none" else args.token_path
     if args.revoke_path is not None:
         changes["revoke_path"] = None if args.revoke_path.lower() == "none" else args.revoke_path
+    if args.redis is not None:
+        changes["redis_url"] = args.redis
+    if args.redis_fail_open:
+        changes["redis_fail_open"] = True
     settings = dataclasses.replace(settings, **changes)
     if settings.secrets_file is None and not has_env_credentials(environ):
         path = Path(DEFAULT_SECRETS_FILE).absolute()
@@ -734,10 +743,18 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             raise CommandError(f"--upstream needs httpx: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
         raise CommandError(f"cannot load {exc.name}: {exc}", EXIT_USAGE) from None
     worker_env = settings.to_env() if workers > 1 else {}
+    if workers > 1 and settings.redis_url is not None:
+        # Built here only to check the settings: each worker opens its own connections.
+        app.gate.verifier.revocations.close()  # type: ignore[union-attr]
     _check_port(host, port)
     if settings.upstream is not None and not args.no_upstream_check:
         _check_upstream_reachable(settings.upstream, settings.upstream_timeout)
     sys.stderr.write(serve_banner(settings, config, environ, host=host, port=port, workers=workers))
+    if settings.redis_url is not None and settings.redis_fail_open:
+        sys.stderr.write(
+            "devicegate: WARNING: fail-open is on: while Redis cannot be reached, tokens are "
+            "admitted without checking revocations made meanwhile\n"
+        )
     sys.stderr.flush()
     options: dict[str, Any] = {
         "host": host,
@@ -885,7 +902,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--revoke-path",
         metavar="PATH",
         help=f"path of the revocation endpoint, or 'none' (env DEVICEGATE_REVOKE_PATH; default "
-        f"{DEFAULT_REVOKE_PATH}; off with --workers above 1)",
+        f"{DEFAULT_REVOKE_PATH}; off with --workers above 1 unless --redis is given)",
+    )
+    serve.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share revocations with every worker and instance through this Redis, "
+        "redis://[:password@]host[:port][/db] (env DEVICEGATE_REDIS_URL; needs the redis extra)",
+    )
+    serve.add_argument(
+        "--redis-fail-open",
+        action="store_true",
+        help="admit tokens while Redis is unreachable instead of answering 503 (env "
+        "DEVICEGATE_REDIS_FAIL_OPEN; DEVICEGATE_REDIS_STALENESS sets after how many seconds, "
+        "default 5)",
     )
     serve.add_argument(
         "--log-level",

@@ -19,10 +19,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._asgi import send_refusal
+from .._asgi import send_json, send_refusal
 from .._config import (
     CREDENTIAL_VARIABLES,
     GateConfig,
+    env_bool,
     env_int,
     env_list,
     env_seconds,
@@ -34,7 +35,7 @@ from .._config import (
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._principal import CredentialKind
-from .._revocation import RevocationList
+from .._revocation import RevocationList, RevocationStore
 from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._policy import DEFAULT_TIMEOUT
@@ -168,6 +169,21 @@ class _PathSwitch:
             await self.app(scope, receive, send)
 
 
+def _health_reporting(store: Any) -> ASGIApp:
+    """``/health`` with the state of a shared revocation store: 200 ``"ok"`` while it is fresh,
+    200 ``"degraded"`` while stale but failing open, 503 ``"unavailable"`` while it refuses."""
+
+    async def health(scope: Scope, receive: Receive, send: Send) -> None:
+        state = store.state
+        if state.fresh:
+            status, word = 200, "ok"
+        else:
+            status, word = (200, "degraded") if state.fail_open else (503, "unavailable")
+        await send_json(scope, send, status, {"status": word, "revocations": state.as_dict()})
+
+    return health
+
+
 async def _revocation_off(scope: Scope, receive: Receive, send: Send) -> None:
     """The answer at the revocation path when revocation cannot hold in every process."""
     await send_refusal(scope, send, RevocationOff())
@@ -186,6 +202,7 @@ def build_app(
     token_path: str | None = DEFAULT_TOKEN_PATH,
     revoke_path: str | None = DEFAULT_REVOKE_PATH,
     workers: int = 1,
+    revocations: RevocationStore | None = None,
     reload: Callable[[], GateConfig] | None = None,
     reload_source: str = "the configuration",
 ) -> ReloadableApp:
@@ -212,8 +229,11 @@ def build_app(
             Revocations are kept in a :class:`~devicegate.RevocationList` in this process,
             which the gate and the forward-auth endpoint both consult.
         workers: how many processes serve this app. Above 1 an in-memory list would hold in
-            one of them only, so revocation is off: ``revoke_path`` answers 501 to the server
-            API key (and is never forwarded).
+            one of them only, so without a shared ``revocations`` store revocation is off:
+            ``revoke_path`` answers 501 to the server API key (and is never forwarded).
+        revocations: a store every process and instance shares
+            (:class:`~devicegate.redis.RedisRevocationList`), used instead of an in-memory
+            list, with any number of workers; ``/health`` then reports its state.
         reload: reads the configuration again; with it, SIGHUP puts what it returns in force
             (see :meth:`ReloadableApp.reconfigure`). ``None``: SIGHUP is left alone.
         reload_source: what ``reload`` reads, for the log line.
@@ -258,15 +278,19 @@ def build_app(
             ),
         )
     rules = [Rule(HEALTH_PATH, public=True), *public_rules]
-    revocations: RevocationList | None = None
-    if revoke_path is not None and workers > 1:
+    if hasattr(revocations, "state"):
+        # A shared store can be cut off: /health says so (and answers 503 while it refuses
+        # tokens), so that a load balancer stops sending this instance traffic.
+        inner = _PathSwitch(HEALTH_PATH, _health_reporting(revocations), inner)
+    # A shared store holds in every process, whatever their number; a list in memory does not.
+    if revocations is None and revoke_path is not None and workers > 1:
         if config.api_keys:
             # Refused to the server key alone, as the endpoint itself would be; everyone else
             # gets the usual 401/403. Never forwarded: the switch answers before the app.
             rules.insert(1, Rule(revoke_path, accept=[CredentialKind.API_KEY]))
             inner = _PathSwitch(revoke_path, _revocation_off, inner)
         revoke_path = None
-    elif revoke_path is not None:
+    elif revocations is None and revoke_path is not None:
         revocations = RevocationList()
     gate = DeviceAuthMiddleware(
         inner,
@@ -339,7 +363,13 @@ class ServeSettings:
         forward_auth_secret_env: the name of the variable holding the forward-auth secret.
         token_path: where the token endpoint answers, or ``None``.
         revoke_path: where the revocation endpoint answers, or ``None``.
-        workers: how many worker processes serve the app (revocation is off above 1).
+        workers: how many worker processes serve the app (revocation is off above 1, unless
+            ``redis_url`` is set).
+        redis_url: the Redis every worker and instance shares revocations through, or
+            ``None`` for a list in this process's memory.
+        redis_fail_open: admit tokens while Redis cannot be confirmed in step (default: refuse
+            them with 503).
+        redis_staleness: seconds without confirmation before that happens.
     """
 
     secrets_file: str | None = None
@@ -352,6 +382,9 @@ class ServeSettings:
     token_path: str | None = DEFAULT_TOKEN_PATH
     revoke_path: str | None = DEFAULT_REVOKE_PATH
     workers: int = 1
+    redis_url: str | None = None
+    redis_fail_open: bool = False
+    redis_staleness: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServeSettings:
@@ -365,6 +398,7 @@ class ServeSettings:
         token_path = get("TOKEN_PATH") or DEFAULT_TOKEN_PATH
         revoke_path = get("REVOKE_PATH") or DEFAULT_REVOKE_PATH
         workers = read_env(environ, "DEVICEGATE_WORKERS", env_int) or 1
+        fail_open = read_env(environ, "DEVICEGATE_REDIS_FAIL_OPEN", env_bool)
         return cls(
             secrets_file=get("SECRETS_FILE"),
             upstream=get("UPSTREAM"),
@@ -376,6 +410,9 @@ class ServeSettings:
             token_path=None if token_path.lower() == _DISABLED else token_path,
             revoke_path=None if revoke_path.lower() == _DISABLED else revoke_path,
             workers=workers,
+            redis_url=read_env(environ, "DEVICEGATE_REDIS_URL", env_str),
+            redis_fail_open=bool(fail_open),
+            redis_staleness=read_env(environ, "DEVICEGATE_REDIS_STALENESS", env_seconds),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -394,6 +431,11 @@ class ServeSettings:
             "DEVICEGATE_TOKEN_PATH": self.token_path or _DISABLED,
             "DEVICEGATE_REVOKE_PATH": self.revoke_path or _DISABLED,
             "DEVICEGATE_WORKERS": str(self.workers),
+            "DEVICEGATE_REDIS_URL": self.redis_url or "",
+            "DEVICEGATE_REDIS_FAIL_OPEN": "true" if self.redis_fail_open else "false",
+            "DEVICEGATE_REDIS_STALENESS": ""
+            if self.redis_staleness is None
+            else repr(self.redis_staleness),
         }
 
     def load_config(self, environ: Mapping[str, str]) -> GateConfig:
@@ -435,9 +477,31 @@ class ServeSettings:
             token_path=self.token_path,
             revoke_path=self.revoke_path,
             workers=self.workers,
+            revocations=self.shared_revocations(),
             reload=lambda: self.load_config(environ),
             reload_source=self.secrets_file or "the DEVICEGATE_* variables",
         )
+
+    def shared_revocations(self) -> RevocationStore | None:
+        """The Redis revocation store ``redis_url`` names (its thread started), or ``None``.
+
+        Raises:
+            ConfigError: an option is unusable, or the ``redis`` extra is not installed.
+        """
+        if self.redis_url is None:
+            return None
+        try:
+            from ..redis import RedisRevocationList  # lazy: the redis extra
+        except ImportError:
+            raise ConfigError(
+                "redis_url", "needs the redis package: pip install 'devicegate[redis]'"
+            ) from None
+        options: dict[str, Any] = {"fail_open": self.redis_fail_open}
+        if self.redis_staleness is not None:
+            options["staleness"] = self.redis_staleness
+            # Each Redis operation must fit, twice, in the staleness bound.
+            options["socket_timeout"] = min(1.0, self.redis_staleness / 2)
+        return RedisRevocationList(self.redis_url, **options)
 
 
 def app_from_env() -> ASGIApp:

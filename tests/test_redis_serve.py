@@ -1,0 +1,196 @@
+"""``devicegate serve --redis``: revocations shared by real processes through a real Redis.
+
+Three instances on one redis-server: a token revoked through one is refused by the other two,
+and the time that takes is measured over a hundred revocations (the p50 and p99 are printed
+with ``-s`` and attached to the test report). One instance with ``--workers 2``: a revocation
+through whichever worker took it holds in both. ``/health`` reports the store, and a Redis
+that is gone turns it (and every token) into a 503.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import Keys, bearer, token_of
+from tests.servers.process import answers, devicegate_command, serve, sync_client
+from tests.servers.redis_server import RedisServer, redis_server
+from tests.test_cli import get_from_a_worker, until_two_workers_answer
+
+pytestmark = pytest.mark.integration
+
+ROUNDS = 100
+PROPAGATION = 1.0  # the bound every revocation must meet, at p99 and here at worst
+GIVE_UP = 10.0
+
+
+@pytest.fixture
+def redis(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
+    with redis_server(tmp_path) as running:
+        yield running
+
+
+def environment(keys: Keys, **extra: str) -> dict[str, str]:
+    return {
+        "DEVICEGATE_API_KEYS": keys.api_key,
+        "DEVICEGATE_MOBILE_API_KEYS": keys.mobile_api_key,
+        "DEVICEGATE_JWT_SECRET": keys.jwt_secret,
+        **extra,
+    }
+
+
+def mint(http: httpx.Client, keys: Keys, device: str) -> str:
+    response = http.post(
+        "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": device}
+    )
+    return token_of(response, device)
+
+
+def jti_of(token: str) -> str:
+    payload = token.split(".")[1]
+    jti: str = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
+    return jti
+
+
+def revoke(http: httpx.Client, keys: Keys, body: dict[str, Any]) -> None:
+    response = http.post("/revoke", headers={"x-api-key": keys.api_key}, json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_three_instances_refuse_a_token_revoked_through_any_one(
+    redis: RedisServer, keys: Keys, tmp_path: Path, record_property: Any
+) -> None:
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                serve(
+                    devicegate_command("--redis", redis.url),
+                    tmp_path / f"serve-{number}.log",
+                    env=environment(keys),
+                    ready=answers("/health"),  # 200 once its replica is in step with Redis
+                )
+            )
+            for number in range(3)
+        ]
+        writer, *readers = [stack.enter_context(sync_client(server.url)) for server in servers]
+        health = readers[0].get("/health").json()
+        assert health["status"] == "ok"
+        assert health["revocations"]["fresh"] is True
+        assert "shared with every worker and instance through Redis" in servers[0].output()
+
+        devices = [f"device-{number}" for number in range(ROUNDS)]
+        tokens = [mint(writer, keys, device) for device in devices]
+        for token, device in zip(tokens, devices, strict=True):
+            for reader in readers:  # cached on both: a revocation must reach the cache too
+                assert reader.get("/whoami", headers=bearer(token, device)).status_code == 200
+
+        latencies = []
+        for token, device in zip(tokens, devices, strict=True):
+            started = time.perf_counter()
+            revoke(writer, keys, {"jti": jti_of(token)})
+            waiting = set(range(len(readers)))
+            while waiting:
+                for number in sorted(waiting):
+                    answer = readers[number].get("/whoami", headers=bearer(token, device))
+                    assert answer.status_code in (200, 401)
+                    if answer.status_code == 401:
+                        waiting.discard(number)
+                assert time.perf_counter() - started < GIVE_UP, "a revocation never arrived"
+            latencies.append(time.perf_counter() - started)
+
+    cuts = statistics.quantiles(latencies, n=100)
+    p50, p99 = statistics.median(latencies), cuts[98]
+    record_property("revocation_propagation_p50_ms", round(p50 * 1000, 2))
+    record_property("revocation_propagation_p99_ms", round(p99 * 1000, 2))
+    print(
+        f"\nrevocation propagation over {ROUNDS} revocations, 3 instances: "
+        f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+    )
+    assert p99 < PROPAGATION
+
+
+def test_with_two_workers_a_revocation_through_one_holds_in_both(
+    redis: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    command = devicegate_command("--workers", "2", "--redis", redis.url)
+    with serve(
+        command, tmp_path / "serve.log", env=environment(keys), ready=answers("/health")
+    ) as server:
+        assert "through Redis" in server.output()
+        assert "answers 501" not in server.output()
+        with sync_client(server.url) as http:
+            token = mint(http, keys, "device-A")
+        headers = bearer(token, "device-A")
+
+        def admitted_by() -> int | None:
+            worker, status, _ = get_from_a_worker(server, "/whoami", headers)
+            assert status == 200
+            return worker
+
+        workers = until_two_workers_answer(admitted_by)  # cached in both
+        assert len(workers) == 2
+
+        with sync_client(server.url) as http:
+            revoke(http, keys, {"instance_id": "device-A"})
+        started = time.monotonic()
+        refused_by: set[int] = set()
+        while refused_by != workers:
+            worker, status, _ = get_from_a_worker(server, "/whoami", headers)
+            if time.monotonic() - started > PROPAGATION:
+                assert status == 401, "a worker still admits a revoked token"
+            if status == 401 and worker is not None:
+                refused_by.add(worker)
+            assert time.monotonic() - started < GIVE_UP
+            time.sleep(0.01)
+
+
+def test_health_and_every_token_answer_503_when_redis_is_gone(
+    redis: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    command = devicegate_command("--redis", redis.url)
+    env = environment(keys, DEVICEGATE_REDIS_STALENESS="1")
+    with (
+        serve(command, tmp_path / "serve.log", env=env, ready=answers("/health")) as server,
+        sync_client(server.url) as http,
+    ):
+        token = mint(http, keys, "device-A")
+        assert http.get("/whoami", headers=bearer(token, "device-A")).status_code == 200
+        redis.kill()
+        deadline = time.monotonic() + 1.0 + 1.0
+        while (health := http.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline, "/health never noticed"
+            time.sleep(0.05)
+        assert health.status_code == 503
+        assert health.json()["status"] == "unavailable"
+        assert health.json()["revocations"]["fresh"] is False
+        refused = http.get("/whoami", headers=bearer(token, "device-A"))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        redis.start()
+        deadline = time.monotonic() + GIVE_UP
+        while http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "never recovered"
+            time.sleep(0.05)
+        assert http.get("/whoami", headers=bearer(token, "device-A")).status_code == 200
+
+
+def test_fail_open_is_said_at_start_and_in_health(
+    redis: RedisServer, keys: Keys, tmp_path: Path
+) -> None:
+    command = devicegate_command("--redis", redis.url, "--redis-fail-open")
+    with serve(
+        command, tmp_path / "serve.log", env=environment(keys), ready=answers("/health")
+    ) as server:
+        warnings = [line for line in server.output().splitlines() if "fail-open is on" in line]
+        assert len(warnings) == 1
+        with sync_client(server.url) as http:
+            assert http.get("/health").json()["revocations"]["fail_open"] is True
