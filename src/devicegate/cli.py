@@ -656,7 +656,7 @@ def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, wor
         return (
             f"revocation endpoint: off with {workers} workers: an in-memory revocation list "
             "lives in one process, so a revocation would hold in one worker only (a shared "
-            f"store is needed); POST {settings.revoke_path} answers 501"
+            f"store is needed: --redis URL); POST {settings.revoke_path} answers 501"
         )
     return (
         f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only; "
