@@ -684,3 +684,18 @@ def test_real_request_in_flight_during_sighup_completes(
     assert isinstance(result, httpx.Response), result
     assert result.status_code == 200
     assert result.json()["body_length"] == len(b"first part, second part")
+
+
+@pytest.mark.parametrize(
+    ("before", "shown"),
+    [
+        (1_700_000_000, "2023-11-14T22:13:20Z (1700000000)"),
+        (1_700_000_000.25, "2023-11-14T22:13:20Z (1700000000.25)"),
+        # Cut, never rounded up: the cutoff shown is never later than the server's.
+        (1_700_000_000.9999, "2023-11-14T22:13:20Z (1700000000.999)"),
+        (None, "now"),
+        (True, "now"),
+    ],
+)
+def test_revoke_shows_the_cutoff_the_server_applied(before: object, shown: str) -> None:
+    assert cli._moment(before) == shown

@@ -438,7 +438,10 @@ def _moment(timestamp: object) -> str:
         moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
     except (OverflowError, ValueError, OSError):
         return repr(timestamp)
-    return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} ({timestamp:g})"
+    # Cut to the millisecond, never rounded up: the cutoff shown is never later than the
+    # server's (":g" would show 1.7e+09, a cutoff off by minutes).
+    shown = f"{math.floor(timestamp * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{moment.strftime('%Y-%m-%dT%H:%M:%SZ')} ({shown})"
 
 
 def _revoke(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
