@@ -53,6 +53,7 @@ from .gateway._app import (
     ServeSettings,
     has_env_credentials,
     load_config,
+    parse_rule,
     parse_timeout,
 )
 
@@ -617,6 +618,8 @@ def serve_banner(
     else:
         lines.append("  secrets: from DEVICEGATE_* environment variables")
     lines.append(f"  public paths: {', '.join(('/health', *settings.public))}")
+    if settings.rules:
+        lines.append(f"  rules (first match wins): {', '.join(settings.rules)}")
     if settings.forward_auth_path is not None:
         lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
     lines.append(f"  {_revocation_line(settings, config, base, workers)}")
@@ -681,6 +684,55 @@ def _log_config(log_level: str) -> dict[str, Any]:
     return config
 
 
+# The settings a user names on the command line: the argument that sets it, its flag, and the
+# variable read without it.
+_SERVE_OPTIONS = {
+    "token_path": ("token_path", "--token-path", "DEVICEGATE_TOKEN_PATH"),
+    "revoke_path": ("revoke_path", "--revoke-path", "DEVICEGATE_REVOKE_PATH"),
+    "forward_auth_path": (
+        "forward_auth_path",
+        "--forward-auth-path",
+        "DEVICEGATE_FORWARD_AUTH_PATH",
+    ),
+    "rules": ("rule", "--rule", "DEVICEGATE_RULES"),
+    "public": ("public", "--public", "DEVICEGATE_PUBLIC"),
+}
+
+
+def _serve_sources(args: argparse.Namespace) -> dict[str, str]:
+    """Each setting by the name the user gave it: its flag when given, else its variable."""
+    return {
+        field: flag if getattr(args, argument) is not None else variable
+        for field, (argument, flag, variable) in _SERVE_OPTIONS.items()
+    }
+
+
+def _check_serve_paths(settings: ServeSettings, sources: Mapping[str, str]) -> None:
+    """Refuse, in the user's words, the paths and rules ``build_app`` would refuse in its own:
+    the flag or variable, and ``none`` rather than Python's ``None``."""
+    for field, example, may_be_off in (
+        ("token_path", DEFAULT_TOKEN_PATH, True),
+        ("revoke_path", DEFAULT_REVOKE_PATH, True),
+        ("forward_auth_path", DEFAULT_FORWARD_AUTH_PATH, False),
+    ):
+        path = getattr(settings, field)
+        if path is not None and ("*" in path or has_unsafe_segments(path)):
+            off = ", or none to turn it off" if may_be_off else ""
+            raise ConfigError(
+                sources[field], f"must be an absolute path such as {example}{off}; got {path!r}"
+            )
+    for rule in settings.rules:
+        parse_rule(rule, sources["rules"])
+
+
+def _in_user_words(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:
+    """``exc`` named after the flag or variable of its setting, when it has one."""
+    shown = sources.get(exc.field)
+    if shown is None:
+        return exc
+    return ConfigError(shown, str(exc).removeprefix(f"{exc.field}: "))
+
+
 def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
     if args.upstream_timeout is not None:  # the flag wins: its variable is not even read
         environ = {k: v for k, v in environ.items() if k != "DEVICEGATE_UPSTREAM_TIMEOUT"}
@@ -698,6 +750,8 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
     changes = {name: value for name, value in flags.items() if value is not None}
     if args.public is not None:
         changes["public"] = tuple(args.public)
+    if args.rule is not None:
+        changes["rules"] = tuple(args.rule)
     if args.token_path is not None:
         changes["token_path"] = None if args.token_path.lower() == "none" else args.token_path
     if args.revoke_path is not None:
@@ -707,6 +761,7 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
     if args.redis_fail_open:
         changes["redis_fail_open"] = True
     settings = dataclasses.replace(settings, **changes)
+    _check_serve_paths(settings, _serve_sources(args))
     if settings.secrets_file is None and not has_env_credentials(environ):
         path = Path(DEFAULT_SECRETS_FILE).absolute()
         try:
@@ -741,6 +796,8 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     config = settings.load_config(environ)
     try:
         app = settings.build(environ, config)
+    except ConfigError as exc:
+        raise _in_user_words(exc, _serve_sources(args)) from None
     except ImportError as exc:
         if exc.name == "httpx":
             raise CommandError(f"--upstream needs httpx: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
@@ -880,6 +937,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         help="route paths that need no credential, exact or ending in /* (env DEVICEGATE_PUBLIC, "
         "comma-separated; /health is always public)",
+    )
+    serve.add_argument(
+        "--rule",
+        metavar="PATH=KINDS",
+        action="append",
+        help="what a path accepts, repeatable: --rule '/admin/*=api_key', --rule "
+        "'/mobile/*=mobile_api_key,device_token' (env DEVICEGATE_RULES, ';' between rules); "
+        "the first match wins, after /health and --public; paths without a rule accept every "
+        "kind",
     )
     serve.add_argument(
         "--forward-auth-path",

@@ -52,6 +52,7 @@ __all__ = [
     "build_app",
     "has_env_credentials",
     "load_config",
+    "parse_rule",
     "parse_timeout",
     "read_upstream_secrets",
 ]
@@ -63,6 +64,8 @@ DEFAULT_FORWARD_AUTH_PATH = "/_devicegate/auth"
 DEFAULT_REVOKE_PATH = "/revoke"
 
 _DISABLED = "none"
+# Between the rules of DEVICEGATE_RULES (a path may hold ',', which separates kinds).
+RULE_SEPARATOR = ";"
 
 
 def has_env_credentials(environ: Mapping[str, str]) -> bool:
@@ -140,6 +143,43 @@ def _check_path(field: str, path: str) -> None:
         raise ConfigError(field, f"must be a clean absolute path such as '/health', got {path!r}")
 
 
+def parse_rule(text: str, source: str = "rules") -> Rule:
+    """A rule as the command line spells it, ``PATH=KINDS``: ``/admin/*=api_key`` or
+    ``/mobile/*=mobile_api_key,device_token``.
+
+    Raises:
+        ConfigError: named after ``source`` (the flag or the variable the rule came from), with
+            the rule and what is wrong with it.
+    """
+    path, equals, kinds = text.strip().rpartition("=")
+    path, names = path.strip(), [name.strip() for name in kinds.split(",")]
+    if not equals or not path or not all(names):
+        raise ConfigError(
+            source,
+            f"{text!r}: expected PATH=KINDS, such as '/admin/*=api_key' (kinds: {_KIND_NAMES})",
+        )
+    unknown = [name for name in names if name not in _KINDS]
+    if unknown:
+        raise ConfigError(
+            source, f"{text!r}: unknown kind {unknown[0]!r}; the kinds are {_KIND_NAMES}"
+        )
+    try:
+        return Rule(path, accept=[_KINDS[name] for name in names])
+    except ConfigError as exc:
+        raise ConfigError(source, f"{text!r}: {str(exc).removeprefix(exc.field + ': ')}") from None
+
+
+_KINDS = {kind.value: kind for kind in CredentialKind}
+_KIND_NAMES = ", ".join(_KINDS)
+
+
+def _covers(earlier: Rule, later: Rule) -> bool:
+    """Whether ``earlier`` matches every path ``later`` does, so that ``later`` never applies."""
+    if later.path.endswith("/*"):
+        return earlier.path.endswith("/*") and earlier.matches(later.path[:-2] or "/")
+    return earlier.matches(later.path)
+
+
 class _PathSwitch:
     """Send one route path (both slash spellings, as a :class:`~devicegate.Rule` matches it)
     to ``endpoint`` and everything else (lifespan too) to ``app``.
@@ -197,6 +237,7 @@ def build_app(
     upstream_mobile_api_key: str | None = None,
     upstream_timeout: float = DEFAULT_TIMEOUT,
     public: Sequence[str] = (),
+    rules: Sequence[Rule] = (),
     forward_auth_path: str | None = None,
     forward_auth_secret: str | None = None,
     token_path: str | None = DEFAULT_TOKEN_PATH,
@@ -222,6 +263,7 @@ def build_app(
         upstream_timeout: seconds to wait for the upstream to connect, accept the body or
             answer before a 504, and for the client's body to go on before a 408.
         public: route paths (exact, or prefixes ending in ``/*``) that need no credential.
+        rules: what other paths accept, after ``/health`` and ``public`` (first match wins).
         forward_auth_path: the path of the forward-auth endpoint, or ``None``.
         forward_auth_secret: a shared secret the proxy must send to the forward-auth endpoint.
         token_path: the path of the token endpoint, or ``None``.
@@ -244,6 +286,18 @@ def build_app(
         ImportError: ``upstream`` is given but httpx (the ``server`` extra) is missing.
     """
     public_rules = [Rule(path, public=True) for path in public]
+    health_rule = Rule(HEALTH_PATH, public=True)
+    for rule in rules:
+        # First match wins, and public paths come first: a rule they cover would be a silent
+        # no-op, which an operator who typed it cannot have meant.
+        for earlier in (health_rule, *public_rules):
+            if _covers(earlier, rule):
+                raise ConfigError(
+                    "rules",
+                    f"{rule.path!r} never applies: the public path {earlier.path!r} covers it",
+                )
+    if token_path is not None and Rule(HEALTH_PATH).matches(token_path):
+        raise ConfigError("token_path", f"{token_path!r} is already served; choose another")
     if revoke_path is not None:
         _check_path("revoke_path", revoke_path)
         if any(
@@ -277,7 +331,8 @@ def build_app(
                 device_header=config.device_header,
             ),
         )
-    rules = [Rule(HEALTH_PATH, public=True), *public_rules]
+    user_rules = [*public_rules, *rules]
+    rules = [health_rule, *user_rules]
     if hasattr(revocations, "state"):
         # A shared store can be cut off: /health says so (and answers 503 while it refuses
         # tokens), so that a load balancer stops sending this instance traffic.
@@ -321,11 +376,11 @@ def build_app(
         )
     from .forward_auth import ForwardAuth
 
-    # Only the user's public paths: /health is the gateway's own, and making the protected
+    # Only the user's public paths and rules: /health is the gateway's own, and making the protected
     # server's /health public behind the proxy is a decision for its operator. The same
     # revocations as the gate's: a token revoked through /revoke is refused here too.
     endpoint = ForwardAuth(
-        config, rules=public_rules, shared_secret=forward_auth_secret, revocations=revocations
+        config, rules=user_rules, shared_secret=forward_auth_secret, revocations=revocations
     )
     # ForwardAuth answers websocket handshakes itself (with a refusal).
     app = _PathSwitch(
@@ -359,6 +414,7 @@ class ServeSettings:
         upstream_secrets_file: the upstream's ``secrets.json`` (its credentials to inject).
         upstream_timeout: seconds before an unanswering upstream becomes a 504.
         public: extra public route paths.
+        rules: what other paths accept, as the command line spells it (``/admin/*=api_key``).
         forward_auth_path: where the forward-auth endpoint answers, or ``None``.
         forward_auth_secret_env: the name of the variable holding the forward-auth secret.
         token_path: where the token endpoint answers, or ``None``.
@@ -377,6 +433,7 @@ class ServeSettings:
     upstream_secrets_file: str | None = None
     upstream_timeout: float = DEFAULT_TIMEOUT
     public: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
     forward_auth_path: str | None = None
     forward_auth_secret_env: str | None = None
     token_path: str | None = DEFAULT_TOKEN_PATH
@@ -405,6 +462,9 @@ class ServeSettings:
             upstream_secrets_file=get("UPSTREAM_SECRETS_FILE"),
             upstream_timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             public=read_env(environ, "DEVICEGATE_PUBLIC", env_list) or (),
+            rules=tuple(
+                rule.strip() for rule in (get("RULES") or "").split(RULE_SEPARATOR) if rule.strip()
+            ),
             forward_auth_path=get("FORWARD_AUTH_PATH"),
             forward_auth_secret_env=get("FORWARD_AUTH_SECRET_ENV"),
             token_path=None if token_path.lower() == _DISABLED else token_path,
@@ -426,6 +486,8 @@ class ServeSettings:
             "DEVICEGATE_UPSTREAM_SECRETS_FILE": self.upstream_secrets_file or "",
             "DEVICEGATE_UPSTREAM_TIMEOUT": repr(self.upstream_timeout),
             "DEVICEGATE_PUBLIC": ",".join(self.public),
+            # A rule's path never holds ';' (Rule refuses it), nor do kinds.
+            "DEVICEGATE_RULES": RULE_SEPARATOR.join(self.rules),
             "DEVICEGATE_FORWARD_AUTH_PATH": self.forward_auth_path or "",
             "DEVICEGATE_FORWARD_AUTH_SECRET_ENV": self.forward_auth_secret_env or "",
             "DEVICEGATE_TOKEN_PATH": self.token_path or _DISABLED,
@@ -472,6 +534,7 @@ class ServeSettings:
             upstream_mobile_api_key=mobile_api_key,
             upstream_timeout=self.upstream_timeout,
             public=self.public,
+            rules=[parse_rule(rule) for rule in self.rules],
             forward_auth_path=self.forward_auth_path,
             forward_auth_secret=secret,
             token_path=self.token_path,

@@ -1,0 +1,282 @@
+"""``devicegate serve`` options of the first hour: ``--rule``, endpoint paths in the command
+line's own words, and the banner in each mode. In process: uvicorn's ``run`` is a recorder, and
+the app ``serve`` built is driven through ``httpx.ASGITransport``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from devicegate import cli
+from devicegate.gateway._app import ServeSettings, app_from_env
+from tests.helpers import Keys, bearer, client, make_token, scrub_devicegate_env, write_secrets
+from tests.servers.process import bound_port
+
+DEVICE = "device-A"
+SECRET = "forward-shared-secret-0123456789"
+
+
+@dataclass
+class FakeRun:
+    calls: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    environ: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, app: Any, **options: Any) -> None:
+        self.calls.append((app, options))
+        self.environ = dict(os.environ)
+
+    @property
+    def app(self) -> Any:
+        ((app, _),) = self.calls
+        return app
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    scrub_devicegate_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    yield
+    for name in [name for name in os.environ if name.startswith("DEVICEGATE_")]:
+        del os.environ[name]  # what serve --workers exported
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
+    recorder = FakeRun()
+    monkeypatch.setattr(uvicorn, "run", recorder)
+    return recorder
+
+
+@pytest.fixture
+def secrets_file(tmp_path: Path, keys: Keys) -> Path:
+    return write_secrets(tmp_path / "secrets.json", keys)
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    with bound_port(reuse_address=True) as number:
+        yield number
+
+
+def one_line(text: str) -> str:
+    assert "Traceback" not in text
+    (line,) = text.strip().splitlines()
+    return line
+
+
+# -- --rule --------------------------------------------------------------------------------------
+
+RULES = ["/admin/*=api_key", "/mobile/*=mobile_api_key,device_token"]
+
+# A path, the credential sent, and whether the rules above (and --public /open/*) admit it.
+DECISIONS = [
+    ("/admin/users", "api_key", True),
+    ("/admin/users", "mobile_api_key", False),
+    ("/admin", "device_token", False),
+    ("/mobile/feed", "device_token", True),
+    ("/mobile/feed", "mobile_api_key", True),
+    ("/mobile/feed", "api_key", False),
+    ("/elsewhere", "mobile_api_key", True),  # no rule: every kind
+    ("/open/docs", "none", True),  # public first
+]
+
+
+def credential(keys: Keys, kind: str) -> dict[str, str]:
+    return {
+        "api_key": {"x-api-key": keys.api_key},
+        "mobile_api_key": {"authorization": keys.mobile_api_key},
+        "device_token": bearer(make_token(keys.jwt_secret, instance_id=DEVICE), DEVICE),
+        "none": {},
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param("flags", id="flags"),
+        pytest.param("environment", id="environment"),
+        pytest.param("workers", id="workers"),  # each worker reads them back from its env
+    ],
+)
+async def test_rules_decide_in_the_gate_and_at_forward_auth(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+    given: str,
+) -> None:
+    monkeypatch.setenv("FORWARD_SECRET", SECRET)
+    argv = ["serve", "--port", str(port), "--public", "/open/*", "--forward-auth-path"]
+    argv += ["--forward-auth-secret-env", "FORWARD_SECRET"]
+    if given == "environment":
+        monkeypatch.setenv("DEVICEGATE_RULES", " ; ".join(RULES) + ";")
+    else:
+        argv += [arg for rule in RULES for arg in ("--rule", rule)]
+    if given == "workers":
+        argv += ["--workers", "2"]
+    assert cli.main(argv) == 0
+    assert f"  rules (first match wins): {', '.join(RULES)}\n" in capsys.readouterr().err
+    app = app_from_env() if given == "workers" else fake_run.app
+    async with client(app) as http:
+        for path, kind, admitted in DECISIONS:
+            direct = await http.get(path, headers=credential(keys, kind))
+            asked = await http.get(
+                "/_devicegate/auth",
+                headers={
+                    "x-original-uri": path,
+                    "x-devicegate-forward-secret": SECRET,
+                    **credential(keys, kind),
+                },
+            )
+            # The demo answers 404 to paths it does not serve: admitted all the same.
+            assert (direct.status_code in (200, 404)) is admitted, (path, kind, direct.text)
+            assert (asked.status_code == 204) is admitted, (path, kind, asked.text)
+
+
+def test_rules_travel_to_the_workers_and_back() -> None:
+    settings = ServeSettings(rules=tuple(RULES))
+    assert ServeSettings.from_env(settings.to_env()).rules == tuple(RULES)
+
+
+# -- refused in the user's words -----------------------------------------------------------------
+
+KINDS = "api_key, mobile_api_key, device_token"
+
+# Arguments and variables refused before anything starts, and the one line that says why: named
+# after the flag or the variable the user wrote, and with "none", never Python's None.
+REFUSED = [
+    pytest.param(
+        ["--token-path", "gen-jwt"],
+        {},
+        "--token-path: must be an absolute path such as /gen-jwt, or none to turn it off; "
+        "got 'gen-jwt'",
+        id="token-path-relative",
+    ),
+    pytest.param(
+        [],
+        {"DEVICEGATE_TOKEN_PATH": "/a/../b"},
+        "DEVICEGATE_TOKEN_PATH: must be an absolute path such as /gen-jwt, or none to turn it "
+        "off; got '/a/../b'",
+        id="token-path-variable-with-dot-segments",
+    ),
+    pytest.param(
+        ["--revoke-path", "/x/*"],
+        {},
+        "--revoke-path: must be an absolute path such as /revoke, or none to turn it off; "
+        "got '/x/*'",
+        id="revoke-path-wildcard",
+    ),
+    pytest.param(
+        ["--forward-auth-path", "auth"],
+        {},
+        "--forward-auth-path: must be an absolute path such as /_devicegate/auth; got 'auth'",
+        id="forward-auth-path-relative",
+    ),
+    pytest.param(
+        ["--token-path", "/health"],
+        {},
+        "--token-path: '/health' is already served; choose another",
+        id="token-path-is-health",
+    ),
+    pytest.param(
+        ["--revoke-path", "/gen-jwt/"],
+        {},
+        "--revoke-path: '/gen-jwt/' is already served; choose another",
+        id="revoke-path-is-the-token-path",
+    ),
+    pytest.param(
+        ["--rule", "/admin"],
+        {},
+        f"--rule: '/admin': expected PATH=KINDS, such as '/admin/*=api_key' (kinds: {KINDS})",
+        id="rule-without-kinds",
+    ),
+    pytest.param(
+        ["--rule", "/admin="],
+        {},
+        f"--rule: '/admin=': expected PATH=KINDS, such as '/admin/*=api_key' (kinds: {KINDS})",
+        id="rule-with-empty-kinds",
+    ),
+    pytest.param(
+        ["--rule", "/admin=api_key,,device_token"],
+        {},
+        "--rule: '/admin=api_key,,device_token': expected PATH=KINDS, such as "
+        f"'/admin/*=api_key' (kinds: {KINDS})",
+        id="rule-with-an-empty-kind",
+    ),
+    pytest.param(
+        ["--rule", "/admin/*=apikey"],
+        {},
+        f"--rule: '/admin/*=apikey': unknown kind 'apikey'; the kinds are {KINDS}",
+        id="rule-with-an-unknown-kind",
+    ),
+    pytest.param(
+        ["--rule", "admin=api_key"],
+        {},
+        "--rule: 'admin=api_key': must start with '/', got 'admin'",
+        id="rule-relative",
+    ),
+    pytest.param(
+        ["--rule", "/a/*/b=api_key"],
+        {},
+        "--rule: '/a/*/b=api_key': '*' is allowed only as a final '/*' segment",
+        id="rule-inner-wildcard",
+    ),
+    pytest.param(
+        [],
+        {"DEVICEGATE_RULES": "/x=api_key;/y"},
+        f"DEVICEGATE_RULES: '/y': expected PATH=KINDS, such as '/admin/*=api_key' (kinds: {KINDS})",
+        id="rules-variable",
+    ),
+    pytest.param(
+        ["--public", "/docs/*", "--rule", "/docs/admin/*=api_key"],
+        {},
+        "--rule: '/docs/admin/*' never applies: the public path '/docs/*' covers it",
+        id="rule-under-a-public-prefix",
+    ),
+    pytest.param(
+        ["--rule", "/health=api_key"],
+        {},
+        "--rule: '/health' never applies: the public path '/health' covers it",
+        id="rule-on-health",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "environ", "line"), REFUSED)
+def test_refused_in_the_users_words(
+    secrets_file: Path,
+    fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    environ: dict[str, str],
+    line: str,
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve", *argv]) == 2
+    captured = capsys.readouterr()
+    assert one_line(captured.err) == f"devicegate: invalid configuration: {line}"
+    assert "None" not in captured.err
+    assert fake_run.calls == []
+
+
+async def test_a_narrower_public_path_leaves_the_rest_of_a_rule(
+    secrets_file: Path, keys: Keys, fake_run: FakeRun, port: int
+) -> None:
+    # /docs is public, and below it the rule holds: nothing is shadowed, so nothing is refused.
+    argv = ["serve", "--port", str(port), "--public", "/docs", "--rule", "/docs/*=api_key"]
+    assert cli.main(argv) == 0
+    async with client(fake_run.app) as http:
+        open_page = await http.get("/docs")
+        below = await http.get("/docs/x", headers={"authorization": keys.mobile_api_key})
+    assert open_page.status_code == 404  # admitted without a credential; the demo has no /docs
+    assert below.status_code == 403
