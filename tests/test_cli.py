@@ -39,6 +39,7 @@ import devicegate
 import devicegate.gateway._app
 from devicegate import ConfigError, InvalidReason, TokenVerifier, cli
 from devicegate.gateway._app import ServeSettings, app_from_env
+from devicegate.gateway._logging import log_config
 from tests.helpers import (
     VENDOR_API_KEY,
     Keys,
@@ -580,7 +581,7 @@ async def test_serve_creates_secrets_and_runs_the_gate(
         "log_level": "info",
         "lifespan": "on",
         "server_header": False,
-        "log_config": cli._log_config("info"),
+        "log_config": log_config("info", "text"),
     }
     async with client(app) as http:
         minted = await http.post(

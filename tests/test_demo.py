@@ -76,6 +76,7 @@ class FakeForwardAuth:
     rules: Sequence[Rule] = ()
     shared_secret: str | None = None
     revocations: Any = None
+    counters: Any = None
     scopes: list[Scope] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

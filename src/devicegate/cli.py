@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import copy
 import dataclasses
 import errno
 import http.client
@@ -41,9 +40,11 @@ from urllib.parse import urlsplit
 from . import __version__
 from ._claims import ClaimError
 from ._config import GateConfig
+from ._counters import Counters
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._keys import generate_private_key_pem
+from ._middleware import DeviceAuthMiddleware
 from ._rules import has_unsafe_segments
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
@@ -56,6 +57,7 @@ from .gateway._app import (
     parse_rule,
     parse_timeout,
 )
+from .gateway._logging import LOG_FORMATS, log_config, log_line
 
 __all__ = ["main", "write_secrets_file"]
 
@@ -69,6 +71,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVER_EXTRA_HINT = "pip install 'devicegate[server]'"
+METRICS_EXTRA_HINT = "pip install 'devicegate[metrics]'"
 DEMO_INSTANCE_ID = "demo-device"
 # How long ``revoke`` waits for the server, and how much of its answer it reads.
 REVOKE_TIMEOUT_SECONDS = 30.0
@@ -536,7 +539,7 @@ def _display_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _check_port(host: str, port: int) -> None:
+def _check_port(host: str, port: int, flag: str = "--port") -> None:
     """Fail with one line if uvicorn could not bind ``host:port`` (as uvicorn binds it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -545,19 +548,91 @@ def _check_port(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except socket.gaierror as exc:
-            raise CommandError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+            where = "--host" if flag == "--port" else flag
+            raise CommandError(f"cannot resolve {where} {host!r}: {exc.strerror}") from None
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise CommandError(
                     f"port {port} on {host} is already in use (is another server running?); "
-                    "choose another --port"
+                    f"choose another {flag}"
                 ) from None
             if exc.errno == errno.EACCES:
                 raise CommandError(
                     f"permission denied to listen on {host}:{port} (ports below 1024 need "
-                    "privileges); choose another --port"
+                    f"privileges); choose another {flag}"
                 ) from None
             raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _metrics_address(raw: str, source: str) -> tuple[str, int]:
+    """``[ADDRESS:]PORT`` as ``(host, port)``; without an address, 127.0.0.1 (an IPv6 address
+    goes in brackets: ``[::1]:9100``)."""
+    host, _, number = raw.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = _int_in_range(number, 1, 65535)
+    # An IPv6 address without brackets: which colon ends it is anyone's guess.
+    unbracketed = ":" in host and not raw.strip().startswith("[")
+    if port is None or unbracketed:
+        raise ConfigError(
+            source,
+            f"must be [ADDRESS:]PORT, such as 9100 or 127.0.0.1:9100 ([::1]:9100 for IPv6); "
+            f"got {raw!r}",
+        )
+    return host or DEFAULT_HOST, port
+
+
+def _metrics_option(
+    args: argparse.Namespace, environ: Mapping[str, str], *, port: int, workers: int
+) -> tuple[str, int] | None:
+    """Where ``--metrics`` (or ``DEVICEGATE_METRICS``) asks for the metrics listener."""
+    raw = args.metrics or environ.get("DEVICEGATE_METRICS", "").strip()
+    if not raw:
+        return None
+    source = "--metrics" if args.metrics else "DEVICEGATE_METRICS"
+    address = _metrics_address(raw, source)
+    if workers > 1:
+        # Each worker counts its own requests in its own memory, and one listener can live in
+        # one process only: it would show one worker's share as if it were the whole.
+        raise CommandError(
+            f"{source} needs one worker: each of the {workers} workers counts its own "
+            "requests, so one listener would show a part as the whole; run one worker per "
+            "instance, and scrape each instance",
+            EXIT_USAGE,
+        )
+    if address[1] == port:
+        raise CommandError(
+            f"{source}: port {port} is the API's own; give the metrics a port of their own",
+            EXIT_USAGE,
+        )
+    try:
+        import prometheus_client  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise CommandError(
+            f"{source} needs prometheus_client: {METRICS_EXTRA_HINT}", EXIT_USAGE
+        ) from None
+    return address
+
+
+def _serve_metrics(counters: Counters, gate: DeviceAuthMiddleware, host: str, port: int) -> None:
+    """Serve devicegate's metrics, and the process's, for Prometheus on ``host:port``, from a
+    thread of this process (prometheus_client's own server)."""
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+        start_http_server,
+    )
+
+    from .metrics import DevicegateCollector
+
+    registry = CollectorRegistry()
+    registry.register(DevicegateCollector(counters, middleware=gate))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    start_http_server(port, addr=host, registry=registry)
 
 
 def _check_upstream_reachable(url: str, timeout: float) -> None:
@@ -604,6 +679,7 @@ def serve_banner(
     host: str,
     port: int,
     workers: int,
+    metrics: tuple[str, int] | None = None,
 ) -> str:
     """What ``serve`` prints at start: where it listens and paste-ready ``curl`` lines.
 
@@ -623,6 +699,12 @@ def serve_banner(
     if settings.forward_auth_path is not None:
         lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
     lines.append(f"  {_revocation_line(settings, config, base, workers)}")
+    if metrics is not None:
+        metrics_host, metrics_port = metrics
+        lines.append(
+            f"  metrics: http://{_display_host(metrics_host)}:{metrics_port}/metrics "
+            "(Prometheus, on a listener of its own)"
+        )
     device_header = _PRETTY_HEADERS.get(config.device_header, config.device_header)
     target = f"{base}/" if settings.upstream else f"{base}/whoami"
     if settings.token_path is None or not (config.api_keys and config.jwt_secrets):
@@ -668,20 +750,6 @@ def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, wor
         f"revocation endpoint: POST {base}{settings.revoke_path} (server API key only; "
         "devicegate revoke)"
     )
-
-
-def _log_config(log_level: str) -> dict[str, Any]:
-    """uvicorn's logging, with devicegate's own lines (reloads, revocations, upstream
-    failures) printed the same way at the same level."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    config.setdefault("loggers", {})["devicegate"] = {
-        "handlers": ["default"],
-        "level": log_level.upper(),
-        "propagate": False,
-    }
-    return config
 
 
 # The settings a user names on the command line: the argument that sets it, its flag, and the
@@ -733,7 +801,9 @@ def _in_user_words(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:
     return ConfigError(shown, str(exc).removeprefix(f"{exc.field}: "))
 
 
-def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeSettings:
+def _serve_settings(
+    args: argparse.Namespace, environ: Mapping[str, str], log_format: str = "text"
+) -> ServeSettings:
     if args.upstream_timeout is not None:  # the flag wins: its variable is not even read
         environ = {k: v for k, v in environ.items() if k != "DEVICEGATE_UPSTREAM_TIMEOUT"}
     settings = ServeSettings.from_env(environ)
@@ -771,7 +841,8 @@ def _serve_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Ser
         except OSError as exc:
             raise CommandError(f"cannot create {path}: {exc.strerror or exc}") from None
         else:
-            print(f"devicegate: created {path} with fresh random keys (mode 0600)", file=sys.stderr)
+            notice = f"devicegate: created {path} with fresh random keys (mode 0600)"
+            sys.stderr.write(log_line(notice, log_format))
         settings = dataclasses.replace(settings, secrets_file=str(path))
     elif settings.secrets_file is not None:
         # Absolute, so that the printed command works from any directory.
@@ -792,10 +863,16 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     log_level = args.log_level or environ.get("DEVICEGATE_LOG_LEVEL", "").strip().lower() or "info"
     if log_level not in LOG_LEVELS:
         raise ConfigError("DEVICEGATE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
-    settings = dataclasses.replace(_serve_settings(args, environ), workers=workers)
+    log_format = args.log_format or environ.get("DEVICEGATE_LOG_FORMAT", "").strip().lower()
+    log_format = log_format or "text"
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("DEVICEGATE_LOG_FORMAT", f"must be one of {', '.join(LOG_FORMATS)}")
+    settings = dataclasses.replace(_serve_settings(args, environ, log_format), workers=workers)
     config = settings.load_config(environ)
+    metrics = _metrics_option(args, environ, port=port, workers=workers)
+    counters = None if metrics is None else Counters()
     try:
-        app = settings.build(environ, config)
+        app = settings.build(environ, config, counters=counters)
     except ConfigError as exc:
         raise _in_user_words(exc, _serve_sources(args)) from None
     except ImportError as exc:
@@ -807,22 +884,32 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # Built here only to check the settings: each worker opens its own connections.
         app.gate.verifier.revocations.close()  # type: ignore[union-attr]
     _check_port(host, port)
+    if metrics is not None:
+        _check_port(*metrics, flag="--metrics")
     if settings.upstream is not None and not args.no_upstream_check:
         _check_upstream_reachable(settings.upstream, settings.upstream_timeout)
-    sys.stderr.write(serve_banner(settings, config, environ, host=host, port=port, workers=workers))
+    banner = serve_banner(
+        settings, config, environ, host=host, port=port, workers=workers, metrics=metrics
+    )
+    sys.stderr.write(log_line(banner, log_format))
     if settings.redis_url is not None and settings.redis_fail_open:
         sys.stderr.write(
-            "devicegate: WARNING: fail-open is on: while Redis cannot be reached, tokens are "
-            "admitted without checking revocations made meanwhile\n"
+            log_line(
+                "devicegate: WARNING: fail-open is on: while Redis cannot be reached, tokens "
+                "are admitted without checking revocations made meanwhile",
+                log_format,
+            )
         )
     sys.stderr.flush()
+    if metrics is not None and counters is not None:
+        _serve_metrics(counters, app.gate, *metrics)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
         "log_level": log_level,
         "lifespan": "on",
         "server_header": False,
-        "log_config": _log_config(log_level),
+        "log_config": log_config(log_level, log_format),
     }
     if workers > 1:
         # Workers are fresh processes that import the app by name; they read the same
@@ -987,9 +1074,23 @@ def build_parser() -> argparse.ArgumentParser:
         "default 5)",
     )
     serve.add_argument(
+        "--metrics",
+        metavar="[ADDRESS:]PORT",
+        help="serve Prometheus metrics on a listener of their own, never the API's "
+        f"(env DEVICEGATE_METRICS; the address defaults to {DEFAULT_HOST}; one worker only; "
+        f"needs {METRICS_EXTRA_HINT})",
+    )
+    serve.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
-        help="uvicorn's log level (env DEVICEGATE_LOG_LEVEL; default info)",
+        help="the log level of uvicorn and of devicegate's own lines, the audit trail of "
+        "refusals, mints and revocations included (env DEVICEGATE_LOG_LEVEL; default info)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text, or json: one JSON object per line with time, level, logger, message and "
+        "the audit trail's facts under 'devicegate' (env DEVICEGATE_LOG_FORMAT; default text)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -32,6 +32,7 @@ from .._config import (
     read_env,
     read_secrets_document,
 )
+from .._counters import Counters
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._principal import CredentialKind
@@ -246,6 +247,7 @@ def build_app(
     revocations: RevocationStore | None = None,
     reload: Callable[[], GateConfig] | None = None,
     reload_source: str = "the configuration",
+    counters: Counters | None = None,
 ) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
@@ -279,6 +281,8 @@ def build_app(
         reload: reads the configuration again; with it, SIGHUP puts what it returns in force
             (see :meth:`ReloadableApp.reconfigure`). ``None``: SIGHUP is left alone.
         reload_source: what ``reload`` reads, for the log line.
+        counters: where the gate and the forward-auth endpoint count what they decide (for
+            :mod:`devicegate.metrics`).
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -354,6 +358,7 @@ def build_app(
         token_path=token_path,
         revocations=revocations,
         revoke_path=revoke_path,
+        counters=counters,
     )
 
     def check(new: GateConfig) -> None:
@@ -380,7 +385,11 @@ def build_app(
     # server's /health public behind the proxy is a decision for its operator. The same
     # revocations as the gate's: a token revoked through /revoke is refused here too.
     endpoint = ForwardAuth(
-        config, rules=user_rules, shared_secret=forward_auth_secret, revocations=revocations
+        config,
+        rules=user_rules,
+        shared_secret=forward_auth_secret,
+        revocations=revocations,
+        counters=counters,
     )
     # ForwardAuth answers websocket handshakes itself (with a refusal).
     app = _PathSwitch(
@@ -504,7 +513,13 @@ class ServeSettings:
         """The gate's configuration (see :func:`load_config`)."""
         return load_config(self.secrets_file, environ)
 
-    def build(self, environ: Mapping[str, str], config: GateConfig | None = None) -> ReloadableApp:
+    def build(
+        self,
+        environ: Mapping[str, str],
+        config: GateConfig | None = None,
+        *,
+        counters: Counters | None = None,
+    ) -> ReloadableApp:
         """Build the app; ``environ`` supplies the configuration and the forward-auth secret.
 
         On SIGHUP the app reads the configuration again (the secrets file, then ``environ``'s
@@ -543,6 +558,7 @@ class ServeSettings:
             revocations=self.shared_revocations(),
             reload=lambda: self.load_config(environ),
             reload_source=self.secrets_file or "the DEVICEGATE_* variables",
+            counters=counters,
         )
 
     def shared_revocations(self) -> RevocationStore | None:

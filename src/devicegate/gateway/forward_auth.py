@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._asgi import send_refusal, serve_lifespan
 from .._config import MIN_API_KEY_BYTES, GateConfig, check_key, opens_a_door_of
+from .._counters import Counters
 from .._errors import DEFAULT_REALM, ConfigError, InvalidRequest, Refusal
 from .._middleware import DeviceAuthMiddleware
 from .._principal import get_principal
@@ -101,6 +102,8 @@ class ForwardAuth:
         revocations: asked whether a verified device token was revoked, as by the middleware:
             give it the store the gateway's ``/revoke`` writes to, or a revoked token would
             still pass here.
+        counters: where to count the decisions (for :mod:`devicegate.metrics`), as the
+            middleware's ``counters``.
 
     Raises:
         ConfigError: as :class:`~devicegate.DeviceAuthMiddleware` for ``rules`` and ``realm``,
@@ -121,6 +124,7 @@ class ForwardAuth:
         shared_secret: str | None = None,
         realm: str = DEFAULT_REALM,
         revocations: RevocationCheck | None = None,
+        counters: Counters | None = None,
     ) -> None:
         # The decision is the middleware's own, run over the original request: one code path
         # for both ways of deploying devicegate, so they cannot drift apart.
@@ -132,6 +136,7 @@ class ForwardAuth:
             realm=realm,
             revocations=revocations,
             revoke_path=None,
+            counters=counters,
         )
         self._realm = realm
         self._secret = None if shared_secret is None else _check_secret(config, shared_secret)
