@@ -5,6 +5,7 @@ the app ``serve`` built is driven through ``httpx.ASGITransport``."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import uvicorn
 from devicegate import cli
 from devicegate.gateway._app import ServeSettings, app_from_env
 from tests.helpers import Keys, bearer, client, make_token, scrub_devicegate_env, write_secrets
-from tests.servers.process import bound_port
+from tests.servers.process import HOST, answers, bound_port, child_env, devicegate_command, serve
 
 DEVICE = "device-A"
 SECRET = "forward-shared-secret-0123456789"
@@ -280,3 +281,70 @@ async def test_a_narrower_public_path_leaves_the_rest_of_a_rule(
         below = await http.get("/docs/x", headers={"authorization": keys.mobile_api_key})
     assert open_page.status_code == 404  # admitted without a credential; the demo has no /docs
     assert below.status_code == 403
+
+
+# -- the banner says what runs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "headline", "asks_forward_auth"),
+    [
+        (ServeSettings(), "serving the demo app on http://127.0.0.1:8000", False),
+        (
+            ServeSettings(forward_auth_path="/_devicegate/auth"),
+            "answering forward-auth requests, and serving the demo app, on http://127.0.0.1:8000",
+            True,
+        ),
+        (
+            ServeSettings(upstream="http://10.0.0.5:9000", forward_auth_path="/auth"),
+            "forwarding to http://10.0.0.5:9000 on http://127.0.0.1:8000",
+            True,
+        ),
+    ],
+    ids=["demo", "forward-auth", "gateway-and-forward-auth"],
+)
+def test_banner_says_what_each_mode_serves(
+    keys: Keys, settings: ServeSettings, headline: str, asks_forward_auth: bool
+) -> None:
+    text = cli.serve_banner(settings, keys.config(), {}, host=HOST, port=8000, workers=1)
+    assert text.splitlines()[0].endswith(f": {headline} (1 worker)")
+    asks = [line for line in text.splitlines() if "X-Original-URI" in line]
+    assert len(asks) == int(asks_forward_auth)
+    if asks_forward_auth:
+        assert asks[0].endswith(f" http://127.0.0.1:8000{settings.forward_auth_path}")
+
+
+def test_banner_names_the_forward_auth_secret_variable_never_its_value(keys: Keys) -> None:
+    settings = ServeSettings(forward_auth_path="/auth", forward_auth_secret_env="PROXY_SECRET")
+    environ = {"PROXY_SECRET": SECRET}
+    text = cli.serve_banner(settings, keys.config(), environ, host=HOST, port=8000, workers=1)
+    assert '-H "X-Devicegate-Forward-Secret: ${PROXY_SECRET}" ' in text
+    assert "with the secret from $PROXY_SECRET in your shell" in text
+    assert SECRET not in text
+
+
+@pytest.mark.integration
+def test_real_forward_auth_banner_lines_run_as_pasted(tmp_path: Path, secrets_file: Path) -> None:
+    environ = {"PROXY_SECRET": SECRET}
+    command = devicegate_command("--forward-auth-path", "--forward-auth-secret-env", "PROXY_SECRET")
+    with serve(
+        command, tmp_path / "serve.log", cwd=tmp_path, env=environ, ready=answers("/health")
+    ) as server:
+        lines = [
+            line.removeprefix("  ")
+            for line in server.output().splitlines()
+            if line.startswith(("  API_KEY=", "  TOKEN=", "  curl -sS"))
+        ]
+        assert len(lines) == 3
+        result = subprocess.run(  # noqa: S603 - the lines serve printed, as a user pastes them
+            ["bash", "-c", "set -euo pipefail\n" + "\n".join(lines)],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(environ),
+            check=True,
+        )
+    headers = result.stdout.lower()
+    assert headers.startswith("http/1.1 204")
+    assert "x-devicegate-kind: device_token" in headers
+    assert "x-devicegate-instance-id: demo-device" in headers

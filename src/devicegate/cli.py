@@ -686,7 +686,14 @@ def serve_banner(
     Never a key or a secret: the API key is read from the secrets file by the printed command.
     """
     base = f"http://{_display_host(host)}:{port}"
-    what = f"forwarding to {settings.upstream}" if settings.upstream else "serving the demo app"
+    # What answers behind the gate, in each mode: the upstream, else the demo app (which a
+    # forward-auth deployment still serves, beside the endpoint its proxy asks).
+    if settings.upstream:
+        what = f"forwarding to {settings.upstream}"
+    elif settings.forward_auth_path is not None:
+        what = "answering forward-auth requests, and serving the demo app,"
+    else:
+        what = "serving the demo app"
     plural = "s" if workers > 1 else ""
     lines = [f"devicegate {__version__}: {what} on {base} ({workers} worker{plural})"]
     if settings.secrets_file is not None:
@@ -726,6 +733,20 @@ def serve_banner(
         f'  curl -fsS -H "Authorization: Bearer $TOKEN" '
         f"-H {shlex.quote(f'{device_header}: {DEMO_INSTANCE_ID}')} {target}",
     ]
+    if settings.forward_auth_path is not None:
+        secret, from_where = "", ""
+        if settings.forward_auth_secret_env is not None:
+            # The variable's name, never its value: the user's shell holds the secret.
+            name = settings.forward_auth_secret_env
+            secret = f'-H "X-Devicegate-Forward-Secret: ${{{name}}}" '
+            from_where = f", with the secret from ${name} in your shell"
+        lines += [
+            f"Ask the forward-auth endpoint as a proxy would{from_where} (204 and "
+            "X-Devicegate-Kind when admitted):",
+            f'  curl -sS -o /dev/null -D - -H "Authorization: Bearer $TOKEN" '
+            f"-H {shlex.quote(f'{device_header}: {DEMO_INSTANCE_ID}')} "
+            f"-H 'X-Original-URI: /' {secret}{base}{settings.forward_auth_path}",
+        ]
     return "\n".join(lines) + "\n"
 
 
