@@ -4,6 +4,7 @@ the app ``serve`` built is driven through ``httpx.ASGITransport``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -348,3 +349,56 @@ def test_real_forward_auth_banner_lines_run_as_pasted(tmp_path: Path, secrets_fi
     assert headers.startswith("http/1.1 204")
     assert "x-devicegate-kind: device_token" in headers
     assert "x-devicegate-instance-id: demo-device" in headers
+
+
+# -- init --forward-auth-secret ------------------------------------------------------------------
+
+
+async def test_init_writes_a_forward_auth_secret_that_serve_takes(
+    tmp_path: Path,
+    fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+) -> None:
+    assert cli.main(["init", "--forward-auth-secret"]) == 0
+    secrets_path, env_file = tmp_path / "secrets.json", tmp_path / "forward-secret.env"
+    printed = capsys.readouterr().out
+    assert printed == f"{secrets_path}\n{env_file}\n"  # the paths, never the secret
+    assert {path.stat().st_mode & 0o777 for path in (secrets_path, env_file)} == {0o600}
+    name, _, secret = env_file.read_text().rstrip("\n").partition("=")
+    assert name == "DEVICEGATE_FORWARD_SECRET"
+    assert len(secret) >= 43
+    assert secret.replace("-", "").replace("_", "").isalnum()  # no quoting needed anywhere
+
+    monkeypatch.setenv(name, secret)  # what EnvironmentFile= or `set -a; . FILE` does
+    argv = ["serve", "--port", str(port), "--forward-auth-path"]
+    assert cli.main([*argv, "--forward-auth-secret-env", name]) == 0
+    keys = json.loads(secrets_path.read_text())
+    async with client(fake_run.app) as http:
+        asked = {"x-original-uri": "/x", "x-api-key": keys["api_key"]}
+        admitted = await http.get(
+            "/_devicegate/auth", headers={**asked, "x-devicegate-forward-secret": secret}
+        )
+        without = await http.get("/_devicegate/auth", headers=asked)
+    assert (admitted.status_code, without.status_code) == (204, 403)
+    assert secret not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("existing", ["secrets.json", "proxy.env"])
+def test_init_writes_both_files_or_neither(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: str
+) -> None:
+    (tmp_path / existing).write_text("kept")
+    assert cli.main(["init", "--forward-auth-secret", "proxy.env"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"devicegate: {tmp_path / existing} already exists; refusing")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [existing]
+    assert (tmp_path / existing).read_text() == "kept"
+
+
+def test_init_refuses_one_file_for_both(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["init", "--forward-auth-secret", "secrets.json"]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "devicegate: --forward-auth-secret: must be another file than --path"
+    )

@@ -152,7 +152,36 @@ def write_secrets_file(path: str | os.PathLike[str], algorithm: str = "HS256") -
     else:
         document["jwt_private_key"] = generate_private_key_pem(algorithm)
     document["jwt_expire_seconds"] = 300
-    data = (json.dumps(document, indent=2) + "\n").encode("ascii")
+    _write_private(path, (json.dumps(document, indent=2) + "\n").encode("ascii"))
+
+
+# The variable the forward-auth secret file sets, as docs/deployment.md names it.
+FORWARD_SECRET_VARIABLE = "DEVICEGATE_FORWARD_SECRET"  # noqa: S105 - a variable's name
+
+
+def write_forward_secret_file(path: str | os.PathLike[str]) -> None:
+    """Create an environment file, mode 0600, that sets ``DEVICEGATE_FORWARD_SECRET`` to a fresh
+    random secret: for systemd's ``EnvironmentFile=``, ``docker run --env-file`` or a shell's
+    ``set -a; . FILE; set +a``, and ``serve --forward-auth-secret-env DEVICEGATE_FORWARD_SECRET``.
+
+    A file rather than a line on the terminal or a member of ``secrets.json``: the secret is
+    never printed (no scrollback, no CI log), and the proxy's configuration and devicegate's
+    environment can both be filled from it, while ``secrets.json`` stays in the SenseCrypt
+    format that other tools read.
+
+    Raises:
+        FileExistsError: ``path`` already exists.
+        OSError: the file cannot be created or written.
+    """
+    # URL-safe base64: visible ASCII without quotes or spaces, so the line needs no quoting in
+    # an env file, a shell or an nginx string.
+    line = f"{FORWARD_SECRET_VARIABLE}={secrets.token_urlsafe(_SECRET_BYTES)}\n"
+    _write_private(path, line.encode("ascii"))
+
+
+def _write_private(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create ``path`` with ``data``, mode 0600, never over an existing file or through a
+    symlink (``O_EXCL``), and never readable by others, not even for an instant."""
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, 0o600)
     try:
@@ -169,20 +198,39 @@ def write_secrets_file(path: str | os.PathLike[str], algorithm: str = "HS256") -
     os.close(fd)
 
 
-def _init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    path = Path(args.path).absolute()
+def _create(path: Path, write: Callable[[Path], None], flag: str) -> None:
     try:
-        write_secrets_file(path, args.algorithm)
+        write(path)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     except FileExistsError:
         raise CommandError(
             f"{path} already exists; refusing to overwrite it (remove it first or choose "
-            "another --path)"
+            f"another {flag})"
         ) from None
     except OSError as exc:
         raise CommandError(f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+def _init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    path = Path(args.path).absolute()
+    secret_path = None
+    if args.forward_auth_secret is not None:
+        secret_path = Path(args.forward_auth_secret).absolute()
+        if secret_path == path:
+            raise CommandError(
+                "--forward-auth-secret: must be another file than --path", EXIT_USAGE
+            )
+    _create(path, lambda where: write_secrets_file(where, args.algorithm), "--path")
     print(path)
+    if secret_path is not None:
+        try:
+            _create(secret_path, write_forward_secret_file, "--forward-auth-secret")
+        except CommandError:
+            # Both files or neither: a rerun must not find half of what it asked for.
+            path.unlink()
+            raise
+        print(secret_path)
     return EXIT_OK
 
 
@@ -987,6 +1035,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="HS256",
         help="how tokens are signed: HS256 writes a jwt_secret; EdDSA (Ed25519) and ES256 "
         "(P-256) write a jwt_private_key and need devicegate[crypto] (default: %(default)s)",
+    )
+    init.add_argument(
+        "--forward-auth-secret",
+        metavar="FILE",
+        nargs="?",
+        const="forward-secret.env",
+        help=f"also write FILE (mode 0600; without a value: %(const)s) setting "
+        f"{FORWARD_SECRET_VARIABLE} to a fresh secret for the forward-auth endpoint, for "
+        "systemd's EnvironmentFile=, docker --env-file or 'set -a; . FILE; set +a'; use it with "
+        f"serve --forward-auth-secret-env {FORWARD_SECRET_VARIABLE}. Never printed",
     )
     init.set_defaults(handler=_init)
 
