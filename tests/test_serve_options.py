@@ -402,3 +402,24 @@ def test_init_refuses_one_file_for_both(capsys: pytest.CaptureFixture[str]) -> N
     assert one_line(capsys.readouterr().err) == (
         "devicegate: --forward-auth-secret: must be another file than --path"
     )
+
+
+async def test_a_rule_on_health_applies_at_forward_auth(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    port: int,
+) -> None:
+    # /health is the gateway's own and public there; the API's /health, which the proxy asks
+    # about, is the operator's to rule on.
+    argv = ["serve", "--port", str(port), "--forward-auth-path", "--rule", "/health=api_key"]
+    assert cli.main(argv) == 0
+    async with client(fake_run.app) as http:
+        gateway_health = await http.get("/health")
+        asked = await http.get(
+            "/_devicegate/auth",
+            headers={"x-original-uri": "/health", "authorization": keys.mobile_api_key},
+        )
+    assert gateway_health.status_code == 200
+    assert asked.status_code == 403

@@ -291,10 +291,12 @@ def build_app(
     """
     public_rules = [Rule(path, public=True) for path in public]
     health_rule = Rule(HEALTH_PATH, public=True)
+    # /health is public in the gate only; the forward-auth endpoint judges the API's own.
+    covering = public_rules if forward_auth_path is not None else [health_rule, *public_rules]
     for rule in rules:
         # First match wins, and public paths come first: a rule they cover would be a silent
         # no-op, which an operator who typed it cannot have meant.
-        for earlier in (health_rule, *public_rules):
+        for earlier in covering:
             if _covers(earlier, rule):
                 raise ConfigError(
                     "rules",
@@ -336,7 +338,7 @@ def build_app(
             ),
         )
     user_rules = [*public_rules, *rules]
-    rules = [health_rule, *user_rules]
+    gate_rules = [health_rule, *user_rules]
     if hasattr(revocations, "state"):
         # A shared store can be cut off: /health says so (and answers 503 while it refuses
         # tokens), so that a load balancer stops sending this instance traffic.
@@ -346,7 +348,7 @@ def build_app(
         if config.api_keys:
             # Refused to the server key alone, as the endpoint itself would be; everyone else
             # gets the usual 401/403. Never forwarded: the switch answers before the app.
-            rules.insert(1, Rule(revoke_path, accept=[CredentialKind.API_KEY]))
+            gate_rules.insert(1, Rule(revoke_path, accept=[CredentialKind.API_KEY]))
             inner = _PathSwitch(revoke_path, _revocation_off, inner)
         revoke_path = None
     elif revocations is None and revoke_path is not None:
@@ -354,7 +356,7 @@ def build_app(
     gate = DeviceAuthMiddleware(
         inner,
         config=config,
-        rules=rules,
+        rules=gate_rules,
         token_path=token_path,
         revocations=revocations,
         revoke_path=revoke_path,
@@ -381,8 +383,8 @@ def build_app(
         )
     from .forward_auth import ForwardAuth
 
-    # Only the user's public paths and rules: /health is the gateway's own, and making the protected
-    # server's /health public behind the proxy is a decision for its operator. The same
+    # Only the user's public paths and rules: /health is the gateway's own, and making the
+    # protected server's /health public behind the proxy is a decision for its operator. The same
     # revocations as the gate's: a token revoked through /revoke is refused here too.
     endpoint = ForwardAuth(
         config,
