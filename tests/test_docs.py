@@ -111,6 +111,7 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "FastAPI", "python"): "tests/test_readme.py",
     ("README.md", "Quart", "python"): "tests/test_readme.py",
     ("README.md", "Rules", "python"): "tests/test_readme.py",
+    ("README.md", "FastAPI dependencies and /docs", "python"): "tests/test_readme.py",
     ("README.md", "Logs", "text"): "not code: sample log lines (tests/test_audit.py)",
     ("README.md", "Metrics", "python"): "tests/test_readme.py",
     ("README.md", "Configuration", "json"): "not code: a secrets.json with placeholders",
@@ -122,6 +123,9 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Performance", "console"): (
         "not run: installs the bench extra and runs the full benchmark for minutes "
         "(tests/test_benchmarks_smoke.py runs it briefly)"
+    ),
+    ("README.md", "Keys: key ids, EdDSA and ES256, the JWKS", "json"): (
+        "not code: a secrets.json and a JWKS document with placeholders"
     ),
     ("README.md", "Development", "console"): "not run: runs this very suite",
     # -- docs/deployment.md --
@@ -146,6 +150,12 @@ HOW: dict[tuple[str, str, str], str] = {
     ("deployment.md", "Rotating keys and secrets without a restart", "python"): (
         "test_reconfigure_example"
     ),
+    ("deployment.md", "Other services verifying devicegate's tokens", "yaml"): (
+        "needs Envoy, which the test suite does not install"
+    ),
+    ("deployment.md", "Other services verifying devicegate's tokens", "text"): (
+        "PyJWT code that tests/test_jwks.py runs against a real server"
+    ),
     ("deployment.md", "TLS termination at the proxy", "nginx"): (
         "needs nginx and a certificate for a public name"
     ),
@@ -168,6 +178,7 @@ def test_every_block_is_accounted_for() -> None:
     twice = {key for key in seen if seen.count(key) > 1}
     assert twice == {
         ("README.md", "Two commands on a fresh machine", "console"),
+        ("README.md", "Keys: key ids, EdDSA and ES256, the JWKS", "json"),
         ("deployment.md", "Behind Traefik (`ForwardAuth` middleware)", "yaml"),
     }
 
