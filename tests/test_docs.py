@@ -120,6 +120,12 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Minting tokens", "python"): "tests/test_readme.py",
     ("README.md", "Revoking", "python"): "tests/test_readme.py",
     ("README.md", "Revoking", "console"): "test_shell_examples_against_a_real_serve",
+    ("README.md", "Revoking across instances: Redis", "python"): (
+        "tests/test_redis.py, against a real redis-server"
+    ),
+    ("README.md", "Revoking across instances: Redis", "http"): (
+        "not code: the /health answer (tests/test_redis_serve.py checks it from a real serve)"
+    ),
     ("README.md", "Performance", "console"): (
         "not run: installs the bench extra and runs the full benchmark for minutes "
         "(tests/test_benchmarks_smoke.py runs it briefly)"
