@@ -61,6 +61,8 @@ async def test_requests_tokens_and_revocations_are_counted(keys: Keys, app: Reco
     assert samples[("devicegate_revocations_total", (("target", "jti"),))] == 1
     assert samples[("devicegate_revocations_total", (("target", "all"),))] == 1
     assert samples[("devicegate_token_cache_entries", ())] == 1
+    assert samples[("devicegate_revocations_entries", ())] == 2  # the jti and "all"
+    assert not any(name == "devicegate_revocations_fresh" for name, _ in samples)  # no store
     # Bounded labels: nothing from the requests, nothing secret.
     text = generate_latest(registry).decode()
     for value in ("secret-path-1", DEVICE, token, keys.api_key, keys.mobile_api_key):

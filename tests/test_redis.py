@@ -474,3 +474,26 @@ def test_record_refuses_what_is_not_an_entry(kind: Any, name: Any, cutoff: Any) 
     with pytest.raises(ValueError, match="must"):
         replica.record(kind, name, cutoff)
     assert (len(replica), replica.version) == (0, 0)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_metrics_say_how_fresh_the_replica_is(stores: StoreFactory, keys: Keys) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from devicegate import Counters, DeviceAuthMiddleware
+    from devicegate.metrics import DevicegateCollector
+
+    store = stores()
+    await fresh(store)
+    await store.revoke_token("j-1")
+    gate = DeviceAuthMiddleware(RecordingApp(), config=keys.config(), revocations=store)
+    registry = CollectorRegistry()
+    registry.register(DevicegateCollector(Counters(), middleware=gate))
+    text = generate_latest(registry).decode()
+    assert "devicegate_revocations_fresh 1.0" in text
+    assert "devicegate_revocations_entries 1.0" in text
+    assert "devicegate_revocations_last_sync_timestamp_seconds " in text
+    assert store.key not in text  # no key names, no URL

@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -46,7 +46,10 @@ class DevicegateCollector(Collector):
       (``admitted``, or the reason of the refusal: ``expired``, ``bad_signature``,
       ``wrong_device``, ``revoked``, ``insufficient_scope``, ``no_credential``...);
     * ``devicegate_tokens_minted_total`` and ``devicegate_revocations_total{target}``;
-    * ``devicegate_token_cache_entries``: verified tokens remembered right now.
+    * ``devicegate_token_cache_entries``: verified tokens remembered right now;
+    * ``devicegate_revocations_entries``: revocations held in memory, and with a shared store
+      ``devicegate_revocations_fresh`` (1 or 0) and
+      ``devicegate_revocations_last_sync_timestamp_seconds``.
 
     Args:
         counters: what the middleware counts into.
@@ -90,9 +93,35 @@ class DevicegateCollector(Collector):
         for target, count in sorted(revoked.items()):
             revocations.add_metric([target], count)
         yield revocations
-        if self._middleware is not None:
+        if self._middleware is None:
+            return
+        verifier = self._middleware.verifier
+        yield GaugeMetricFamily(
+            "devicegate_token_cache_entries",
+            "Verified tokens remembered right now.",
+            verifier.cache_size,
+        )
+        store: object = verifier.revocations
+        if isinstance(store, Sized):  # RevocationList and the Redis replica are
             yield GaugeMetricFamily(
-                "devicegate_token_cache_entries",
-                "Verified tokens remembered right now.",
-                self._middleware.verifier.cache_size,
+                "devicegate_revocations_entries",
+                "Revocations held in memory right now.",
+                len(store),
             )
+        # A shared store (devicegate.redis) says how fresh its replica is; read by duck typing,
+        # so that this module depends on no other integration.
+        state = getattr(store, "state", None)
+        fresh = getattr(state, "fresh", None)
+        if isinstance(fresh, bool):
+            yield GaugeMetricFamily(
+                "devicegate_revocations_fresh",
+                "1 while the revocation replica is confirmed in step with its store, else 0.",
+                int(fresh),
+            )
+            last_sync = getattr(state, "last_sync", None)
+            if isinstance(last_sync, (int, float)):
+                yield GaugeMetricFamily(
+                    "devicegate_revocations_last_sync_timestamp_seconds",
+                    "When the revocation replica was last confirmed in step with its store.",
+                    last_sync,
+                )
