@@ -58,6 +58,7 @@ class FakeReverseProxy:
     timeout: float = 30.0
     api_key_header: str = "x-api-key"
     device_header: str = "x-instance-id"
+    counters: Any = None
     scopes: list[Scope] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,10 +3,12 @@ library's own parser."""
 
 from __future__ import annotations
 
+import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devicegate import Counters, DeviceAuthMiddleware, RevocationList, Rule
+from devicegate.gateway.proxy import ReverseProxy
 from devicegate.metrics import DevicegateCollector
 from tests.helpers import Keys, RecordingApp, bearer, client, make_token
 
@@ -80,3 +82,38 @@ async def test_without_counters_nothing_is_counted(keys: Keys, app: RecordingApp
     assert samples[("devicegate_tokens_minted_total", ())] == 0
     assert not any(name == "devicegate_requests_total" for name, _ in samples)
     assert "admitted=0" in repr(counters)
+
+
+async def test_the_gateway_counts_its_upstream_exchanges(keys: Keys) -> None:
+    # The upstream stands in through httpx's own test transport: what is under test is what
+    # the gateway counts for each way an exchange can end.
+    def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            raise httpx.ReadTimeout("slow", request=request)
+        if request.url.path == "/down":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    counters = Counters()
+    pool = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    proxy = ReverseProxy("http://upstream.internal", client=pool, counters=counters)
+    gate = DeviceAuthMiddleware(proxy, config=keys.config(), counters=counters)
+    registry = CollectorRegistry()
+    registry.register(DevicegateCollector(counters))
+    server = {"x-api-key": keys.api_key}
+    async with client(gate) as http:
+        statuses = [
+            (await http.get(path, headers=server)).status_code
+            for path in ("/a", "/b", "/slow", "/down")
+        ]
+    await pool.aclose()
+    assert statuses == [200, 200, 504, 502]
+    samples = scrape(registry)
+
+    def exchanges(outcome: str) -> float:
+        return samples[("devicegate_upstream_exchanges_total", (("outcome", outcome),))]
+
+    assert (exchanges("answered"), exchanges("timeout"), exchanges("failed")) == (2, 1, 1)
+    assert samples[("devicegate_upstream_latency_seconds_count", ())] == 2
+    assert samples[("devicegate_upstream_latency_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("devicegate_upstream_latency_seconds_sum", ())] >= 0

@@ -20,10 +20,15 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
 
 try:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -31,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "devicegate.metrics needs prometheus_client: pip install 'devicegate[metrics]'"
     ) from exc
 
-from ._counters import Counters
+from ._counters import UPSTREAM_LATENCY_BUCKETS, Counters
 from ._middleware import DeviceAuthMiddleware
 
 __all__ = ["DevicegateCollector"]
@@ -46,6 +51,9 @@ class DevicegateCollector(Collector):
       (``admitted``, or the reason of the refusal: ``expired``, ``bad_signature``,
       ``wrong_device``, ``revoked``, ``insufficient_scope``, ``no_credential``...);
     * ``devicegate_tokens_minted_total`` and ``devicegate_revocations_total{target}``;
+    * for the gateway, ``devicegate_upstream_exchanges_total{outcome}`` (``answered``,
+      ``timeout``, ``failed``, ``cut_off``) and the histogram
+      ``devicegate_upstream_latency_seconds`` (to the response headers);
     * ``devicegate_token_cache_entries``: verified tokens remembered right now;
     * ``devicegate_revocations_entries``: revocations held in memory, and with a shared store
       ``devicegate_revocations_fresh`` (1 or 0) and
@@ -93,6 +101,26 @@ class DevicegateCollector(Collector):
         for target, count in sorted(revoked.items()):
             revocations.add_metric([target], count)
         yield revocations
+        outcomes = dict(counters.upstream)
+        if outcomes:
+            exchanges = CounterMetricFamily(
+                "devicegate_upstream_exchanges",
+                "The gateway's exchanges with its upstream, by outcome.",
+                labels=["outcome"],
+            )
+            for outcome, count in sorted(outcomes.items()):
+                exchanges.add_metric([outcome], count)
+            yield exchanges
+            latency = HistogramMetricFamily(
+                "devicegate_upstream_latency_seconds",
+                "Seconds from sending a request upstream to its response headers.",
+            )
+            slots, total, cumulative = list(counters.upstream_latency), 0, []
+            for bound, count in zip((*UPSTREAM_LATENCY_BUCKETS, math.inf), slots, strict=True):
+                total += count
+                cumulative.append(("+Inf" if math.isinf(bound) else repr(bound), total))
+            latency.add_metric([], cumulative, counters.upstream_latency_sum)
+            yield latency
         if self._middleware is None:
             return
         verifier = self._middleware.verifier

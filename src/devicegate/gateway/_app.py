@@ -335,6 +335,7 @@ def build_app(
                 # reach the upstream.
                 api_key_header=config.api_key_header,
                 device_header=config.device_header,
+                counters=counters,
             ),
         )
     user_rules = [*public_rules, *rules]

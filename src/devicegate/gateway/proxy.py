@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .._asgi import send_refusal, serve_lifespan
 from .._config import VISIBLE_ASCII, check_header_name
+from .._counters import Counters
 from .._errors import ConfigError, Refusal
 from .._principal import get_principal
 from .._rules import route_path
@@ -177,6 +179,8 @@ class ReverseProxy:
         api_key_header: the header the gate reads the server API key from (removed).
         device_header: the header the gate reads the device id from (removed: the verified id
             travels in ``X-Devicegate-Instance-Id``).
+        counters: where to count the exchanges with the upstream and their latency (for
+            :mod:`devicegate.metrics`); ``None`` counts nothing.
 
     Raises:
         ConfigError: the URL is not an absolute http(s) URL, carries credentials, a query or a
@@ -199,8 +203,10 @@ class ReverseProxy:
         client: httpx.AsyncClient | None = None,
         api_key_header: str = "x-api-key",
         device_header: str = "x-instance-id",
+        counters: Counters | None = None,
     ) -> None:
         self.upstream = _check_upstream(upstream)
+        self._counters = counters
         self._base_url = httpx.URL(self.upstream)
         self._base_path = self._base_url.raw_path.rstrip(b"/")
         self._origins = _origins(self._base_url)
@@ -362,6 +368,8 @@ class ReverseProxy:
             raise error
 
     async def _send_upstream(self, scope: Scope, send: Send, request: httpx.Request) -> None:
+        counters = self._counters
+        started = time.monotonic()
         try:
             # Never followed, whatever the client says: httpx would carry the injected upstream
             # key (only Authorization is stripped) and the original path to another host.
@@ -373,6 +381,8 @@ class ReverseProxy:
             return
         except httpx.TimeoutException as exc:
             logger.warning("devicegate: the upstream timed out (%s)", type(exc).__name__)
+            if counters is not None:
+                counters.upstream["timeout"] += 1
             await send_refusal(scope, send, GatewayTimeout())
             return
         except Exception as exc:
@@ -381,8 +391,12 @@ class ReverseProxy:
             # raise on the way there (h11.LocalProtocolError escapes httpx unwrapped), is a
             # 502 rather than the server's bare 500.
             logger.warning("devicegate: the upstream exchange failed (%s)", type(exc).__name__)
+            if counters is not None:
+                counters.upstream["failed"] += 1
             await send_refusal(scope, send, BadGateway())
             return
+        if counters is not None:
+            counters.upstream_answered(time.monotonic() - started)
         try:
             await self._relay(send, response, scope.get("root_path", ""))
         finally:
@@ -418,6 +432,8 @@ class ReverseProxy:
                 # sees a truncated body rather than a complete-looking one. (Only the upstream
                 # read is guarded here: a failing ``send`` reaches the server as itself.)
                 logger.warning("devicegate: upstream response cut off (%s)", type(exc).__name__)
+                if self._counters is not None:
+                    self._counters.upstream["cut_off"] += 1
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
