@@ -513,6 +513,31 @@ def test_huge_tokens_are_not_cached(keys: Keys) -> None:
     assert verify.cache_size == 0
 
 
+def test_a_header_seen_before_decides_nothing_alone(keys: Keys) -> None:
+    # Every token's header is remembered once checked; the signature and claims of each token
+    # are still checked in full, and a header that broke a rule is refused every time.
+    verify = verifier(keys.config(), token_cache_size=0)
+    header = {"alg": "HS256", "typ": "JWT", "kid": derive_kid(keys.jwt_secret.encode())}
+    assert verify.verify(make_token(keys.jwt_secret, claims_at(), header=header))
+    forged = make_token("f" * 40, claims_at(), header=header)
+    expired = make_token(keys.jwt_secret, claims_at(now=NOW - 600), header=header)
+    bad = {"alg": "HS256", "crit": ["exp"]}
+    for _ in range(2):
+        assert reason_of(verify, forged) is InvalidReason.BAD_SIGNATURE
+        assert reason_of(verify, expired) is InvalidReason.EXPIRED
+        assert reason_of(verify, make_token(keys.jwt_secret, header=bad)) is (
+            InvalidReason.BAD_HEADER
+        )
+
+
+def test_a_flood_of_headers_is_remembered_within_a_bound(keys: Keys) -> None:
+    verify = verifier(keys.config(), token_cache_size=0)
+    for n in range(1000):
+        header = {"alg": "HS256", "typ": "JWT", "x": n}  # another header every time
+        assert verify.verify(make_token(keys.jwt_secret, claims_at(), header=header))
+    assert len(verify._headers) <= 64
+
+
 def test_cached_principal_is_the_same(keys: Keys) -> None:
     verify = verifier(keys.config())
     token = make_token(keys.jwt_secret, claims_at(instance_id=DEVICE))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import os
@@ -15,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _base64url as base64url
 from ._errors import ConfigError
 from ._json import DuplicateMember, loads_strict_json
 from ._keys import HmacKey, Key, KeyRing, load_private_key, load_public_key
@@ -255,12 +254,8 @@ def secret_bytes(secret: str) -> bytes:
     """
     if not secret.startswith(BASE64URL_PREFIX):
         return secret.encode()
-    text = secret[len(BASE64URL_PREFIX) :]
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, binascii.Error):
-        raw = None
-    if raw is None or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != text:
+    raw = base64url.decode(secret[len(BASE64URL_PREFIX) :])
+    if raw is None:
         raise ConfigError(
             "jwt_secret",
             "the text after 'base64url:' must be unpadded base64url (A-Z a-z 0-9 - _)",

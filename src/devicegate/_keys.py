@@ -27,8 +27,6 @@ References:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -36,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ._base64url import decode as decode_b64url
+from ._base64url import encode, encode_text
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,34 +75,15 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _CRYPTO_EXTRA = "pip install 'devicegate[crypto]'"
 
 
-def _b64url(raw: bytes) -> bytes:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=")
-
-
-def _b64url_text(raw: bytes) -> str:
-    return _b64url(raw).decode("ascii")
-
-
-def _decode_b64url(text: str | bytes) -> bytes | None:
-    """The bytes of canonical, unpadded base64url ``text``, or ``None``."""
-    data = text.encode("ascii") if isinstance(text, str) else text
-    try:
-        raw = base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
-    except (ValueError, binascii.Error):
-        return None
-    # Stray low bits in the last character decode to the same bytes: one string per value.
-    return raw if _b64url(raw) == data else None
-
-
 def derive_kid(secret: bytes) -> str:
     """The key id of an unnamed HMAC secret: a truncated HMAC of a fixed label under it."""
-    return _b64url_text(hmac.digest(secret, _KID_LABEL, "sha256")[:_KID_BYTES])
+    return encode_text(hmac.digest(secret, _KID_LABEL, "sha256")[:_KID_BYTES])
 
 
 def _thumbprint(members: Mapping[str, str]) -> str:
     """RFC 7638: SHA-256 of the required members, sorted, without whitespace."""
     canonical = json.dumps(dict(sorted(members.items())), separators=(",", ":"))
-    return _b64url_text(hashlib.sha256(canonical.encode()).digest())
+    return encode_text(hashlib.sha256(canonical.encode()).digest())
 
 
 class Key:
@@ -150,7 +131,7 @@ class HmacKey(Key):
 
     def verify(self, signing_input: bytes, signature: bytes) -> bool:
         # Compared as base64url text: one encoding per signature, no decoding needed.
-        expected = _b64url(hmac.digest(self._secret, signing_input, "sha256"))
+        expected = encode(hmac.digest(self._secret, signing_input, "sha256"))
         return hmac.compare_digest(expected, signature)
 
     def sign(self, signing_input: bytes) -> bytes:
@@ -182,7 +163,7 @@ class EdDsaKey(_AsymmetricKey):
 
         self._invalid = InvalidSignature
         raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self._jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url_text(raw)}
+        self._jwk = {"kty": "OKP", "crv": "Ed25519", "x": encode_text(raw)}
         self._public = public
         self._private = private
         self.kid = _thumbprint(self._jwk) if kid is None else kid
@@ -190,7 +171,7 @@ class EdDsaKey(_AsymmetricKey):
         self.can_sign = private is not None
 
     def verify(self, signing_input: bytes, signature: bytes) -> bool:
-        raw = _decode_b64url(signature)
+        raw = decode_b64url(signature)
         if raw is None or len(raw) != 64:
             return False
         try:
@@ -228,8 +209,8 @@ class EcdsaKey(_AsymmetricKey):
         self._jwk = {
             "kty": "EC",
             "crv": "P-256",
-            "x": _b64url_text(numbers.x.to_bytes(32, "big")),
-            "y": _b64url_text(numbers.y.to_bytes(32, "big")),
+            "x": encode_text(numbers.x.to_bytes(32, "big")),
+            "y": encode_text(numbers.y.to_bytes(32, "big")),
         }
         self._public = public
         self._private = private
@@ -239,7 +220,7 @@ class EcdsaKey(_AsymmetricKey):
         self.can_sign = private is not None
 
     def verify(self, signing_input: bytes, signature: bytes) -> bool:
-        raw = _decode_b64url(signature)
+        raw = decode_b64url(signature)
         if raw is None or len(raw) != 64:
             return False
         r = int.from_bytes(raw[:32], "big")
@@ -405,7 +386,7 @@ def jwk_key(jwk: Mapping[str, Any], kid: str | None = None) -> Key:
 
 def _member(jwk: Mapping[str, Any], name: str, size: int) -> bytes:
     value = jwk.get(name)
-    raw = _decode_b64url(value) if isinstance(value, str) and value.isascii() else None
+    raw = decode_b64url(value) if isinstance(value, str) else None
     if raw is None or len(raw) != size:
         raise ValueError(f"the JWK's {name!r} must be {size} bytes of unpadded base64url")
     return raw

@@ -93,7 +93,11 @@ def _read_only(value: Any) -> Any:
     # Filled through the base class: __init__ is refused too, or it could refill them later.
     if isinstance(value, dict):
         frozen_dict = _ReadOnlyDict.__new__(_ReadOnlyDict)
-        dict.update(frozen_dict, {key: _read_only(item) for key, item in value.items()})
+        dict.update(frozen_dict, value)
+        # Claims are mostly strings and numbers: only containers need a call of their own.
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                dict.__setitem__(frozen_dict, key, _read_only(item))
         return frozen_dict
     if isinstance(value, list):
         frozen_list = _ReadOnlyList.__new__(_ReadOnlyList)
@@ -165,7 +169,12 @@ class Principal(BaseUser):
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "instance_id", instance_id)
         object.__setattr__(
-            self, "claims", _EMPTY_CLAIMS if not claims else _read_only(dict(claims))
+            self,
+            "claims",
+            # _read_only copies a dict itself; another mapping is made a dict first.
+            _EMPTY_CLAIMS
+            if not claims
+            else _read_only(claims if isinstance(claims, dict) else dict(claims)),
         )
         object.__setattr__(self, "key_name", key_name)
 

@@ -23,8 +23,6 @@ References:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import json
 import math
@@ -36,6 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
+from . import _base64url as base64url
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._claims import check_application_claims, check_lifetime, check_subject
 from ._config import GateConfig
@@ -73,6 +72,10 @@ def _compact_jws(algorithms: frozenset[str]) -> re.Pattern[bytes]:
     return re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.(" + lengths.encode() + rb")")
 
 
+# The checked headers a verifier remembers, and the longest it remembers.
+_MAX_REMEMBERED_HEADERS = 64
+_MAX_REMEMBERED_HEADER_BYTES = 512
+
 _MISSING_DEVICE = "The token is bound to a device; send the device header."
 _JWT_TYPES = frozenset({"JWT", "APPLICATION/JWT"})
 
@@ -80,17 +83,16 @@ Clock = Callable[[], float]
 
 
 def decode_json_segment(segment: bytes) -> Any:
-    """Decode one canonical, unpadded base64url segment holding UTF-8 JSON."""
-    raw = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-    # Non-canonical encodings (stray low bits in the last character) decode to the same bytes
-    # as the canonical one; refusing them keeps one token string per token.
-    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment:
-        raise ValueError("non-canonical base64url")
+    """Decode one canonical, unpadded base64url segment holding UTF-8 JSON.
+
+    Raises:
+        ValueError: not canonical base64url (one token string per token), not UTF-8, or not
+            strict JSON.
+    """
+    raw = base64url.decode(segment)
+    if raw is None:
+        raise ValueError("not canonical unpadded base64url")
     return loads_strict_json(raw.decode("utf-8"))
-
-
-def _b64url(raw: bytes) -> bytes:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
 def validate_instance_id(value: object) -> str:
@@ -161,6 +163,9 @@ class TokenVerifier:
             ASYMMETRIC_ALGORITHMS if remote_keys is not None else frozenset()
         )
         self._compact_jws = _compact_jws(self._algorithms or frozenset({HS256}))
+        # Header segments that passed every header rule, with their alg and kid: an issuer
+        # writes the same header on every token, so a new token's header is rarely new.
+        self._headers: dict[bytes, tuple[str, str | None]] = {}
         self._leeway = config.leeway_seconds
         self._issuers = frozenset(config.issuers)
         self._audiences = frozenset(config.audiences)
@@ -286,34 +291,12 @@ class TokenVerifier:
         if match is None:
             raise InvalidToken(InvalidReason.MALFORMED)
         header_segment, payload_segment, signature = match.groups()
-        try:
-            header = decode_json_segment(header_segment)
-        except (ValueError, binascii.Error, RecursionError):
-            raise InvalidToken(InvalidReason.MALFORMED) from None
-        if not isinstance(header, dict):
-            raise InvalidToken(InvalidReason.MALFORMED)
-        # RFC 8725 §3.1: the algorithms are those of our keys; the header must merely agree
-        # with the key it selects (checked below). "none", "HS512", "RS256"... end here.
-        alg = header.get("alg")
-        if type(alg) is not str or alg not in self._algorithms:
-            raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
-        if "crit" in header or header.get("b64", True) is not True:
-            # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown; an unencoded
-            # payload (RFC 7797 "b64": false) would change what the signature covers.
-            raise InvalidToken(InvalidReason.BAD_HEADER)
-        # RFC 7515 §4.1.4, §4.1.9: typ and kid, when present, are strings; a null is refused too
-        # (PyJWT refuses a null kid, and a token accepted here must verify there).
-        if "typ" in header:
-            typ = header["typ"]
-            # RFC 7515 §4.1.9: "application/" may be left out, and media types are compared
-            # without regard to case: "JWT", "jwt" and "application/jwt" are one type.
-            if not isinstance(typ, str) or typ.upper() not in _JWT_TYPES:
-                raise InvalidToken(InvalidReason.BAD_HEADER)
+        checked = self._headers.get(header_segment)
+        if checked is None:
+            checked = self._check_header(header_segment)
+        alg, kid = checked
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)]
-        if "kid" in header:
-            kid = header["kid"]
-            if not isinstance(kid, str):
-                raise InvalidToken(InvalidReason.BAD_HEADER)
+        if kid is not None:
             # The kid selects one configured key by exact match, or none: it is never a path,
             # a query or a URL, and an unknown one is refused before any key is tried.
             key: Key | None = self._keys_by_kid.get(kid)
@@ -338,12 +321,7 @@ class TokenVerifier:
             # An asymmetric token must say which key: public keys are never tried blindly.
             raise InvalidToken(InvalidReason.UNKNOWN_KEY)
 
-        try:
-            claims = decode_json_segment(payload_segment)
-        except (ValueError, binascii.Error, RecursionError):
-            raise InvalidToken(InvalidReason.MALFORMED) from None
-        if not isinstance(claims, dict):
-            raise InvalidToken(InvalidReason.MALFORMED)
+        claims = _json_object(payload_segment)
         try:
             entry = self._check_claims(claims)
         except InvalidToken as error:
@@ -357,6 +335,41 @@ class TokenVerifier:
                 raise _refusal_of(InvalidReason.REVOKED, claims)
             entry = entry._replace(revocations_version=version)
         return entry
+
+    def _check_header(self, header_segment: bytes) -> tuple[str, str | None]:
+        """The ``alg`` and ``kid`` of a header that passes every header rule, remembered.
+
+        Raises:
+            InvalidToken: the header breaks a rule.
+        """
+        header = _json_object(header_segment)
+        # RFC 8725 §3.1: the algorithms are those of our keys; the header must merely agree
+        # with the key it selects (checked below). "none", "HS512", "RS256"... end here.
+        alg = header.get("alg")
+        if type(alg) is not str or alg not in self._algorithms:
+            raise InvalidToken(InvalidReason.UNSUPPORTED_ALGORITHM)
+        if "crit" in header or header.get("b64", True) is not True:
+            # RFC 7515 §4.1.11: we understand no extension, so any crit is unknown; an unencoded
+            # payload (RFC 7797 "b64": false) would change what the signature covers.
+            raise InvalidToken(InvalidReason.BAD_HEADER)
+        # RFC 7515 §4.1.4, §4.1.9: typ and kid, when present, are strings; a null is refused too
+        # (PyJWT refuses a null kid, and a token accepted here must verify there).
+        if "typ" in header:
+            typ = header["typ"]
+            # RFC 7515 §4.1.9: "application/" may be left out, and media types are compared
+            # without regard to case: "JWT", "jwt" and "application/jwt" are one type.
+            if not isinstance(typ, str) or typ.upper() not in _JWT_TYPES:
+                raise InvalidToken(InvalidReason.BAD_HEADER)
+        kid = header.get("kid")
+        if "kid" in header and not isinstance(kid, str):
+            raise InvalidToken(InvalidReason.BAD_HEADER)
+        checked = alg, kid
+        if len(header_segment) <= _MAX_REMEMBERED_HEADER_BYTES:
+            headers = self._headers
+            if len(headers) >= _MAX_REMEMBERED_HEADERS:
+                headers.clear()  # all at once: a flood of headers costs a refill, nothing more
+            headers[header_segment] = checked
+        return checked
 
     def _check_claims(self, claims: dict[str, Any]) -> CachedToken:
         now = self._clock()
@@ -416,6 +429,21 @@ class TokenVerifier:
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
         return CachedToken(expires_at, valid_from, bound, principal, -1)
+
+
+def _json_object(segment: bytes) -> dict[str, Any]:
+    """The JSON object a token segment holds.
+
+    Raises:
+        InvalidToken: ``MALFORMED``, for anything else.
+    """
+    try:
+        value = decode_json_segment(segment)
+    except (ValueError, RecursionError):
+        raise InvalidToken(InvalidReason.MALFORMED) from None
+    if not isinstance(value, dict):
+        raise InvalidToken(InvalidReason.MALFORMED)
+    return value
 
 
 def _name(error: InvalidToken, claims: Mapping[str, Any]) -> None:
@@ -506,7 +534,7 @@ class TokenIssuer:
         self._key = key
         self._sign = key.sign
         # Built once: the header is the same for every token this key signs.
-        self._header = _b64url(
+        self._header = base64url.encode(
             json.dumps(
                 {"alg": key.algorithm, "kid": key.kid, "typ": "JWT"}, separators=(",", ":")
             ).encode()
@@ -599,9 +627,9 @@ class TokenIssuer:
         signing_input = (
             self._header
             + b"."
-            + _b64url(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
+            + base64url.encode(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
         )
-        access_token = (signing_input + b"." + _b64url(self._sign(signing_input))).decode()
+        access_token = (signing_input + b"." + base64url.encode(self._sign(signing_input))).decode()
         return IssuedToken(
             access_token=access_token,
             token_type="Bearer",  # noqa: S106 - RFC 6750 token type
