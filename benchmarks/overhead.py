@@ -14,6 +14,7 @@ A new row is one line in ``in_process_rows`` or ``http_rows``. See ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import base64
 import gc
 import hmac
 import itertools
@@ -34,6 +35,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NamedTuple
 
@@ -208,6 +210,7 @@ class Bench:
         self.mint_body = json.dumps({"instance_id": DEVICE_ID}).encode()
         self.issuer = TokenIssuer(self.config)
         self.token = self.mint()
+        self.asymmetric = {name: Asymmetric(self, name) for name in ASYMMETRIC}
 
     def mint(self, device: str = DEVICE_ID) -> str:
         return self.issuer.issue(device).access_token
@@ -251,6 +254,52 @@ class Bench:
         return {**os.environ, **dict(zip(names, keys, strict=True))}
 
 
+class Asymmetric:
+    """An instance minting and verifying tokens with a private key of ``algorithm`` (EdDSA or
+    ES256) beside the bench's keys, and the bare ``cryptography`` verification of its tokens."""
+
+    def __init__(self, b: Bench, algorithm: str) -> None:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+
+        private: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+        if algorithm == "EdDSA":
+            private = ed25519.Ed25519PrivateKey.generate()
+            public = private.public_key()
+
+            def bare_verify(pair: tuple[bytes, bytes]) -> None:
+                public.verify(pair[1], pair[0])
+
+        else:
+            private = ec.generate_private_key(ec.SECP256R1())
+            ec_public, ecdsa = private.public_key(), ec.ECDSA(hashes.SHA256())
+
+            def bare_verify(pair: tuple[bytes, bytes]) -> None:
+                # What JWS asks of any ES256 verifier: the raw R||S made DER for OpenSSL.
+                r, s = int.from_bytes(pair[1][:32], "big"), int.from_bytes(pair[1][32:], "big")
+                ec_public.verify(utils.encode_dss_signature(r, s), pair[0], ecdsa)
+
+        self.bare_verify = bare_verify
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        self.config = b.config.replace(jwt_private_key=pem)
+        self.issuer = TokenIssuer(self.config)
+        self.token = self.mint()
+        self.gate = b.gate(jwt_private_key=pem)
+
+    def mint(self, device: str = DEVICE_ID) -> str:
+        return self.issuer.issue(device).access_token
+
+    def signed(self) -> tuple[bytes, bytes]:
+        """A new token's signing input and raw signature, decoded before the clock starts."""
+        signing_input, _, signature = self.mint().encode().rpartition(b".")
+        return signing_input, base64.urlsafe_b64decode(signature + b"==")
+
+
+ASYMMETRIC = ("EdDSA", "ES256")
 RAW, CACHED = "raw ASGI app", "raw + devicegate, cached device token"
 API_KEY, MOBILE = "raw + devicegate, API key", "raw + devicegate, mobile API key"
 COLD = "raw + devicegate, never-seen token (full verification)"
@@ -258,6 +307,23 @@ REVOKED = f"{CACHED}, 100,000 revocations"
 COUNTED = f"{CACHED}, metrics on"
 STARLETTE, PYJWT = "Starlette hello-world", "Starlette + AuthenticationMiddleware + PyJWT"
 LITESTAR, DECODE, ISSUE = "Litestar hello-world", "bare jwt.decode (HS256)", "TokenIssuer.issue"
+
+
+def cold_row(algorithm: str) -> str:
+    return f"raw + devicegate, never-seen {algorithm} token (full verification)"
+
+
+def cached_row(algorithm: str) -> str:
+    return f"raw + devicegate, cached {algorithm} device token"
+
+
+def bare_row(algorithm: str) -> str:
+    curve = "Ed25519" if algorithm == "EdDSA" else "P-256 ECDSA"
+    return f"bare cryptography {curve} verify ({algorithm})"
+
+
+def issue_row(algorithm: str) -> str:
+    return f"{ISSUE}, {algorithm}"
 
 
 def in_process_rows(b: Bench) -> list[Row]:
@@ -289,7 +355,28 @@ def in_process_rows(b: Bench) -> list[Row]:
         Row(DECODE, call(decode), lambda: b.token.encode().decode()),
         Row(ISSUE, call(b.issuer.issue), lambda: DEVICE_ID.encode().decode()),
         Row("token endpoint, POST /gen-jwt through devicegate", asgi(gate, b.mint_body), mint),
+        *asymmetric_rows(b),
     ]
+
+
+def cold_scope(a: Asymmetric) -> Scope:
+    return new_scope(bearer(a.mint()))
+
+
+def asymmetric_rows(b: Bench) -> list[Row]:
+    """Per algorithm: a never-seen token through the middleware paired with the bare signature
+    check it contains, a cached token paired with the HS256 cached row (the difference should
+    be nothing), and minting."""
+    rows = []
+    for algorithm, a in b.asymmetric.items():
+        rows += [
+            Row(bare_row(algorithm), call(a.bare_verify), a.signed),
+            # Paired with the bare check: the overhead is all that devicegate adds to it.
+            Row(cold_row(algorithm), asgi(a.gate), partial(cold_scope, a), bare_row(algorithm)),
+            Row(cached_row(algorithm), asgi(a.gate), same(bearer(a.token)), CACHED),
+            Row(issue_row(algorithm), call(a.issuer.issue), lambda: DEVICE_ID.encode().decode()),
+        ]
+    return rows
 
 
 # --- the paired in-process harness ---------------------------------------------------------------
@@ -563,6 +650,23 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         ("metrics cost ≤ 0.3 µs a request", f"{over[COUNTED]:+.2f} µs", over[COUNTED] <= 0.3),
     ]
+    for algorithm in ASYMMETRIC:
+        ratio = 1 + over[cold_row(algorithm)] / us[bare_row(algorithm)]
+        extra = over[cached_row(algorithm)]
+        found += [
+            (
+                f"cold {algorithm} token ≤ 1.3 times its bare signature check",
+                f"{ratio:.2f} times",
+                ratio <= 1.3,
+            ),
+            (
+                f"cached {algorithm} token within 0.1 µs of HS256",
+                f"{extra:+.2f} µs",
+                abs(extra) <= 0.1,
+            ),
+        ]
+    rate = 1e6 / us[issue_row("EdDSA")]
+    found.append(("≥ 10,000 EdDSA tokens/s minted", f"{rate:,.0f} tokens/s", rate >= 10_000))
     for row in report["over HTTP"] or ():
         if row["row"] == HTTP_GATE:
             share = row[HTTP_COLUMNS[-1]]
@@ -620,7 +724,10 @@ def main() -> int:
     cache = report["cache"]
     print(f"{ISSUE} mints {report['tokens / s']:,.0f} tokens/s. A full default cache holds")
     print(f"{cache['entries']:,} tokens in {cache['bytes'] / 1e6:.1f} MB (tracemalloc).\n")
-    print(markdown(report["over HTTP"]) if report["over HTTP"] else "No HTTP rows: wrk not found.")
+    if report["over HTTP"]:
+        print(markdown(report["over HTTP"]))
+    else:
+        print("No HTTP rows: " + ("wrk not found." if http_rounds else "--http-rounds 0."))
     print("\n" + markdown(report["targets"]))
     if args.json:
         with open(args.json, "w") as file:

@@ -306,7 +306,7 @@ def future_claims(**extra: Any) -> dict[str, Any]:
             lambda k: make_token(fresh_keys().jwt_secret, instance_id=DEVICE),
             ["--instance-id", DEVICE],
             {},
-            "invalid: bad signature: signed with another jwt_secret, or tampered with",
+            "invalid: bad signature: signed with another key, or tampered with",
             id="bad-signature",
         ),
         pytest.param(
@@ -334,7 +334,7 @@ def future_claims(**extra: Any) -> dict[str, Any]:
             lambda k: make_token(k.jwt_secret, future_claims(), header={"alg": "HS384"}),
             [],
             {},
-            "invalid: unsupported algorithm: only HS256 is accepted",
+            "invalid: unsupported algorithm: not the algorithm of a configured key .*",
             id="other-algorithm",
         ),
         pytest.param(
@@ -418,7 +418,8 @@ def test_verify_without_a_jwt_secret(
     monkeypatch.setenv("DEVICEGATE_API_KEYS", keys.api_key)
     assert cli.main(["verify", make_token(keys.jwt_secret)]) == 1
     assert one_line(capsys.readouterr().out) == (
-        "invalid: no jwt_secret is configured, so no token can be valid"
+        "invalid: no key verifies tokens here (jwt_secret, jwt_private_key, jwt_public_keys or "
+        "jwks_url), so no token can be valid"
     )
 
 
@@ -1040,7 +1041,8 @@ def test_banner_without_a_token_endpoint(keys: Keys) -> None:
         ServeSettings(secrets_file="/s.json"), only_keys, {}, host=HOST, port=1, workers=1
     )
     assert text.endswith(
-        "  token endpoint: off (needs --token-path, an api_key and a jwt_secret)\n"
+        "  token endpoint: off (needs --token-path, an api_key, and a jwt_secret or "
+        "jwt_private_key to sign with)\n"
     )
 
 

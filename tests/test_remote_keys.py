@@ -4,14 +4,17 @@ rotates, is slow to change, fails, or is too large."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devicegate import (
@@ -22,9 +25,23 @@ from devicegate import (
     InvalidToken,
     Refusal,
     TokenVerifier,
+    cli,
 )
 from devicegate._remote_keys import MAX_DOCUMENT_BYTES, RemoteKeySet, check_jwks_url
-from tests.helpers import RecordingApp, b64url, bearer, claims_at, client
+from devicegate.gateway._app import app_from_env
+from devicegate.gateway._reload import ReloadableApp
+from tests.helpers import (
+    Keys,
+    RecordingApp,
+    b64url,
+    bearer,
+    claims_at,
+    client,
+    make_token,
+    scrub_devicegate_env,
+    write_secrets,
+)
+from tests.servers.process import answers, child_env, devicegate_command, serve, sync_client
 
 API_KEY = "remote-keys-" + "Zq8vN3xL6pT1wR5y"
 
@@ -36,6 +53,7 @@ class JwksServer:
         self.body = b'{"keys": []}'
         self.status = 200
         self.hits = 0
+        self.drip_seconds = 0.0  # above zero: the body goes out a byte at a time, this apart
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,7 +63,13 @@ class JwksServer:
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(outer.body)))
                 self.end_headers()
-                self.wfile.write(outer.body)
+                if not outer.drip_seconds:
+                    self.wfile.write(outer.body)
+                    return
+                for index in range(len(outer.body)):
+                    self.wfile.write(outer.body[index : index + 1])
+                    self.wfile.flush()
+                    time.sleep(outer.drip_seconds)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -224,6 +248,26 @@ def test_unusable_documents_keep_the_last_good_set(jwks_server: JwksServer, body
 
 
 @pytest.mark.integration
+def test_a_server_dripping_the_document_is_cut_off_at_the_deadline(
+    jwks_server: JwksServer,
+) -> None:
+    # Every byte comes well within the read timeout: only a deadline on the whole fetch ends it.
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwks_server.serve(("k1", key))
+    remote = RemoteKeySet(jwks_server.url, fetch_timeout_seconds=0.5)
+    try:
+        assert remote.refresh()
+        jwks_server.serve(("k2", key))
+        jwks_server.drip_seconds = 0.05  # the whole document would take several seconds
+        started = time.monotonic()
+        assert not remote.refresh()
+        assert time.monotonic() - started < 2.0
+        assert remote.kids == {"k1"}
+    finally:
+        remote.close()
+
+
+@pytest.mark.integration
 def test_only_public_signing_keys_with_a_kid_are_taken(jwks_server: JwksServer) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     good = jwk("good", key)
@@ -271,3 +315,62 @@ async def test_through_the_middleware(jwks_server: JwksServer) -> None:
         assert len(app.calls) == 1
     finally:
         remote.close()
+
+
+# -- devicegate serve --jwks-url -----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_serve_accepts_the_tokens_of_a_remote_set(
+    jwks_server: JwksServer, tmp_path: Path, keys: Keys
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwks_server.serve(("app-1", key))
+    secrets_file = write_secrets(tmp_path / "secrets.json", keys)
+    command = devicegate_command("--secrets", str(secrets_file), "--jwks-url", jwks_server.url)
+    log = tmp_path / "serve.log"
+    with serve(command, log, env=child_env(), cwd=tmp_path, ready=answers("/health")) as server:
+        assert f"remote keys: device tokens signed by a key of {jwks_server.url}" in (
+            server.output()
+        )
+        with sync_client(server.url) as http:
+            remote_token = token("app-1", key)
+            # The first token starts the background fetch: refused (503) until the set is in.
+            deadline = time.monotonic() + 10
+            while (mine := http.get("/whoami", headers=bearer(remote_token))).status_code == 503:
+                assert time.monotonic() < deadline, "the set was never fetched"
+                time.sleep(0.05)
+            forged = http.get(
+                "/whoami", headers=bearer(token("app-1", ed25519.Ed25519PrivateKey.generate()))
+            )
+            unknown = http.get("/whoami", headers=bearer(token("app-2", key)))
+            own = http.get("/whoami", headers=bearer(make_token(keys.jwt_secret)))
+    assert mine.status_code == 200
+    assert mine.json()["kind"] == "device_token"
+    assert forged.status_code == unknown.status_code == 401
+    assert own.status_code == 200  # the instance's own secret still verifies its own tokens
+
+
+def test_serve_gives_the_remote_set_to_every_worker(
+    jwks_server: JwksServer,
+    tmp_path: Path,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scrub_devicegate_env(monkeypatch)
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *_, **__: seen.update(os.environ))
+    secrets_file = write_secrets(tmp_path / "secrets.json", keys)
+    argv = ["serve", "--secrets", str(secrets_file), "--workers", "2"]
+    try:
+        assert cli.main([*argv, "--jwks-url", jwks_server.url]) == 0
+        app = app_from_env()
+        assert isinstance(app, ReloadableApp)
+        config = app.gate.config
+    finally:
+        for name in [name for name in os.environ if name.startswith("DEVICEGATE_")]:
+            del os.environ[name]  # what serve --workers exported
+    assert seen["DEVICEGATE_JWKS_URL"] == jwks_server.url
+    assert config.jwks_url == jwks_server.url
+    assert "remote keys:" in capsys.readouterr().err

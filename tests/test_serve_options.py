@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from devicegate import cli
+from devicegate import GateConfig, cli
+from devicegate._keys import generate_private_key_pem
 from devicegate.gateway._app import ServeSettings, app_from_env
 from tests.helpers import Keys, bearer, client, make_token, scrub_devicegate_env, write_secrets
 from tests.servers.process import HOST, answers, bound_port, child_env, devicegate_command, serve
@@ -64,6 +65,17 @@ def secrets_file(tmp_path: Path, keys: Keys) -> Path:
 def port() -> Iterator[int]:
     with bound_port(reuse_address=True) as number:
         yield number
+
+
+def public_pem_of(private_pem: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    return (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def one_line(text: str) -> str:
@@ -151,6 +163,11 @@ def test_rules_travel_to_the_workers_and_back() -> None:
 # -- refused in the user's words -----------------------------------------------------------------
 
 KINDS = "api_key, mobile_api_key, device_token"
+
+IN_THE_CLEAR = (
+    "must be an https:// URL (or http:// on 127.0.0.1, ::1 or localhost): keys fetched in the "
+    "clear could be swapped by anyone on the path"
+)
 
 # Arguments and variables refused before anything starts, and the one line that says why: named
 # after the flag or the variable the user wrote, and with "none", never Python's None.
@@ -244,6 +261,18 @@ REFUSED = [
         id="rule-under-a-public-prefix",
     ),
     pytest.param(
+        ["--jwks-url", "http://issuer.example/jwks.json"],
+        {},
+        f"--jwks-url: {IN_THE_CLEAR}",
+        id="jwks-url-in-the-clear",
+    ),
+    pytest.param(
+        [],
+        {"DEVICEGATE_JWKS_URL": "ftp://issuer.example/jwks.json"},
+        f"DEVICEGATE_JWKS_URL: {IN_THE_CLEAR}",
+        id="jwks-url-variable",
+    ),
+    pytest.param(
         ["--rule", "/health=api_key"],
         {},
         "--rule: '/health' never applies: the public path '/health' covers it",
@@ -313,6 +342,31 @@ def test_banner_says_what_each_mode_serves(
     assert len(asks) == int(asks_forward_auth)
     if asks_forward_auth:
         assert asks[0].endswith(f" http://127.0.0.1:8000{settings.forward_auth_path}")
+
+
+@pytest.mark.parametrize(
+    ("signing", "endpoint_on"),
+    [
+        ({"jwt_secret": "from-keys"}, True),
+        ({"jwt_private_key": "EdDSA"}, True),  # a key pair alone signs: the endpoint is on
+        ({"jwt_public_keys": "EdDSA"}, False),  # verifies only: nothing can mint
+    ],
+    ids=["secret", "private-key", "public-key-only"],
+)
+def test_banner_says_the_token_endpoint_is_on_when_a_key_can_sign(
+    keys: Keys, signing: dict[str, str], endpoint_on: bool
+) -> None:
+    ((field, value),) = signing.items()
+    if value == "EdDSA":
+        private = generate_private_key_pem("EdDSA")
+        value = private if field == "jwt_private_key" else public_pem_of(private)
+    else:
+        value = keys.jwt_secret
+    options: dict[str, Any] = {field: value}
+    config = GateConfig(api_keys=keys.api_key, **options)
+    text = cli.serve_banner(ServeSettings(), config, {}, host=HOST, port=8000, workers=1)
+    assert ("  token endpoint: POST http://127.0.0.1:8000/gen-jwt" in text) is endpoint_on
+    assert ("  token endpoint: off (needs" in text) is not endpoint_on
 
 
 def test_banner_names_the_forward_auth_secret_variable_never_its_value(keys: Keys) -> None:

@@ -147,6 +147,8 @@ class RemoteKeySet:
         refresh_seconds: how often the set is fetched again in any case.
         min_refetch_seconds: the shortest time between two fetches asked for by unknown kids.
         max_stale_seconds: how long the last good set is used when fetches fail.
+        fetch_timeout_seconds: how long one fetch may take in all, connecting and reading the
+            document included (a server dripping it byte by byte is cut off then).
         clock: returns a monotonic time in seconds; for tests.
         fetch: ``fetch(url)`` returns the document's bytes (default: httpx, bounded); for tests.
 
@@ -161,6 +163,7 @@ class RemoteKeySet:
         refresh_seconds: float = REFRESH_SECONDS,
         min_refetch_seconds: float = MIN_REFETCH_SECONDS,
         max_stale_seconds: float = MAX_STALE_SECONDS,
+        fetch_timeout_seconds: float = FETCH_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         fetch: Fetch | None = None,
     ) -> None:
@@ -169,11 +172,12 @@ class RemoteKeySet:
             ("refresh_seconds", refresh_seconds),
             ("min_refetch_seconds", min_refetch_seconds),
             ("max_stale_seconds", max_stale_seconds),
+            ("fetch_timeout_seconds", fetch_timeout_seconds),
         ):
             if not 0 < value < float("inf"):
                 raise ConfigError(name, "must be a number of seconds above zero")
         if fetch is None:
-            fetch = _http_fetcher()
+            fetch = _http_fetcher(fetch_timeout_seconds)
         self._fetch = fetch
         self._refresh = refresh_seconds
         self._min_refetch = min_refetch_seconds
@@ -273,7 +277,7 @@ def _refresh_loop(
             return
 
 
-def _http_fetcher() -> Fetch:
+def _http_fetcher(timeout: float) -> Fetch:
     try:
         import httpx
     except ImportError:
@@ -282,22 +286,20 @@ def _http_fetcher() -> Fetch:
         ) from None
 
     def fetch(url: str) -> bytes:
+        # httpx's timeout bounds each step; a server dripping a byte at a time needs a deadline.
+        deadline = time.monotonic() + timeout
         with (
-            httpx.Client(
-                trust_env=False, follow_redirects=False, timeout=FETCH_TIMEOUT_SECONDS
-            ) as client,
+            httpx.Client(trust_env=False, follow_redirects=False, timeout=timeout) as client,
             client.stream("GET", url, headers={"accept": "application/json"}) as response,
         ):
-            return _read_bounded(response)
+            return _read_bounded(response, deadline)
 
     return fetch
 
 
-def _read_bounded(response: httpx.Response) -> bytes:
+def _read_bounded(response: httpx.Response, deadline: float) -> bytes:
     if response.status_code != 200:
         raise ValueError(f"status {response.status_code}")
-    # httpx's timeout bounds each read; a server dripping a byte at a time needs a deadline.
-    deadline = time.monotonic() + FETCH_TIMEOUT_SECONDS
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_bytes():

@@ -39,12 +39,13 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from ._claims import ClaimError
-from ._config import GateConfig
+from ._config import GateConfig, env_variable
 from ._counters import Counters
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._keys import generate_private_key_pem
 from ._middleware import DeviceAuthMiddleware
+from ._remote_keys import check_jwks_url
 from ._rules import has_unsafe_segments
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
 from .gateway._app import (
@@ -95,10 +96,11 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.MALFORMED: "malformed: not a compact JWT (three base64url segments of JSON)",
     InvalidReason.BAD_HEADER: "unacceptable header (a 'crit' or 'b64' extension, or a bad 'typ' "
     "or 'kid')",
-    InvalidReason.UNSUPPORTED_ALGORITHM: "unsupported algorithm: only HS256 is accepted",
-    InvalidReason.BAD_SIGNATURE: (
-        "bad signature: signed with another jwt_secret, or tampered with"
+    InvalidReason.UNSUPPORTED_ALGORITHM: (
+        "unsupported algorithm: not the algorithm of a configured key (HS256 for a jwt_secret, "
+        "EdDSA or ES256 for a key pair)"
     ),
+    InvalidReason.BAD_SIGNATURE: "bad signature: signed with another key, or tampered with",
     InvalidReason.BAD_CLAIMS: (
         "bad claims: 'exp' missing or not a number, or another claim of the wrong type"
     ),
@@ -113,8 +115,13 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.UNBOUND: (
         "not bound to a device, and this configuration requires device binding"
     ),
-    InvalidReason.UNKNOWN_KEY: "unknown key",
-    InvalidReason.NOT_CONFIGURED: "no jwt_secret is configured, so no token can be valid",
+    InvalidReason.UNKNOWN_KEY: (
+        "unknown key: its 'kid' names no configured key (an EdDSA or ES256 token must name one)"
+    ),
+    InvalidReason.NOT_CONFIGURED: (
+        "no key verifies tokens here (jwt_secret, jwt_private_key, jwt_public_keys or jwks_url), "
+        "so no token can be valid"
+    ),
 }
 
 
@@ -762,8 +769,16 @@ def serve_banner(
         )
     device_header = _PRETTY_HEADERS.get(config.device_header, config.device_header)
     target = f"{base}/" if settings.upstream else f"{base}/whoami"
-    if settings.token_path is None or not (config.api_keys and config.jwt_secrets):
-        lines.append("  token endpoint: off (needs --token-path, an api_key and a jwt_secret)")
+    if config.jwks_url is not None:
+        lines.append(
+            f"  remote keys: device tokens signed by a key of {config.jwks_url} are accepted "
+            "too (the set is refreshed in the background)"
+        )
+    if settings.token_path is None or not (config.api_keys and config.key_ring.signing_key):
+        lines.append(
+            "  token endpoint: off (needs --token-path, an api_key, and a jwt_secret or "
+            "jwt_private_key to sign with)"
+        )
         return "\n".join(lines) + "\n"
     api_key_header = _PRETTY_HEADERS.get(config.api_key_header, config.api_key_header)
     body = json.dumps({"instance_id": DEMO_INSTANCE_ID})
@@ -926,6 +941,11 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         import uvicorn
     except ImportError:
         raise CommandError(f"serve needs uvicorn: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
+    flag_env: dict[str, str] = {}
+    if args.jwks_url is not None:
+        # Read as its variable is, by the start-up, every SIGHUP reload and every worker.
+        flag_env[env_variable("jwks_url")] = check_jwks_url("--jwks-url", args.jwks_url)
+    environ = {**environ, **flag_env}
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
     port = args.port or _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
     workers = args.workers or _env_int(environ, "DEVICEGATE_WORKERS", 1, 1024) or 1
@@ -948,7 +968,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if exc.name == "httpx":
             raise CommandError(f"--upstream needs httpx: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
         raise CommandError(f"cannot load {exc.name}: {exc}", EXIT_USAGE) from None
-    worker_env = settings.to_env() if workers > 1 else {}
+    worker_env = {**settings.to_env(), **flag_env} if workers > 1 else {}
     if workers > 1 and settings.redis_url is not None:
         # Built here only to check the settings: each worker opens its own connections.
         app.gate.verifier.revocations.close()  # type: ignore[union-attr]
@@ -1138,6 +1158,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"path of the revocation endpoint, or 'none' (env DEVICEGATE_REVOKE_PATH; default "
         f"{DEFAULT_REVOKE_PATH}; off with --workers above 1 unless --redis is given)",
+    )
+    serve.add_argument(
+        "--jwks-url",
+        metavar="URL",
+        help="also accept device tokens signed by the keys of this JWK Set, minted by another "
+        "issuer: https://, or http:// on loopback (env DEVICEGATE_JWKS_URL)",
     )
     serve.add_argument(
         "--redis",
