@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -26,6 +26,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenVerifier
 from devicegate._cache import CachedToken
 from devicegate._config import VENDOR_EXAMPLE_KEYS
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    AnyPrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 # -- keys ----------------------------------------------------------------------------------------
 
@@ -127,6 +132,28 @@ def scrub_devicegate_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unset every ``DEVICEGATE_*`` variable for the test (monkeypatch restores them after)."""
     for name in [name for name in os.environ if name.startswith("DEVICEGATE_")]:
         monkeypatch.delenv(name)
+
+
+def private_pem(key: AnyPrivateKey) -> str:
+    """``key`` as unencrypted PKCS#8 PEM, as ``jwt_private_key`` takes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def public_pem(key: AnyPrivateKey) -> str:
+    """The public half of ``key`` as SubjectPublicKeyInfo PEM, as ``jwt_public_keys`` takes it."""
+    from cryptography.hazmat.primitives import serialization
+
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 # -- time, claims and tokens ---------------------------------------------------------------------

@@ -26,9 +26,10 @@ import anyio
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from starlette.types import Message
 
-from devicegate import ConfigError, cli
+from devicegate import ConfigError, GateConfig, TokenIssuer, cli
 from devicegate.gateway._app import ReloadableApp, ServeSettings, build_app
 from devicegate.gateway._reload import can_receive_hangup
 from tests.helpers import (
@@ -37,6 +38,8 @@ from tests.helpers import (
     client,
     fresh_keys,
     lifespan_scope,
+    private_pem,
+    public_pem,
     scrub_devicegate_env,
     write_secrets,
 )
@@ -699,3 +702,71 @@ def test_real_request_in_flight_during_sighup_completes(
 )
 def test_revoke_shows_the_cutoff_the_server_applied(before: object, shown: str) -> None:
     assert cli._moment(before) == shown
+
+
+@pytest.mark.integration
+def test_real_sighup_rotates_a_key_pair_add_promote_retire(keys: Keys, tmp_path: Path) -> None:
+    # The README's three steps, each a rewrite of secrets.json and a SIGHUP: tokens of each key
+    # are admitted or refused exactly when they should be, and the JWKS follows.
+    old, new = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    device = "device-rotating"
+    base = {"api_key": keys.api_key, "mobile_api_key": keys.mobile_api_key}
+    secrets_file = tmp_path / "secrets.json"
+
+    def stage(**members: Any) -> None:
+        write_secrets(secrets_file, None, **base, **members)
+
+    def mint(server: Server) -> str:
+        with sync_client(server.url) as http:
+            answer = http.post(
+                "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": device}
+            )
+        assert answer.status_code == 200
+        token: str = answer.json()["access_token"]
+        return token
+
+    def published(server: Server) -> list[str]:
+        with sync_client(server.url) as http:
+            return [jwk["kid"] for jwk in http.get("/.well-known/jwks.json").json()["keys"]]
+
+    def admitted(server: Server, token: str) -> bool:
+        return status(server, "/whoami", bearer(token, device)) == 200
+
+    by_new = (
+        TokenIssuer(GateConfig(jwt_private_key={"2026-12": private_pem(new)}))
+        .issue(device)
+        .access_token
+    )  # minted by an instance that already holds the new key
+    stage(jwt_private_key={"2026-06": private_pem(old)})
+    with running_serve(tmp_path) as server:
+        by_old = mint(server)
+        assert jwt.get_unverified_header(by_old)["kid"] == "2026-06"
+        assert (admitted(server, by_old), admitted(server, by_new)) == (True, False)
+        assert published(server) == ["2026-06"]
+
+        # 1. Add: the new public key verifies and is published; the old key still signs.
+        stage(
+            jwt_private_key={"2026-06": private_pem(old)},
+            jwt_public_keys={"2026-12": public_pem(new)},
+        )
+        hang_up(server, RELOADED)
+        assert (admitted(server, by_old), admitted(server, by_new)) == (True, True)
+        assert published(server) == ["2026-06", "2026-12"]
+        assert jwt.get_unverified_header(mint(server))["kid"] == "2026-06"
+
+        # 2. Promote: the new key signs; the old one only verifies.
+        stage(
+            jwt_private_key={"2026-12": private_pem(new)},
+            jwt_public_keys={"2026-06": public_pem(old)},
+        )
+        hang_up(server, RELOADED)
+        assert (admitted(server, by_old), admitted(server, by_new)) == (True, True)
+        assert published(server) == ["2026-12", "2026-06"]
+        assert jwt.get_unverified_header(mint(server))["kid"] == "2026-12"
+
+        # 3. Retire: the old key's tokens stop at once, though the gate has them cached.
+        stage(jwt_private_key={"2026-12": private_pem(new)})
+        hang_up(server, RELOADED)
+        assert (admitted(server, by_old), admitted(server, by_new)) == (False, True)
+        assert published(server) == ["2026-12"]
+        assert "Traceback" not in server.output()

@@ -10,34 +10,17 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import KeySet
 
 from devicegate import ConfigError, DeviceAuthMiddleware, GateConfig, JwksEndpoint, TokenIssuer
 from devicegate._jwks import JWKS_MAX_AGE_SECONDS
-from tests.helpers import Keys, RecordingApp, bearer, client
+from tests.helpers import Keys, RecordingApp, bearer, client, private_pem, public_pem
 from tests.servers.process import answers, serve, sync_client, uvicorn_command
 
 JWKS_PATH = "/.well-known/jwks.json"
 DEVICE = "device-9d0c"
-
-
-def private_pem(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-def public_pem(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwt as jose_jwt
@@ -39,6 +39,8 @@ from tests.helpers import (
     claims_at,
     client,
     make_token,
+    private_pem,
+    public_pem,
     write_secrets,
 )
 from tests.servers.process import ROOT
@@ -46,22 +48,6 @@ from tests.servers.process import ROOT
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 DEVICE = "device-5e2b"
 ALL_ONES = b"\xff" * 64
-
-
-def private_pem(key: PrivateKey | rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-def public_pem(key: PrivateKey | rsa.RSAPrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def ed_key() -> ed25519.Ed25519PrivateKey:

@@ -14,11 +14,20 @@ from typing import Any
 
 import pytest
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devicegate import GateConfig, cli
-from devicegate._keys import generate_private_key_pem
 from devicegate.gateway._app import ServeSettings, app_from_env
-from tests.helpers import Keys, bearer, client, make_token, scrub_devicegate_env, write_secrets
+from tests.helpers import (
+    Keys,
+    bearer,
+    client,
+    make_token,
+    private_pem,
+    public_pem,
+    scrub_devicegate_env,
+    write_secrets,
+)
 from tests.servers.process import HOST, answers, bound_port, child_env, devicegate_command, serve
 
 DEVICE = "device-A"
@@ -65,17 +74,6 @@ def secrets_file(tmp_path: Path, keys: Keys) -> Path:
 def port() -> Iterator[int]:
     with bound_port(reuse_address=True) as number:
         yield number
-
-
-def public_pem_of(private_pem: str) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    private = serialization.load_pem_private_key(private_pem.encode(), password=None)
-    return (
-        private.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def one_line(text: str) -> str:
@@ -358,8 +356,8 @@ def test_banner_says_the_token_endpoint_is_on_when_a_key_can_sign(
 ) -> None:
     ((field, value),) = signing.items()
     if value == "EdDSA":
-        private = generate_private_key_pem("EdDSA")
-        value = private if field == "jwt_private_key" else public_pem_of(private)
+        private = ed25519.Ed25519PrivateKey.generate()
+        value = private_pem(private) if field == "jwt_private_key" else public_pem(private)
     else:
         value = keys.jwt_secret
     options: dict[str, Any] = {field: value}
