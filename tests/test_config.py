@@ -367,6 +367,9 @@ def test_every_field_is_a_keyword_argument(keys: Keys) -> None:
         "jwt_private_key",
         "jwt_public_keys",
         "jwks_url",
+        "mint_limit_per_key",
+        "mint_limit_per_device",
+        "failure_limit_per_address",
     }
     assert config.jwt_secrets == (keys.jwt_secret,)
     assert config.token_cache_size == 5
@@ -867,6 +870,9 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
         "DEVICEGATE_JWT_PRIVATE_KEY": "",
         "DEVICEGATE_JWT_PUBLIC_KEYS": "",
         "DEVICEGATE_JWKS_URL": "",
+        "DEVICEGATE_MINT_LIMIT_PER_KEY": "600/minute",
+        "DEVICEGATE_MINT_LIMIT_PER_DEVICE": " 10/minute ",
+        "DEVICEGATE_FAILURE_LIMIT_PER_ADDRESS": "none",
         "DEVICEGATE_SOMETHING_ELSE": "ignored",
         "API_KEYS": "ignored-without-prefix",
     }
@@ -883,6 +889,9 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     assert config.require_device_binding is True
     assert config.issuer == "https://issuer.example"
     assert config.audience == "mobile"
+    assert config.mint_limit_per_key == "600/minute"
+    assert config.mint_limit_per_device == "10/minute"
+    assert config.failure_limit_per_address is None
     assert config.token_cache_size == 0
 
 

@@ -22,6 +22,7 @@ from tests.helpers import (
     Keys,
     bearer,
     client,
+    fresh_keys,
     make_token,
     private_pem,
     public_pem,
@@ -271,6 +272,19 @@ REFUSED = [
         id="jwks-url-variable",
     ),
     pytest.param(
+        ["--mint-limit-per-device", "lots"],
+        {},
+        "--mint-limit-per-device: must be one limit such as '10/minute' or '600/hour', got 'lots'",
+        id="mint-limit-flag",
+    ),
+    pytest.param(
+        [],
+        {"DEVICEGATE_FAILURE_LIMIT_PER_ADDRESS": "1/second;9/minute"},
+        "DEVICEGATE_FAILURE_LIMIT_PER_ADDRESS: must be one limit such as '10/minute' or "
+        "'600/hour', got '1/second;9/minute'",
+        id="failure-limit-variable",
+    ),
+    pytest.param(
         ["--rule", "/health=api_key"],
         {},
         "--rule: '/health' never applies: the public path '/health' covers it",
@@ -475,3 +489,76 @@ async def test_a_rule_on_health_applies_at_forward_auth(
         )
     assert gateway_health.status_code == 200
     assert asked.status_code == 403
+
+
+# -- rate limits ---------------------------------------------------------------------------------
+
+
+def rate_limit_line(err: str) -> str:
+    (line,) = [line.strip() for line in err.splitlines() if "rate limits:" in line]
+    return line
+
+
+async def test_serve_limits_minting_and_failures_by_default(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+) -> None:
+    assert cli.main(["serve", "--port", str(port)]) == 0
+    assert rate_limit_line(capsys.readouterr().err) == (
+        "rate limits: minting 6000/minute per server key, 10/minute per device, 100/minute "
+        "failed authentications per client address (counted in memory; 429 with Retry-After)"
+    )
+    async with client(fake_run.app) as http:
+        answers = [
+            await http.post(
+                "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
+            )
+            for _ in range(11)
+        ]
+    assert [answer.status_code for answer in answers] == [200] * 10 + [429]
+    assert int(answers[-1].headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("given", ["flags", "environment", "workers"])
+async def test_serve_rate_limit_options(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    port: int,
+    given: str,
+) -> None:
+    argv = ["serve", "--port", str(port)]
+    settings = {"mint-limit-per-device": "2/minute", "failure-limit-per-address": "none"}
+    if given == "environment":
+        for name, value in settings.items():
+            monkeypatch.setenv("DEVICEGATE_" + name.upper().replace("-", "_"), value)
+    else:
+        argv += [arg for name, value in settings.items() for arg in (f"--{name}", value)]
+    if given == "workers":
+        argv += ["--workers", "2"]
+    assert cli.main(argv) == 0
+    line = rate_limit_line(capsys.readouterr().err)
+    assert "10/minute" not in line
+    assert "failed authentications" not in line
+    assert "2/minute per device" in line
+    if given == "workers":
+        assert "counted in memory by each of the 2 workers (--redis for one limit)" in line
+    app = app_from_env() if given == "workers" else fake_run.app
+    async with client(app) as http:
+        mints = [
+            (
+                await http.post(
+                    "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE}
+                )
+            ).status_code
+            for _ in range(3)
+        ]
+        wrong = {"x-api-key": fresh_keys().api_key}
+        failures = [(await http.get("/whoami", headers=wrong)).status_code for _ in range(120)]
+    assert mints == [200, 200, 429]
+    assert set(failures) == {401}  # no limit on failures: never 429

@@ -17,6 +17,7 @@ from . import _base64url as base64url
 from ._errors import ConfigError
 from ._json import DuplicateMember, loads_strict_json
 from ._keys import HmacKey, Key, KeyRing, load_private_key, load_public_key
+from ._ratelimit import check_limit
 from ._remote_keys import check_jwks_url
 
 __all__ = [
@@ -365,6 +366,12 @@ def env_bool(variable: str, raw: str) -> bool:
     raise ConfigError(variable, "must be one of true/false, 1/0, yes/no, on/off")
 
 
+def env_limit(variable: str, raw: str) -> str | None:
+    """A rate limit such as ``10/minute``; ``none`` for no limit."""
+    value = raw.strip()
+    return None if value.lower() == "none" else value
+
+
 def env_seconds(variable: str, raw: str) -> float:
     """A duration in seconds: a finite number above zero."""
     try:
@@ -549,6 +556,21 @@ class GateConfig:
     token_cache_size: int = field(default=DEFAULT_TOKEN_CACHE_SIZE, metadata=_from(env_int))
     """How many verified tokens to remember (0 disables the cache)."""
 
+    mint_limit_per_key: str | None = field(default=None, metadata=_from(env_limit))
+    """At most this many tokens minted through the token endpoint with each server API key,
+    in the ``limits`` notation (``"600/minute"``); keys without a name share one count.
+    ``None``: no limit. Needs the ``ratelimit`` extra."""
+
+    mint_limit_per_device: str | None = field(default=None, metadata=_from(env_limit))
+    """At most this many tokens minted for each ``instance_id`` (``"10/minute"``), or
+    ``None``."""
+
+    failure_limit_per_address: str | None = field(default=None, metadata=_from(env_limit))
+    """At most this many failed authentications from each client address (``"100/minute"``):
+    a token or key that was never good here (a bad signature, an unknown key, a token bound
+    to another device), not an expired or revoked one. Past it, every request from the address
+    that needs a credential gets 429 until the window lets it in again. ``None``: no limit."""
+
     if TYPE_CHECKING:
         # What the generated __init__ accepts, which __post_init__ then normalises: dataclass
         # fields have no converters, so type checkers learn the wider argument types here.
@@ -572,6 +594,9 @@ class GateConfig:
             issuer: str | Iterable[str] | None = ...,
             audience: str | Iterable[str] | None = ...,
             token_cache_size: int = ...,
+            mint_limit_per_key: str | None = ...,
+            mint_limit_per_device: str | None = ...,
+            failure_limit_per_address: str | None = ...,
         ) -> None: ...
 
     def __post_init__(self) -> None:
@@ -642,6 +667,8 @@ class GateConfig:
         )
         _check_int("leeway_seconds", self.leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS)
         _check_int("token_cache_size", self.token_cache_size, low=0)
+        for name in ("mint_limit_per_key", "mint_limit_per_device", "failure_limit_per_address"):
+            check_limit(name, getattr(self, name))
         device = check_header_name("device_header", self.device_header)
         api_header = check_header_name("api_key_header", self.api_key_header)
         if device == api_header:

@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._json import loads_strict_json
 from ._principal import CredentialKind, Principal, get_principal
+from ._ratelimit import RateLimiter
 from ._tokens import TokenIssuer, validate_instance_id
 
 __all__ = ["ServerKeyEndpoint", "TokenEndpoint"]
@@ -168,8 +169,10 @@ class TokenEndpoint(ServerKeyEndpoint):
     :class:`~devicegate.DeviceAuthMiddleware` (at its ``token_path``) the middleware does.
 
     Args:
-        config: needs ``api_keys`` and ``jwt_secret``.
+        config: needs ``api_keys`` and a key that signs; its ``mint_limit_per_key`` and
+            ``mint_limit_per_device`` are enforced (429 with ``Retry-After``).
         realm: the realm of ``WWW-Authenticate`` challenges.
+        limiter: where those limits are counted (default: in memory, for this endpoint).
 
     Raises:
         ConfigError: the configuration has no API key or no JWT secret.
@@ -181,10 +184,18 @@ class TokenEndpoint(ServerKeyEndpoint):
     kind = "token"
 
     def __init__(
-        self, config: GateConfig, *, realm: str = DEFAULT_REALM, counters: Counters | None = None
+        self,
+        config: GateConfig,
+        *,
+        realm: str = DEFAULT_REALM,
+        counters: Counters | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         super().__init__(config, realm=realm, counters=counters)
         self.issuer = TokenIssuer(config)
+        if limiter is None:
+            limiter = RateLimiter(config)
+        self._limiter = limiter if limiter.active else None
 
     def __repr__(self) -> str:
         return f"<TokenEndpoint {self.issuer!r}>"
@@ -209,6 +220,9 @@ class TokenEndpoint(ServerKeyEndpoint):
                 raise _bad_instance_id() from None
         elif self.issuer.requires_binding:
             raise _binding_required()
+        if self._limiter is not None:
+            # Counted once the request is known to be well formed, before anything is minted.
+            await self._limiter.check_mint(None if caller is None else caller.key_name, instance_id)
         try:
             token = self.issuer.issue(
                 instance_id,

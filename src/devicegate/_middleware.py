@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._jwks import JwksEndpoint
 from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
+from ._ratelimit import RateLimiter, counts_as_failure
 from ._revocation import RevocationCheck, RevocationStore
 from ._revoke import RevocationEndpoint
 from ._rules import Rule, RuleTable, has_unsafe_segments, strip_root_path
@@ -105,6 +106,10 @@ class DeviceAuthMiddleware:
         jwks_path: the route path served by a built-in :class:`~devicegate.JwksEndpoint`
             (public: no credential needed), or ``None``. Active when the configuration has an
             EdDSA or ES256 key to publish.
+        rate_limit_storage: where the configuration's rate limits (``mint_limit_per_key``,
+            ``mint_limit_per_device``, ``failure_limit_per_address``) are counted: a
+            ``limits`` storage URI, ``memory://`` (the default) or a Redis every instance
+            shares, ``redis://host:port/db``.
 
     Raises:
         ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` or
@@ -132,6 +137,7 @@ class DeviceAuthMiddleware:
         revoke_path: str | None = "/revoke",
         counters: Counters | None = None,
         jwks_path: str | None = "/.well-known/jwks.json",
+        rate_limit_storage: str | None = None,
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
@@ -165,9 +171,11 @@ class DeviceAuthMiddleware:
         self._on_error = on_error
         self._realm = realm
         self._counters = counters
+        self._rate_limit_storage = rate_limit_storage
+        limiter = RateLimiter(config, rate_limit_storage)
         # Everything that follows from the configuration, compiled once and swapped whole by
         # reconfigure(): a request reads it once, so it never sees half of each.
-        self._gate = _Gate(config, verifier, rules, self._paths, realm, counters)
+        self._gate = _Gate(config, verifier, rules, self._paths, realm, counters, limiter)
 
     def __repr__(self) -> str:
         return (
@@ -235,7 +243,12 @@ class DeviceAuthMiddleware:
         if verifier is None:
             revocations = self._gate.authenticator.verifier.revocations
             verifier = TokenVerifier(config, revocations=revocations)
-        self._gate = _Gate(config, verifier, self._rules, self._paths, self._realm, self._counters)
+        limiter = self._gate.limiter
+        if not limiter.same_as(config, self._rate_limit_storage):
+            limiter = RateLimiter(config, self._rate_limit_storage)  # else its counts are kept
+        self._gate = _Gate(
+            config, verifier, self._rules, self._paths, self._realm, self._counters, limiter
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -268,6 +281,10 @@ class DeviceAuthMiddleware:
             if public:
                 principal = None
             else:
+                if gate.blocked:  # an address over its limit of failed authentications
+                    client = scope.get("client")
+                    if client:
+                        gate.limiter.refuse_blocked(client[0])
                 try:
                     principal = gate.authenticate(scope)
                 except MissingCredentials:
@@ -305,6 +322,11 @@ class DeviceAuthMiddleware:
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         log_refusal(scope, error)
+        limiter = self._gate.limiter
+        if limiter.per_address is not None and counts_as_failure(error):
+            client = scope.get("client")
+            if client:
+                await limiter.failed(client[0])
         if self._counters is not None:
             kind = (error.credential_kind if isinstance(error, AuthError) else None) or "none"
             self._counters.refused[kind, refusal_reason(error)] += 1
@@ -346,8 +368,10 @@ class _Gate:
     __slots__ = (
         "authenticate",
         "authenticator",
+        "blocked",
         "config",
         "jwks_path",
+        "limiter",
         "revoke_path",
         "routes",
         "rule_table",
@@ -363,9 +387,14 @@ class _Gate:
         paths: tuple[str | None, str | None, str | None],
         realm: str,
         counters: Counters | None,
+        limiter: RateLimiter,
     ) -> None:
         token_path, revoke_path, jwks_path = paths
         self.config = config
+        self.limiter = limiter
+        # The limiter's own dict: empty (and so one truth test a request) unless an address
+        # is over its limit.
+        self.blocked = limiter.blocked
         self.authenticator = Authenticator(config, verifier=verifier)
         self.authenticate = self.authenticator.authenticate
         configured = self.authenticator.configured_kinds
@@ -382,7 +411,9 @@ class _Gate:
         self.server_key_routes: dict[str, _Route] = {}
         if token_path is not None and config.api_keys and config.key_ring.signing_key:
             self.token_path = token_path
-            endpoint: ServerKeyEndpoint = TokenEndpoint(config, realm=realm, counters=counters)
+            endpoint: ServerKeyEndpoint = TokenEndpoint(
+                config, realm=realm, counters=counters, limiter=limiter
+            )
             self.server_key_routes[token_path] = _Route(_SERVER_KEY_ONLY, False, endpoint)
         revocations = verifier.revocations
         if revoke_path is not None and config.api_keys and isinstance(revocations, RevocationStore):

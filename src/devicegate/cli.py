@@ -45,6 +45,7 @@ from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._keys import generate_private_key_pem
 from ._middleware import DeviceAuthMiddleware
+from ._ratelimit import check_limit
 from ._remote_keys import check_jwks_url
 from ._rules import has_unsafe_segments
 from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
@@ -761,6 +762,7 @@ def serve_banner(
     if settings.forward_auth_path is not None:
         lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
     lines.append(f"  {_revocation_line(settings, config, base, workers)}")
+    lines.append(f"  {_rate_limit_line(settings, config, workers)}")
     if metrics is not None:
         metrics_host, metrics_port = metrics
         lines.append(
@@ -811,6 +813,59 @@ def serve_banner(
             f"-H 'X-Original-URI: /' {secret}{base}{settings.forward_auth_path}",
         ]
     return "\n".join(lines) + "\n"
+
+
+# The rate limits serve applies unless told otherwise: generous for an app server minting for
+# a fleet, tight for one device (which needs a token every few minutes) and for guessing.
+SERVE_RATE_LIMITS = {
+    "mint_limit_per_key": "6000/minute",
+    "mint_limit_per_device": "10/minute",
+    "failure_limit_per_address": "100/minute",
+}
+
+
+def _rate_limit_env(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """The rate-limit variables a flag sets, and serve's defaults for those nobody set."""
+    try:
+        import limits  # noqa: F401 - only whether it is there
+    except ImportError:
+        has_limits = False
+    else:
+        has_limits = True
+    env = {}
+    for field, default in SERVE_RATE_LIMITS.items():
+        variable = env_variable(field)
+        given = getattr(args, field)
+        if given is not None:
+            flag = "--" + field.replace("_", "-")
+            value = given.strip()
+            check_limit(flag, None if value.lower() == "none" else value)
+            env[variable] = value
+        elif has_limits and not environ.get(variable, "").strip():
+            env[variable] = default
+    return env
+
+
+def _rate_limit_line(settings: ServeSettings, config: GateConfig, workers: int) -> str:
+    limits = [
+        f"minting {config.mint_limit_per_key} per server key"
+        if config.mint_limit_per_key
+        else None,
+        f"{config.mint_limit_per_device} per device" if config.mint_limit_per_device else None,
+        f"{config.failure_limit_per_address} failed authentications per client address"
+        if config.failure_limit_per_address
+        else None,
+    ]
+    shown = [limit for limit in limits if limit is not None]
+    if not shown:
+        return "rate limits: off"
+    if settings.redis_url is not None:
+        where = "counted in Redis, one limit across workers and instances"
+    elif workers > 1:
+        where = f"counted in memory by each of the {workers} workers (--redis for one limit)"
+    else:
+        where = "counted in memory"
+    return f"rate limits: {', '.join(shown)} ({where}; 429 with Retry-After)"
 
 
 def _revocation_line(settings: ServeSettings, config: GateConfig, base: str, workers: int) -> str:
@@ -941,10 +996,12 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         import uvicorn
     except ImportError:
         raise CommandError(f"serve needs uvicorn: {SERVER_EXTRA_HINT}", EXIT_USAGE) from None
+    # Flags and serve's own defaults, read as their variables are, by the start-up, every SIGHUP
+    # reload and every worker.
     flag_env: dict[str, str] = {}
     if args.jwks_url is not None:
-        # Read as its variable is, by the start-up, every SIGHUP reload and every worker.
         flag_env[env_variable("jwks_url")] = check_jwks_url("--jwks-url", args.jwks_url)
+    flag_env.update(_rate_limit_env(args, environ))
     environ = {**environ, **flag_env}
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
     port = args.port or _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
@@ -1178,6 +1235,20 @@ def build_parser() -> argparse.ArgumentParser:
         "DEVICEGATE_REDIS_FAIL_OPEN; DEVICEGATE_REDIS_STALENESS sets after how many seconds, "
         "default 5)",
     )
+    for field, default in SERVE_RATE_LIMITS.items():
+        what = {
+            "mint_limit_per_key": "tokens minted per server API key (keys without a name share "
+            "one count)",
+            "mint_limit_per_device": "tokens minted per instance_id",
+            "failure_limit_per_address": "failed authentications per client address; past it "
+            "the address gets 429 until its window lets it in again",
+        }[field]
+        serve.add_argument(
+            "--" + field.replace("_", "-"),
+            metavar="LIMIT",
+            help=f"at most this many {what}, as '10/minute', or 'none' (env "
+            f"{env_variable(field)}; default {default}; counted in Redis with --redis)",
+        )
     serve.add_argument(
         "--metrics",
         metavar="[ADDRESS:]PORT",

@@ -248,6 +248,7 @@ def build_app(
     reload: Callable[[], GateConfig] | None = None,
     reload_source: str = "the configuration",
     counters: Counters | None = None,
+    rate_limit_storage: str | None = None,
 ) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
@@ -283,6 +284,8 @@ def build_app(
         reload_source: what ``reload`` reads, for the log line.
         counters: where the gate and the forward-auth endpoint count what they decide (for
             :mod:`devicegate.metrics`).
+        rate_limit_storage: where the configuration's rate limits are counted (a ``limits``
+            storage URI; default: in this process's memory).
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -362,6 +365,7 @@ def build_app(
         revocations=revocations,
         revoke_path=revoke_path,
         counters=counters,
+        rate_limit_storage=rate_limit_storage,
     )
 
     def check(new: GateConfig) -> None:
@@ -562,6 +566,8 @@ class ServeSettings:
             reload=lambda: self.load_config(environ),
             reload_source=self.secrets_file or "the DEVICEGATE_* variables",
             counters=counters,
+            # One limit across workers and instances when they share a Redis.
+            rate_limit_storage=self.redis_url,
         )
 
     def shared_revocations(self) -> RevocationStore | None:

@@ -62,6 +62,16 @@ _FORBIDDEN = "This endpoint answers only the configured proxy."
 _METHOD_NOT_ALLOWED = "This method is not let through."
 
 
+def _without_address_limit(config: GateConfig) -> GateConfig:
+    # The client of a forward-auth request is the proxy itself, unless the proxy and the
+    # server were set up to pass the real address on: counting failures per address could then
+    # block the proxy, and every client behind it. The proxy limits by address (nginx
+    # limit_req, Traefik RateLimit, Caddy rate_limit) where it knows the address for sure.
+    if config.failure_limit_per_address is None:
+        return config
+    return config.replace(failure_limit_per_address=None)
+
+
 class ForwardAuth:
     """An ASGI app that decides, for a reverse proxy, whether a client request may pass.
 
@@ -128,9 +138,10 @@ class ForwardAuth:
     ) -> None:
         # The decision is the middleware's own, run over the original request: one code path
         # for both ways of deploying devicegate, so they cannot drift apart.
+        self._config = config
         self._gate = DeviceAuthMiddleware(
             _admit,
-            config=config,
+            config=_without_address_limit(config),
             rules=rules,
             token_path=None,
             realm=realm,
@@ -151,7 +162,7 @@ class ForwardAuth:
     @property
     def config(self) -> GateConfig:
         """The configuration in force."""
-        return self._gate.config
+        return self._config
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -177,7 +188,8 @@ class ForwardAuth:
         if self._secret is not None:
             # Checked before anything changes: the secret must stay distinct from every key.
             _check_secret(config, self._secret.decode("ascii"))
-        self._gate.reconfigure(config)
+        self._gate.reconfigure(_without_address_limit(config))
+        self._config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]

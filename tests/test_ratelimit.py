@@ -1,0 +1,285 @@
+"""Rate limits: tokens minted per server key and per device on the token endpoint, failed
+authentications per client address in the middleware; in memory, and in a real redis-server
+that two instances share. Every async test runs on asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from devicegate import (
+    ConfigError,
+    Counters,
+    DeviceAuthMiddleware,
+    GateConfig,
+    RevocationList,
+    Rule,
+)
+from devicegate._ratelimit import RateLimiter
+from devicegate.gateway.forward_auth import ForwardAuth
+from tests.helpers import Keys, RecordingApp, bearer, claims_at, fresh_keys, make_token
+from tests.servers.redis_server import RedisServer, redis_server
+
+DEVICE = "device-limited"
+
+
+def gate(config: GateConfig, app: RecordingApp | None = None, **options: Any) -> Any:
+    return DeviceAuthMiddleware(
+        app or RecordingApp(), config=config, rules=[Rule("/health", public=True)], **options
+    )
+
+
+async def mint(
+    app: Any, api_key: str, instance_id: str | None = DEVICE, address: str = "10.0.0.1"
+) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(address, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        body = {} if instance_id is None else {"instance_id": instance_id}
+        return await http.post("/gen-jwt", headers={"x-api-key": api_key}, json=body)
+
+
+async def get(app: Any, headers: dict[str, str], address: str, path: str = "/") -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(address, 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        return await http.get(path, headers=headers)
+
+
+def assert_limited(response: httpx.Response, *, within: int) -> None:
+    assert response.status_code == 429
+    assert response.json()["error"] == "slow_down"
+    retry_after = int(response.headers["retry-after"])
+    assert 1 <= retry_after <= within
+    assert response.headers["cache-control"] == "no-store"
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["10 per fortnight", "1/second;5/minute", "0/minute", "", "ten/minute", 10, ["1/second"]],
+)
+def test_a_limit_that_is_not_one_limit_is_refused_naming_the_field(
+    keys: Keys, value: object
+) -> None:
+    for field in ("mint_limit_per_key", "mint_limit_per_device", "failure_limit_per_address"):
+        with pytest.raises(ConfigError, match=f"^{field}: "):
+            keys.config(**{field: value})
+
+
+def test_limits_are_off_unless_set(keys: Keys) -> None:
+    assert not RateLimiter(keys.config()).active
+    assert RateLimiter(keys.config(mint_limit_per_device="1/minute")).active
+
+
+def test_an_unknown_storage_is_refused_without_showing_it(keys: Keys) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        gate(
+            keys.config(mint_limit_per_key="1/minute"),
+            rate_limit_storage="nosuch://user:hunter2-password@host/",
+        )
+    assert excinfo.value.field == "rate_limit_storage"
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_the_repr_shows_the_storage_scheme_only(keys: Keys) -> None:
+    limiter = RateLimiter(keys.config(mint_limit_per_key="1/minute"))
+    assert repr(limiter) == (
+        "<RateLimiter per_key=1 per 1 minute per_device=None per_address=None storage=memory>"
+    )
+
+
+# -- minting -------------------------------------------------------------------------------------
+
+
+async def test_minting_per_device(keys: Keys) -> None:
+    counters = Counters()
+    app = gate(keys.config(mint_limit_per_device="3/minute"), counters=counters)
+    for _ in range(3):
+        assert (await mint(app, keys.api_key)).status_code == 200
+    assert_limited(await mint(app, keys.api_key), within=60)
+    assert counters.minted == 3  # nothing minted when refused
+    # Another device has its own count; a generic token (no instance_id) is not limited by it.
+    assert (await mint(app, keys.api_key, "device-other")).status_code == 200
+    assert (await mint(app, keys.api_key, None)).status_code == 200
+
+
+async def test_minting_per_server_key_name(keys: Keys) -> None:
+    other = fresh_keys()
+    config = GateConfig(
+        api_keys={"app": keys.api_key, "ops": other.api_key},
+        jwt_secret=keys.jwt_secret,
+        mint_limit_per_key="2/minute",
+    )
+    app = gate(config)
+    for device in ("d-1", "d-2"):
+        assert (await mint(app, keys.api_key, device)).status_code == 200
+    assert_limited(await mint(app, keys.api_key, "d-3"), within=60)
+    assert (await mint(app, other.api_key, "d-3")).status_code == 200  # "ops" counts apart
+
+
+async def test_unnamed_server_keys_share_one_count(keys: Keys) -> None:
+    other = fresh_keys()
+    config = GateConfig(
+        api_keys=[keys.api_key, other.api_key],
+        jwt_secret=keys.jwt_secret,
+        mint_limit_per_key="2/minute",
+    )
+    app = gate(config)
+    assert (await mint(app, keys.api_key, "d-1")).status_code == 200
+    assert (await mint(app, other.api_key, "d-2")).status_code == 200
+    assert_limited(await mint(app, keys.api_key, "d-3"), within=60)
+
+
+async def test_a_malformed_mint_request_counts_nothing(keys: Keys) -> None:
+    app = gate(keys.config(mint_limit_per_device="1/minute", mint_limit_per_key="1/minute"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        bad = await http.post(
+            "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": DEVICE, "x": 1}
+        )
+    assert bad.status_code == 400
+    assert (await mint(app, keys.api_key)).status_code == 200
+
+
+async def test_reconfiguring_keeps_the_counts_unless_the_limits_change(keys: Keys) -> None:
+    config = keys.config(mint_limit_per_device="1/minute")
+    app = gate(config)
+    assert (await mint(app, keys.api_key)).status_code == 200
+    app.reconfigure(config.replace(leeway_seconds=5))  # a SIGHUP that changes something else
+    assert (await mint(app, keys.api_key)).status_code == 429
+    app.reconfigure(config.replace(mint_limit_per_device="2/minute"))
+    assert (await mint(app, keys.api_key)).status_code == 200
+
+
+# -- failed authentications per address ----------------------------------------------------------
+
+
+async def test_an_address_over_its_failures_gets_429_until_its_window_passes(keys: Keys) -> None:
+    app_under = RecordingApp()
+    app = gate(keys.config(failure_limit_per_address="3/second"), app_under)
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    good = {"x-api-key": keys.api_key}
+    for _ in range(4):  # the fourth failure is the one over the limit
+        assert (await get(app, wrong, "10.0.0.1")).status_code == 401
+    limited = await get(app, good, "10.0.0.1")
+    assert_limited(limited, within=1)
+    assert (await get(app, wrong, "10.0.0.1")).status_code == 429
+    # Other addresses, and paths that need no credential, are not affected.
+    assert (await get(app, good, "10.0.0.2")).status_code == 200
+    assert (await get(app, {}, "10.0.0.1", "/health")).status_code == 200
+    await anyio.sleep(int(limited.headers["retry-after"]) + 0.05)
+    assert (await get(app, good, "10.0.0.1")).status_code == 200
+    assert len(app_under.calls) == 3
+
+
+async def test_admitted_requests_and_missing_credentials_never_count(keys: Keys) -> None:
+    app = gate(keys.config(failure_limit_per_address="2/minute"))
+    for _ in range(20):
+        assert (await get(app, {"x-api-key": keys.api_key}, "10.0.0.1")).status_code == 200
+        assert (await get(app, {}, "10.0.0.1")).status_code == 401  # no credential at all
+    assert (await get(app, {"x-api-key": keys.api_key}, "10.0.0.1")).status_code == 200
+
+
+async def test_expired_and_revoked_tokens_are_not_counted(keys: Keys) -> None:
+    # The normal end of a good token: a device behind a shared address may hold on to one.
+    revocations = RevocationList()
+    app = gate(keys.config(failure_limit_per_address="2/minute"), revocations=revocations)
+    expired = bearer(make_token(keys.jwt_secret, claims_at(now=int(time.time()) - 3600)))
+    revoked_claims = claims_at(now=int(time.time()))
+    revoked = bearer(make_token(keys.jwt_secret, revoked_claims))
+    await revocations.revoke_token(revoked_claims["jti"])
+    for _ in range(5):
+        assert (await get(app, expired, "10.0.0.5")).status_code == 401
+        assert (await get(app, revoked, "10.0.0.5")).status_code == 401
+    assert (await get(app, {"x-api-key": keys.api_key}, "10.0.0.5")).status_code == 200
+
+
+async def test_wrong_keys_count_as_failures(keys: Keys) -> None:
+    app = gate(keys.config(failure_limit_per_address="2/minute"))
+    wrong = {"x-api-key": fresh_keys().api_key}
+    for _ in range(3):
+        assert (await get(app, wrong, "10.0.0.9")).status_code == 401
+    assert_limited(await get(app, {"x-api-key": keys.api_key}, "10.0.0.9"), within=60)
+
+
+async def test_forward_auth_never_limits_by_the_proxys_address(keys: Keys) -> None:
+    # Every forward-auth request comes from the proxy: blocking it would block every client.
+    config = keys.config(failure_limit_per_address="1/minute")
+    endpoint = ForwardAuth(config)
+    assert endpoint.config == config
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    for _ in range(5):
+        answer = await get(endpoint, {**wrong, "x-original-uri": "/"}, "127.0.0.1")
+        assert answer.status_code == 401
+    good = {"x-api-key": keys.api_key, "x-original-uri": "/"}
+    assert (await get(endpoint, good, "127.0.0.1")).status_code == 204
+
+
+async def test_a_flood_of_addresses_is_remembered_within_a_bound(keys: Keys) -> None:
+    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"))
+    for n in range(3 * 64):
+        for _ in range(2):
+            await limiter.failed(f"10.1.{n // 250}.{n % 250}")
+    assert len(limiter.blocked) == 3 * 64
+    import devicegate._ratelimit as ratelimit
+
+    bound = ratelimit.MAX_BLOCKED_ADDRESSES
+    try:
+        ratelimit.MAX_BLOCKED_ADDRESSES = 64
+        await limiter.failed("10.2.0.1")
+        await limiter.failed("10.2.0.1")
+        assert len(limiter.blocked) <= 64
+        assert "10.2.0.1" in limiter.blocked
+    finally:
+        ratelimit.MAX_BLOCKED_ADDRESSES = bound
+
+
+# -- one limit across instances: a real redis-server ---------------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
+    with redis_server(tmp_path) as running:
+        yield running
+
+
+async def test_two_instances_on_one_redis_share_each_limit(keys: Keys, redis: RedisServer) -> None:
+    config = keys.config(mint_limit_per_device="2/minute", failure_limit_per_address="2/minute")
+    first, second = (gate(config, rate_limit_storage=redis.url) for _ in range(2))
+    assert (await mint(first, keys.api_key)).status_code == 200
+    assert (await mint(second, keys.api_key)).status_code == 200
+    assert_limited(await mint(first, keys.api_key), within=60)
+    assert_limited(await mint(second, keys.api_key), within=60)
+    # Failures counted on one instance and then the other add up.
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    assert (await get(first, wrong, "10.0.0.7")).status_code == 401
+    assert (await get(second, wrong, "10.0.0.7")).status_code == 401
+    assert (await get(second, wrong, "10.0.0.7")).status_code == 401  # over: blocked here
+    assert_limited(await get(second, {"x-api-key": keys.api_key}, "10.0.0.7"), within=60)
+    held = [str(key) for key in redis.client().keys("*")]
+    assert any(f"mint-device/{DEVICE}" in key for key in held), held  # counted in Redis
+
+
+async def test_minting_fails_closed_when_redis_is_gone(keys: Keys, redis: RedisServer) -> None:
+    app = gate(keys.config(mint_limit_per_device="5/minute"), rate_limit_storage=redis.url)
+    assert (await mint(app, keys.api_key)).status_code == 200
+    redis.stop()
+    answer = await mint(app, keys.api_key)
+    assert answer.status_code == 503
+    assert answer.json()["error"] == "temporarily_unavailable"
+    assert answer.headers["retry-after"] == "5"
+    assert "access_token" not in answer.text
+    # A refusal whose failure cannot be counted is still the refusal it was.
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    app.reconfigure(app.config.replace(failure_limit_per_address="1/minute"))
+    assert (await get(app, wrong, "10.0.0.3")).status_code == 401
+    redis.start()
+    assert (await mint(app, keys.api_key)).status_code == 200
