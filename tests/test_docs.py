@@ -123,6 +123,9 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Revoking across instances: Redis", "python"): (
         "tests/test_redis.py, against a real redis-server"
     ),
+    ("README.md", "Rate limits", "python"): (
+        "tests/test_ratelimit.py, against a real redis-server"
+    ),
     ("README.md", "Revoking across instances: Redis", "http"): (
         "not code: the /health answer (tests/test_redis_serve.py checks it from a real serve)"
     ),

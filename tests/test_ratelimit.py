@@ -5,6 +5,7 @@ that two instances share. Every async test runs on asyncio and trio.
 
 from __future__ import annotations
 
+import ast
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,17 @@ from devicegate import (
 )
 from devicegate._ratelimit import RateLimiter
 from devicegate.gateway.forward_auth import ForwardAuth
-from tests.helpers import Keys, RecordingApp, bearer, claims_at, fresh_keys, make_token
+from tests.helpers import (
+    Keys,
+    RecordingApp,
+    bearer,
+    claims_at,
+    fresh_keys,
+    make_token,
+    write_secrets,
+)
 from tests.servers.redis_server import RedisServer, redis_server
+from tests.test_readme import BLOCKS, README
 
 DEVICE = "device-limited"
 
@@ -283,3 +293,21 @@ async def test_minting_fails_closed_when_redis_is_gone(keys: Keys, redis: RedisS
     assert (await get(app, wrong, "10.0.0.3")).status_code == 401
     redis.start()
     assert (await mint(app, keys.api_key)).status_code == 200
+
+
+async def test_the_readme_example(
+    keys: Keys, redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = BLOCKS["Rate limits"]
+    code = block.code.replace("redis://redis.internal:6379/0", redis.url)
+    tree = ast.parse(code, filename=f"README.md:{block.line}")
+    ast.increment_lineno(tree, block.line - 1)
+    write_secrets(tmp_path / "secrets.json", keys)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"app": RecordingApp()}
+    namespace.update(GateConfig=GateConfig, DeviceAuthMiddleware=DeviceAuthMiddleware)
+    exec(compile(tree, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    app = namespace["app"]
+    answers = [(await mint(app, keys.api_key)).status_code for _ in range(11)]
+    assert answers == [200] * 10 + [429]
+    assert any("mint-device" in str(key) for key in redis.client().keys("*"))

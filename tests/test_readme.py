@@ -97,7 +97,8 @@ def run_block(block: Block, namespace: dict[str, Any]) -> Any:
 
 def test_every_python_block_is_covered_here() -> None:
     # A new example in the README needs a test below; a renamed heading needs this list changed.
-    # "Revoking across instances: Redis" needs a redis-server: tests/test_redis.py runs it.
+    # "Revoking across instances: Redis" and "Rate limits" need a redis-server:
+    # tests/test_redis.py and tests/test_ratelimit.py run them.
     assert sorted(BLOCKS) == sorted(
         [
             *QUICK_STARTS,
@@ -106,6 +107,7 @@ def test_every_python_block_is_covered_here() -> None:
             "Minting tokens",
             "Revoking",
             "Revoking across instances: Redis",
+            "Rate limits",
             "Metrics",
         ]
     )
