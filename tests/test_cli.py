@@ -1367,12 +1367,12 @@ def get_from_a_worker(
         connection.close()
 
 
-def until_two_workers_answer(ask: Callable[[], int | None]) -> set[int]:
-    """Call ``ask`` (which returns the worker that answered) until two different workers
-    have answered; bounded by :data:`START_SECONDS`, as the second may still be starting."""
+def until_two_workers_answer(ask: Callable[[], int | None], count: int = 2) -> set[int]:
+    """Call ``ask`` (which returns the worker that answered) until ``count`` different workers
+    have answered; bounded by :data:`START_SECONDS`, as the last may still be starting."""
     answered: set[int] = set()
     deadline = time.monotonic() + START_SECONDS
-    while len(answered) < 2 and time.monotonic() < deadline:
+    while len(answered) < count and time.monotonic() < deadline:
         worker = ask()
         if worker is not None:
             answered.add(worker)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import anyio
 import pytest
 
 from devicegate import ConfigError, DeviceAuthMiddleware, Refusal, RevocationList
+from devicegate.gateway._app import ServeSettings
 from devicegate.redis import NOT_SHARED, UNAVAILABLE, RedisRevocationList
 from tests.helpers import Keys, RecordingApp, bearer, claims_at, client, make_token
 from tests.servers.process import child_env
@@ -497,3 +498,29 @@ async def test_metrics_say_how_fresh_the_replica_is(stores: StoreFactory, keys: 
     assert "devicegate_revocations_entries 1.0" in text
     assert "devicegate_revocations_last_sync_timestamp_seconds " in text
     assert store.key not in text  # no key names, no URL
+
+
+@pytest.mark.integration
+async def test_serve_closes_its_store_before_the_server_is_told_it_is_done(
+    server: RedisServer, keys: Keys
+) -> None:
+    app = ServeSettings(redis_url=server.url).build({}, keys.config())
+    store = app.gate.verifier.revocations
+    assert isinstance(store, RedisRevocationList)
+    await fresh(store)
+    threads = sum(thread.name == THREAD_NAME for thread in threading.enumerate())
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    seen: list[tuple[str, bool, int]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        alive = sum(thread.name == THREAD_NAME for thread in threading.enumerate())
+        seen.append((message["type"], store.fresh, alive))
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert seen == [
+        ("lifespan.startup.complete", True, threads),
+        ("lifespan.shutdown.complete", False, threads - 1),
+    ]

@@ -224,9 +224,10 @@ class RedisRevocationList:
             raise ConfigError("url", "is not a Redis URL this client can use") from None
         self._write_script = self._writer.register_script(_WRITE)
         self._reseed_script = self._reader.register_script(_WRITE)
-        # Monotonic time of the last confirmation; read on the request path without a lock (a
-        # float is replaced whole).
+        # Monotonic time of the last confirmation, and until when it keeps the replica fresh
+        # (read on the request path, without a lock: a float is replaced whole).
         self._confirmed_at = -math.inf
+        self._fresh_until = -math.inf
         self._confirmed_wall: float | None = None
         self._epoch: bytes | None = None
         self._connected = False
@@ -248,14 +249,15 @@ class RedisRevocationList:
     @property
     def fresh(self) -> bool:
         """Whether the replica was confirmed in step with Redis within ``staleness`` seconds."""
-        return time.monotonic() - self._confirmed_at <= self._staleness
+        return time.monotonic() <= self._fresh_until
 
     @property
     def version(self) -> int:
-        version = self._replica.version
+        # Read on every cached token: one clock read and one comparison, no call besides.
+        version: int = self._replica.version
         # A stale view answers otherwise than a fresh one (a refusal, or a fail-open admission
         # to ask about again): its versions are the negative ones, so each flip moves it.
-        return version if self.fresh else -1 - version
+        return version if time.monotonic() <= self._fresh_until else -1 - version
 
     def is_revoked(self, claims: Mapping[str, Any], /) -> bool:
         if self._replica.is_revoked(claims):
@@ -351,7 +353,7 @@ class RedisRevocationList:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             # Each step of the thread is bounded by socket_timeout; a resync by a few of them.
             self._thread.join(timeout=10 * self._socket_timeout + 1)
-        self._confirmed_at = -math.inf
+        self._confirmed_at = self._fresh_until = -math.inf
         self._writer.close()
         self._reader.close()
 
@@ -539,6 +541,7 @@ class RedisRevocationList:
         if as_of > self._confirmed_at:
             self._confirmed_wall = self._clock() - (time.monotonic() - as_of)
             self._confirmed_at = as_of
+            self._fresh_until = as_of + self._staleness
 
 
 def _encode(entry: RevocationEntry) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,6 +42,9 @@ from ._demo import HEALTH_PATH, demo_app, health_app
 from ._policy import DEFAULT_TIMEOUT
 from ._refusals import RevocationOff
 from ._reload import ReloadableApp
+
+if TYPE_CHECKING:
+    from ..redis import RedisRevocationList
 
 __all__ = [
     "DEFAULT_FORWARD_AUTH_PATH",
@@ -249,6 +252,7 @@ def build_app(
     reload_source: str = "the configuration",
     counters: Counters | None = None,
     rate_limit_storage: str | None = None,
+    on_shutdown: Sequence[Callable[[], None]] = (),
 ) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
@@ -286,6 +290,8 @@ def build_app(
             :mod:`devicegate.metrics`).
         rate_limit_storage: where the configuration's rate limits are counted (a ``limits``
             storage URI; default: in this process's memory).
+        on_shutdown: what to close when the server shuts down (the shared store it was given,
+            when nobody else uses it).
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -371,7 +377,12 @@ def build_app(
     def check(new: GateConfig) -> None:
         _check_upstream_keys(new, upstream_api_key, upstream_mobile_api_key)
 
-    options: dict[str, Any] = {"check": check, "load": reload, "source": reload_source}
+    options: dict[str, Any] = {
+        "check": check,
+        "load": reload,
+        "source": reload_source,
+        "on_shutdown": on_shutdown,
+    }
     if forward_auth_path is None:
         if forward_auth_secret is not None:
             raise ConfigError("forward_auth_secret", "a shared secret needs a forward-auth path")
@@ -549,6 +560,7 @@ class ServeSettings:
                     "forward_auth_secret_env",
                     f"the environment variable {self.forward_auth_secret_env} is not set or empty",
                 )
+        store = self.shared_revocations()
         return build_app(
             config,
             upstream=self.upstream,
@@ -562,15 +574,17 @@ class ServeSettings:
             token_path=self.token_path,
             revoke_path=self.revoke_path,
             workers=self.workers,
-            revocations=self.shared_revocations(),
+            revocations=store,
             reload=lambda: self.load_config(environ),
             reload_source=self.secrets_file or "the DEVICEGATE_* variables",
             counters=counters,
             # One limit across workers and instances when they share a Redis.
             rate_limit_storage=self.redis_url,
+            # The store is this app's alone: its thread and connections end with the server.
+            on_shutdown=() if store is None else (store.close,),
         )
 
-    def shared_revocations(self) -> RevocationStore | None:
+    def shared_revocations(self) -> RedisRevocationList | None:
         """The Redis revocation store ``redis_url`` names (its thread started), or ``None``.
 
         Raises:

@@ -21,12 +21,12 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._config import GateConfig
 from .._errors import ConfigError
@@ -57,6 +57,8 @@ class ReloadableApp:
             take (one that shares a value with the upstream's keys, say).
         load: reads the configuration again; with it, SIGHUP puts what it returns in force.
         source: what ``load`` reads, for the log line ("/etc/devicegate/secrets.json").
+        on_shutdown: called (in a worker thread) when the server shuts down, before it is told
+            the app is done: a shared store's thread and connections are closed there.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class ReloadableApp:
         check: Callable[[GateConfig], None] | None = None,
         load: Callable[[], GateConfig] | None = None,
         source: str = "the configuration",
+        on_shutdown: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.app = app
+        self._on_shutdown = tuple(on_shutdown)
         self.gate = gate
         self.forward_auth = forward_auth
         self._check = check
@@ -131,10 +135,26 @@ class ReloadableApp:
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self._on_shutdown:
+            send = self._closing_first(send)
         if scope["type"] == "lifespan" and self._load is not None and can_receive_hangup():
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def _closing_first(self, send: Send) -> Send:
+        async def send_after_closing(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                for close in self._on_shutdown:
+                    try:
+                        await anyio.to_thread.run_sync(close)
+                    except Exception as exc:
+                        logger.error(
+                            "devicegate: closing at shutdown failed (%s)", type(exc).__name__
+                        )
+            await send(message)
+
+        return send_after_closing
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         error: Exception | None = None
