@@ -46,6 +46,9 @@ IN_PROCESS = {
         for algorithm, check in (("EdDSA", "Ed25519"), ("ES256", "P-256 ECDSA"))
         for row, baseline in {
             f"bare cryptography {check} verify ({algorithm})": None,
+            f"TokenVerifier.verify, never-seen {algorithm} token": (
+                f"bare cryptography {check} verify ({algorithm})"
+            ),
             f"raw + devicegate, never-seen {algorithm} token (full verification)": (
                 f"bare cryptography {check} verify ({algorithm})"
             ),
