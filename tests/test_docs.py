@@ -123,6 +123,9 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Revoking across instances: Redis", "python"): (
         "tests/test_redis.py, against a real redis-server"
     ),
+    ("README.md", "Revoking across instances: Redis", "console"): (
+        "not run here: the command runs tests/test_redis_serve.py, which the suite runs"
+    ),
     ("README.md", "Rate limits", "python"): (
         "tests/test_ratelimit.py, against a real redis-server"
     ),
