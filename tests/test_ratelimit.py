@@ -23,6 +23,7 @@ from devicegate import (
     RevocationList,
     Rule,
 )
+from devicegate import _ratelimit as ratelimit
 from devicegate._ratelimit import RateLimiter
 from devicegate.gateway.forward_auth import ForwardAuth
 from tests.helpers import (
@@ -159,6 +160,56 @@ async def test_a_malformed_mint_request_counts_nothing(keys: Keys) -> None:
     assert (await mint(app, keys.api_key)).status_code == 200
 
 
+async def test_a_refused_mint_uses_up_nothing(keys: Keys) -> None:
+    app = gate(keys.config(mint_limit_per_key="3/minute", mint_limit_per_device="1/minute"))
+    assert (await mint(app, keys.api_key, "d-1")).status_code == 200
+    for _ in range(5):  # over the device's limit: the key's budget is not charged for them
+        assert (await mint(app, keys.api_key, "d-1")).status_code == 429
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        bad = await http.post(
+            "/gen-jwt",
+            headers={"x-api-key": keys.api_key},
+            json={"instance_id": "d-2", "claims": {"exp": 1}},  # refused: a reserved claim
+        )
+    assert bad.status_code == 400
+    assert (await mint(app, keys.api_key, "d-2")).status_code == 200  # d-2's one is intact
+    assert (await mint(app, keys.api_key, "d-3")).status_code == 200  # the key's third
+    assert_limited(await mint(app, keys.api_key, "d-4"), within=60)
+
+
+async def test_a_blocked_address_still_passes_where_no_credential_is_needed(keys: Keys) -> None:
+    app = DeviceAuthMiddleware(
+        RecordingApp(),
+        config=keys.config(failure_limit_per_address="1/minute"),
+        rules=[Rule("/feed", optional=True)],
+    )
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    for _ in range(2):
+        assert (await get(app, wrong, "10.0.0.4", "/feed")).status_code == 401
+    assert (await get(app, {}, "10.0.0.4", "/feed")).status_code == 200  # optional: none sent
+    assert_limited(await get(app, wrong, "10.0.0.4", "/feed"), within=60)
+
+
+async def test_changing_a_limit_keeps_the_counts_and_the_blocks(keys: Keys) -> None:
+    config = keys.config(mint_limit_per_device="1/minute", failure_limit_per_address="1/minute")
+    app = gate(config)
+    assert (await mint(app, keys.api_key)).status_code == 200
+    wrong = bearer(make_token(fresh_keys().jwt_secret))
+    for _ in range(2):
+        await get(app, wrong, "10.0.0.8")
+    app.reconfigure(config.replace(mint_limit_per_key="100/minute"))
+    assert (await mint(app, keys.api_key)).status_code == 429  # the device's count is kept
+    assert_limited(await get(app, bearer(make_token(keys.jwt_secret)), "10.0.0.8"), within=60)
+
+
+def test_redis_urls_are_the_revocation_stores(keys: Keys) -> None:
+    # The same URL serves revocations and limits; nothing connects before the first count.
+    config = keys.config(mint_limit_per_device="1/minute")
+    for url in ("redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/none.sock"):
+        assert RateLimiter(config, url).storage_uri == url
+
+
 async def test_reconfiguring_keeps_the_counts_unless_the_limits_change(keys: Keys) -> None:
     config = keys.config(mint_limit_per_device="1/minute")
     app = gate(config)
@@ -176,18 +227,25 @@ async def test_an_address_over_its_failures_gets_429_until_its_window_passes(key
     app_under = RecordingApp()
     app = gate(keys.config(failure_limit_per_address="3/second"), app_under)
     wrong = bearer(make_token(fresh_keys().jwt_secret))
-    good = {"x-api-key": keys.api_key}
+    known = bearer(make_token(keys.jwt_secret))
+    new = bearer(make_token(keys.jwt_secret))  # another jti: another token
+    assert (await get(app, known, "10.0.0.1")).status_code == 200  # verified: remembered
     for _ in range(4):  # the fourth failure is the one over the limit
         assert (await get(app, wrong, "10.0.0.1")).status_code == 401
-    limited = await get(app, good, "10.0.0.1")
+    # Blocked: a token never verified before waits (no verification work for this address),
+    # and so does anything that fails, with 429 rather than 401 ...
+    limited = await get(app, new, "10.0.0.1")
     assert_limited(limited, within=1)
-    assert (await get(app, wrong, "10.0.0.1")).status_code == 429
+    assert_limited(await get(app, wrong, "10.0.0.1"), within=1)
+    # ... while credentials known good need none: neighbours behind the same NAT go on.
+    assert (await get(app, known, "10.0.0.1")).status_code == 200
+    assert (await get(app, {"x-api-key": keys.api_key}, "10.0.0.1")).status_code == 200
     # Other addresses, and paths that need no credential, are not affected.
-    assert (await get(app, good, "10.0.0.2")).status_code == 200
+    assert (await get(app, new, "10.0.0.2")).status_code == 200
     assert (await get(app, {}, "10.0.0.1", "/health")).status_code == 200
     await anyio.sleep(int(limited.headers["retry-after"]) + 0.05)
-    assert (await get(app, good, "10.0.0.1")).status_code == 200
-    assert len(app_under.calls) == 3
+    assert (await get(app, new, "10.0.0.1")).status_code == 200
+    assert len(app_under.calls) == 6
 
 
 async def test_admitted_requests_and_missing_credentials_never_count(keys: Keys) -> None:
@@ -217,7 +275,18 @@ async def test_wrong_keys_count_as_failures(keys: Keys) -> None:
     wrong = {"x-api-key": fresh_keys().api_key}
     for _ in range(3):
         assert (await get(app, wrong, "10.0.0.9")).status_code == 401
-    assert_limited(await get(app, {"x-api-key": keys.api_key}, "10.0.0.9"), within=60)
+    assert_limited(await get(app, wrong, "10.0.0.9"), within=60)
+    assert_limited(await get(app, bearer(make_token(keys.jwt_secret)), "10.0.0.9"), within=60)
+
+
+async def test_ipv6_clients_are_counted_by_their_64(keys: Keys) -> None:
+    app = gate(keys.config(failure_limit_per_address="2/minute"))
+    wrong = {"x-api-key": fresh_keys().api_key}
+    for host in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::9"):
+        assert (await get(app, wrong, host)).status_code == 401
+    new = bearer(make_token(keys.jwt_secret))
+    assert_limited(await get(app, new, "2001:db8:1:2::77"), within=60)
+    assert (await get(app, new, "2001:db8:1:3::1")).status_code == 200  # another /64
 
 
 async def test_forward_auth_never_limits_by_the_proxys_address(keys: Keys) -> None:
@@ -233,23 +302,24 @@ async def test_forward_auth_never_limits_by_the_proxys_address(keys: Keys) -> No
     assert (await get(endpoint, good, "127.0.0.1")).status_code == 204
 
 
-async def test_a_flood_of_addresses_is_remembered_within_a_bound(keys: Keys) -> None:
-    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"))
-    for n in range(3 * 64):
+async def test_a_flood_of_addresses_is_remembered_within_a_bound(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Full of live blocks, the memory keeps them (a flood must not lift every block at once)
+    # and takes new ones again as old ones run out.
+    monkeypatch.setattr(ratelimit, "MAX_BLOCKED_ADDRESSES", 64)
+    now = [0.0]
+    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"), clock=lambda: now[0])
+    for n in range(100):
         for _ in range(2):
-            await limiter.failed(f"10.1.{n // 250}.{n % 250}")
-    assert len(limiter.blocked) == 3 * 64
-    import devicegate._ratelimit as ratelimit
-
-    bound = ratelimit.MAX_BLOCKED_ADDRESSES
-    try:
-        ratelimit.MAX_BLOCKED_ADDRESSES = 64
+            await limiter.failed(f"10.1.0.{n}")
+    assert len(limiter.blocked) == 64
+    assert limiter.blocked_for("10.1.0.0") is not None  # the first ones are still blocked
+    assert limiter.blocked_for("10.1.0.99") is None  # no room was made for the last ones
+    now[0] = 3600.0  # every block has run out
+    for _ in range(2):
         await limiter.failed("10.2.0.1")
-        await limiter.failed("10.2.0.1")
-        assert len(limiter.blocked) <= 64
-        assert "10.2.0.1" in limiter.blocked
-    finally:
-        ratelimit.MAX_BLOCKED_ADDRESSES = bound
+    assert list(limiter.blocked) == ["10.2.0.1"]
 
 
 # -- one limit across instances: a real redis-server ---------------------------------------------
@@ -273,7 +343,8 @@ async def test_two_instances_on_one_redis_share_each_limit(keys: Keys, redis: Re
     assert (await get(first, wrong, "10.0.0.7")).status_code == 401
     assert (await get(second, wrong, "10.0.0.7")).status_code == 401
     assert (await get(second, wrong, "10.0.0.7")).status_code == 401  # over: blocked here
-    assert_limited(await get(second, {"x-api-key": keys.api_key}, "10.0.0.7"), within=60)
+    new = bearer(make_token(keys.jwt_secret))
+    assert_limited(await get(second, new, "10.0.0.7"), within=60)
     held = [str(key) for key in redis.client().keys("*")]
     assert any(f"mint-device/{DEVICE}" in key for key in held), held  # counted in Redis
 

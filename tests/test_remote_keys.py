@@ -374,3 +374,32 @@ def test_serve_gives_the_remote_set_to_every_worker(
     assert seen["DEVICEGATE_JWKS_URL"] == jwks_server.url
     assert config.jwks_url == jwks_server.url
     assert "remote keys:" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+async def test_a_reconfiguration_keeps_the_remote_set_it_already_has(
+    jwks_server: JwksServer,
+) -> None:
+    # A SIGHUP must not drop the last good keys: with the JWKS host down at that moment, every
+    # remote token would get 503 until it came back.
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwks_server.serve(("k1", key))
+    config = GateConfig(api_keys=API_KEY, jwks_url=jwks_server.url)
+    gate = DeviceAuthMiddleware(RecordingApp(), config=config)
+    remote = gate.verifier.remote_keys
+    assert remote is not None
+    try:
+        assert remote.refresh()
+        jwks_server.status = 500  # the host fails from now on
+        gate.reconfigure(config.replace(leeway_seconds=5))
+        assert gate.verifier.remote_keys is remote
+        async with client(gate) as http:
+            assert (await http.get("/", headers=bearer(token("k1", key)))).status_code == 200
+        other = "http://127.0.0.1:1/jwks.json"
+        gate.reconfigure(config.replace(jwks_url=other))  # another set: a new one
+        assert gate.verifier.remote_keys is not remote
+    finally:
+        remote.close()
+        new = gate.verifier.remote_keys
+        if new is not None:
+            new.close()

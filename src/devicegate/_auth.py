@@ -96,6 +96,23 @@ class Authenticator:
             error.credential_kind = kind.value  # for the audit log: which kind was refused
             raise
 
+    def authenticate_known(self, scope: Mapping[str, Any]) -> Principal:
+        """:meth:`authenticate`, for a credential that needs no new verification work: a key,
+        or a token verified before and still remembered. For a client over its limit of
+        failed authentications, whose new tokens wait until the limit lets it in again.
+
+        Raises:
+            MissingCredentials: no credential.
+            Refusal: anything else :meth:`authenticate` would not admit without verifying a
+                token in full.
+        """
+        kind, value, _ = read_credential(
+            scope["headers"], self._api_key_header, self._device_header
+        )
+        if kind is DEVICE_TOKEN and not self._verifier.remembers(value):
+            raise InvalidToken(InvalidReason.UNKNOWN_KEY)
+        return self.authenticate(scope)
+
 
 def _key_principals(kind: CredentialKind, names: tuple[str | None, ...]) -> tuple[Principal, ...]:
     # A key principal carries no claims and is immutable, so one instance serves every request

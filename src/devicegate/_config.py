@@ -566,10 +566,12 @@ class GateConfig:
     ``None``."""
 
     failure_limit_per_address: str | None = field(default=None, metadata=_from(env_limit))
-    """At most this many failed authentications from each client address (``"100/minute"``):
-    a token or key that was never good here (a bad signature, an unknown key, a token bound
-    to another device), not an expired or revoked one. Past it, every request from the address
-    that needs a credential gets 429 until the window lets it in again. ``None``: no limit."""
+    """At most this many failed authentications from each client address, an IPv6 client by
+    its /64 (``"100/minute"``): a key or token that does not verify here (a wrong or retired
+    key, a bad signature, an unknown key id, a token bound to another device), not an expired
+    or revoked one. Past it, the address is admitted only with credentials that need no new
+    verification (keys, tokens already verified) and gets 429 for anything else until the
+    window lets it in again. ``None``: no limit."""
 
     if TYPE_CHECKING:
         # What the generated __init__ accepts, which __post_init__ then normalises: dataclass

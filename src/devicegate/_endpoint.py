@@ -220,9 +220,6 @@ class TokenEndpoint(ServerKeyEndpoint):
                 raise _bad_instance_id() from None
         elif self.issuer.requires_binding:
             raise _binding_required()
-        if self._limiter is not None:
-            # Counted once the request is known to be well formed, before anything is minted.
-            await self._limiter.check_mint(None if caller is None else caller.key_name, instance_id)
         try:
             token = self.issuer.issue(
                 instance_id,
@@ -233,6 +230,10 @@ class TokenEndpoint(ServerKeyEndpoint):
         except ClaimError as exc:
             # The message is devicegate's own text, naming devicegate's own member names.
             raise Refusal(f"{exc}.") from None
+        if self._limiter is not None:
+            # Counted once the request is known to be good (a refused one uses up nothing);
+            # over a limit, the token just made is dropped unseen.
+            await self._limiter.check_mint(None if caller is None else caller.key_name, instance_id)
         if self._counters is not None:
             self._counters.minted += 1
         log_mint(

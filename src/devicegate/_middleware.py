@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._jwks import JwksEndpoint
 from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
-from ._ratelimit import RateLimiter, counts_as_failure
+from ._ratelimit import RateLimiter, blocked_refusal, counts_as_failure
 from ._revocation import RevocationCheck, RevocationStore
 from ._revoke import RevocationEndpoint
 from ._rules import Rule, RuleTable, has_unsafe_segments, strip_root_path
@@ -240,12 +240,14 @@ class DeviceAuthMiddleware:
         """
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
+        before = self._gate
         if verifier is None:
-            revocations = self._gate.authenticator.verifier.revocations
-            verifier = TokenVerifier(config, revocations=revocations)
-        limiter = self._gate.limiter
-        if not limiter.same_as(config, self._rate_limit_storage):
-            limiter = RateLimiter(config, self._rate_limit_storage)  # else its counts are kept
+            old = before.authenticator.verifier
+            # The same remote key set keeps its last good keys (and its thread).
+            remote = old.remote_keys if before.config.jwks_url == config.jwks_url else None
+            verifier = TokenVerifier(config, revocations=old.revocations, remote_keys=remote)
+        # The same storage keeps its counts and blocked addresses.
+        limiter = before.limiter.reconfigured(config, self._rate_limit_storage)
         self._gate = _Gate(
             config, verifier, self._rules, self._paths, self._realm, self._counters, limiter
         )
@@ -281,16 +283,22 @@ class DeviceAuthMiddleware:
             if public:
                 principal = None
             else:
-                if gate.blocked:  # an address over its limit of failed authentications
-                    client = scope.get("client")
-                    if client:
-                        gate.limiter.refuse_blocked(client[0])
+                # An address over its limit of failed authentications (one truth test of an
+                # empty dict otherwise) is admitted only with a credential known good already.
+                blocked = gate.blocked and _blocked_for(gate, scope)
                 try:
-                    principal = gate.authenticate(scope)
+                    if blocked:
+                        principal = gate.authenticator.authenticate_known(scope)
+                    else:
+                        principal = gate.authenticate(scope)
                 except MissingCredentials:
                     if not optional:
                         raise
                     principal = None  # no credential at all, where none is needed
+                except Refusal:
+                    if blocked:
+                        raise blocked_refusal(blocked) from None
+                    raise
                 else:
                     if principal.kind not in accepted:
                         refused = InsufficientScope()
@@ -356,6 +364,11 @@ class DeviceAuthMiddleware:
                         return
                     logger.error("devicegate on_error response sent nothing")
         await send_refusal(scope, send, error, self._realm)
+
+
+def _blocked_for(gate: _Gate, scope: Scope) -> float | None:
+    client = scope.get("client")
+    return gate.limiter.blocked_for(client[0]) if client else None
 
 
 class _Gate:

@@ -6,23 +6,27 @@ across a window boundary as a fixed window allows. Its storage is memory by defa
 Redis every instance shares (``redis://...``), so that a limit is one limit across instances.
 
 Only requests that are already slow pay: minting, and refusals. An address over its limit of
-failed authentications is remembered here, in memory, until its window lets it in again, and
-every request it sends that needs a credential is answered 429 from that memory: an admitted
-request never waits on the storage. With a shared storage, the instance that counts the
-failure over the limit blocks the address; the others do when they next refuse it.
+failed authentications is remembered here, in memory, until its window lets it in again; while
+it is, the middleware admits from it only credentials that need no new verification work (a
+key, a token already verified), so that a guesser costs nothing and its neighbours behind one
+NAT go on. An admitted request never waits on the storage. With a shared storage, the instance
+that counts the failure over the limit blocks the address; the others do when they next
+refuse it.
 
 A storage that cannot be reached fails closed where it decides something (minting is refused
-with 503) and is logged where it only counts (a refusal stays a refusal).
+with 503) and is skipped where it only counts (a refusal stays a refusal).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import anyio.to_thread
 
 from ._errors import ConfigError, InvalidReason, InvalidToken, Refusal
@@ -32,9 +36,16 @@ if TYPE_CHECKING:
 
     from ._config import GateConfig
 
-__all__ = ["RateLimiter", "check_limit", "too_many"]
+__all__ = ["RateLimiter", "address_group", "blocked_refusal", "check_limit", "too_many"]
 
 logger = logging.getLogger("devicegate")
+
+T = TypeVar("T")
+_NO_LIMITS = {
+    "mint_limit_per_key": None,
+    "mint_limit_per_device": None,
+    "failure_limit_per_address": None,
+}
 
 RATELIMIT_EXTRA_HINT = "pip install 'devicegate[ratelimit]'"
 # Addresses remembered as over their limit at most; beyond, the ones whose time is up go first,
@@ -42,13 +53,16 @@ RATELIMIT_EXTRA_HINT = "pip install 'devicegate[ratelimit]'"
 MAX_BLOCKED_ADDRESSES = 10_000
 # The namespaces of what is counted, so that a key name and a device id never share a count.
 _KEY, _DEVICE, _ADDRESS = "mint-key", "mint-device", "failed-auth"
-# Server keys without a name share one count.
-_UNNAMED = "(unnamed)"
+# A network storage is asked from at most this many threads of devicegate's own, each wait
+# bounded by the timeout.
+_STORAGE_THREADS = 4
+STORAGE_TIMEOUT_SECONDS = 1.0
 
 
-# The failed authentications counted per address: a credential that was never good here, as
-# guessing and forging produce. An expired or revoked token is the normal end of a good one;
-# counted, one device holding on to it could block every device behind the same address.
+# The failed authentications counted per address: a credential that does not verify here, as
+# guessing and forging produce (and, alas, a retired key). An expired or revoked token is the
+# normal end of a good one; counted, one device holding on to it would block the rest of its
+# NAT from new tokens.
 COUNTED_FAILURES = frozenset(InvalidReason) - {
     InvalidReason.EXPIRED,
     InvalidReason.NOT_YET_VALID,
@@ -126,7 +140,8 @@ class RateLimiter:
         config: its ``mint_limit_per_key``, ``mint_limit_per_device`` and
             ``failure_limit_per_address``.
         storage: a ``limits`` storage URI: ``memory://`` (the default) or
-            ``redis://[:password@]host[:port][/db]`` (needs the ``redis`` extra too).
+            ``redis://[:password@]host[:port][/db]`` (``rediss://`` and ``unix://`` too; needs
+            the ``redis`` extra).
         clock: a monotonic clock in seconds, for the memory of blocked addresses; for tests.
 
     Raises:
@@ -140,17 +155,15 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.storage_uri = storage or "memory://"
+        self.blocked: dict[str, float] = {}
+        """Address groups over their limit of failed authentications (an IPv4 address, an
+        IPv6 /64), and until when (``clock``)."""
+        self._clock = clock
         self.per_key = _item("mint_limit_per_key", config.mint_limit_per_key)
         self.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         self.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
-        self.storage_uri = storage or "memory://"
-        self.blocked: dict[str, float] = {}
-        """Addresses over their limit of failed authentications, and until when (``clock``)."""
-        self._clock = clock
-        self._limiter: Any = None
-        self._in_thread = False
-        if self.active:
-            self._limiter, self._in_thread = _limiter(self.storage_uri)
+        self._counter = _Counter(self.storage_uri) if self.active else None
 
     def __repr__(self) -> str:
         # The URI may hold a Redis password: only its scheme is shown.
@@ -165,92 +178,166 @@ class RateLimiter:
         """Whether any limit is set."""
         return any(item is not None for item in (self.per_key, self.per_device, self.per_address))
 
-    def same_as(self, config: GateConfig, storage: str | None) -> bool:
-        """Whether ``config`` and ``storage`` would build this limiter again (then its counts
-        are kept across a reconfiguration)."""
-        return (
-            (storage or "memory://") == self.storage_uri
-            and str(self.per_key) == str(_item("", config.mint_limit_per_key))
-            and str(self.per_device) == str(_item("", config.mint_limit_per_device))
-            and str(self.per_address) == str(_item("", config.failure_limit_per_address))
-        )
-
-    async def check_mint(self, key_name: str | None, instance_id: str | None) -> None:
-        """Count one token minted with the server key ``key_name`` for ``instance_id``.
+    def reconfigured(self, config: GateConfig, storage: str | None) -> RateLimiter:
+        """The limiter for ``config``: this one with its limits changed when ``storage`` is
+        the same (counts, blocked addresses and connections are kept), else a new one.
 
         Raises:
-            Refusal: 429 with ``Retry-After`` over a limit (nothing is minted), or 503 when
-                the storage cannot be reached.
+            ConfigError: as the constructor.
         """
+        if (storage or "memory://") != self.storage_uri:
+            return RateLimiter(config, storage, clock=self._clock)
+        # Built without a storage, then given this one's: nothing changes here, so that the
+        # configuration in force keeps its limiter whole if the new one is refused later.
+        new = RateLimiter(config.replace(**_NO_LIMITS), storage, clock=self._clock)
+        new.per_key = _item("mint_limit_per_key", config.mint_limit_per_key)
+        new.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
+        new.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
+        new.blocked = self.blocked
+        new._counter = self._counter
+        if new.active and new._counter is None:
+            new._counter = _Counter(new.storage_uri)
+        return new
+
+    async def check_mint(self, key_name: str | None, instance_id: str | None) -> None:
+        """Count one token minted with the server key ``key_name`` for ``instance_id``: both
+        limits are tested first, and charged only when both allow it, so that a refused mint
+        uses up nothing (under concurrency a limit may be passed by the few requests tested
+        at the same moment).
+
+        Raises:
+            Refusal: 429 with ``Retry-After`` over a limit (mint nothing then), or 503 when the
+                storage cannot be reached.
+        """
+        checks: list[tuple[RateLimitItem, tuple[str, ...], str]] = []
         if self.per_key is not None:
-            wait = await self._hit(self.per_key, _KEY, key_name or _UNNAMED)
-            if wait is not None:
-                raise too_many(wait, "Too many tokens minted with this key; retry later.")
+            # Named keys count apart; every unnamed key shares one count. The number of parts
+            # keeps a name from ever meaning the unnamed keys.
+            who = (_KEY, "unnamed") if key_name is None else (_KEY, "named", key_name)
+            checks.append((self.per_key, who, "Too many tokens minted with this key"))
         if self.per_device is not None and instance_id is not None:
-            wait = await self._hit(self.per_device, _DEVICE, instance_id)
-            if wait is not None:
-                raise too_many(wait, "Too many tokens minted for this device; retry later.")
+            checks.append(
+                (self.per_device, (_DEVICE, instance_id), "Too many tokens minted for this device")
+            )
+        if not checks or self._counter is None:
+            return
+        refused = await self._counter.run(_test_then_hit, checks)
+        if refused is not None:
+            wait, description = refused
+            raise too_many(wait, f"{description}; retry later.")
 
     async def failed(self, address: str) -> None:
         """Count one failed authentication from ``address``; over the limit, remember the
-        address as blocked until its window lets it in again. Never raises."""
-        if self.per_address is None:
+        address as blocked until its window lets it in again. Never raises, and never waits
+        on a storage that is slow: the count is then skipped (the request is refused anyway)."""
+        if self.per_address is None or self._counter is None:
             return
+        group = address_group(address)
         try:
-            wait = await self._hit(self.per_address, _ADDRESS, address)
+            refused = await self._counter.run(
+                _test_then_hit, [(self.per_address, (_ADDRESS, group), "")], wait=False
+            )
         except Refusal:
-            return  # logged; the request is refused anyway
-        if wait is None:
+            return  # the storage is down or busy: logged once
+        if refused is None:
             return
         blocked = self.blocked
         now = self._clock()
-        if address not in blocked and len(blocked) >= MAX_BLOCKED_ADDRESSES:
+        if group not in blocked and len(blocked) >= MAX_BLOCKED_ADDRESSES:
             for stale in [name for name, until in blocked.items() if until <= now]:
                 del blocked[stale]
             if len(blocked) >= MAX_BLOCKED_ADDRESSES:
-                blocked.clear()
-        blocked[address] = now + wait
+                return  # full of live blocks: keep them rather than lift them all
+        blocked[group] = now + refused[0]
 
-    def refuse_blocked(self, address: str) -> None:
-        """Raise 429 if ``address`` is over its limit of failed authentications.
-
-        Raises:
-            Refusal: 429 with ``Retry-After``.
-        """
-        until = self.blocked.get(address)
+    def blocked_for(self, address: str) -> float | None:
+        """The seconds ``address`` stays blocked for its failed authentications, or ``None``."""
+        group = address_group(address)
+        until = self.blocked.get(group)
         if until is None:
-            return
+            return None
         wait = until - self._clock()
         if wait <= 0:
-            self.blocked.pop(address, None)
-            return
-        raise too_many(wait, "Too many failed authentications from this address; retry later.")
+            self.blocked.pop(group, None)
+            return None
+        return wait
 
-    async def _hit(self, item: RateLimitItem, *identifiers: str) -> float | None:
-        """Count one; ``None`` within the limit, else the seconds until one more is allowed.
+
+def blocked_refusal(wait: float) -> Refusal:
+    """The answer to a blocked address whose credential is not one known good already."""
+    return too_many(wait, "Too many failed authentications from this address; retry later.")
+
+
+def address_group(address: str) -> str:
+    """What the failure limit counts by: an IPv4 address, or the /64 of an IPv6 one (one
+    subscriber's network; counting each /128 would let one client be 2**64 clients)."""
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.IPv6Network((address.partition("%")[0], 64), strict=False)
+    except ValueError:
+        return address
+    return str(network)
+
+
+Check = tuple["RateLimitItem", tuple[str, ...], str]
+
+
+def _test_then_hit(limiter: Any, checks: list[Check]) -> tuple[float, str] | None:
+    """``None`` when every limit allows one more (then each is charged one), else the seconds
+    until the first that refuses allows one, and its description."""
+    for item, identifiers, description in checks:
+        if not limiter.test(item, *identifiers):
+            reset_at: float = limiter.get_window_stats(item, *identifiers).reset_time
+            return max(1.0, reset_at - time.time()), description
+    for item, identifiers, _ in checks:
+        limiter.hit(item, *identifiers)
+    return None
+
+
+class _Counter:
+    """The ``limits`` limiter on one storage, and how it is called: directly in memory, from a
+    few worker threads of its own for a network storage (a blocking client must not hold the
+    event loop, asyncio or trio, nor the threads the app's own sync code runs in)."""
+
+    def __init__(self, uri: str) -> None:
+        self.limiter, self.in_thread = _limiter(uri)
+        self._threads = anyio.CapacityLimiter(_STORAGE_THREADS)
+        self._down = False
+
+    async def run(
+        self, call: Callable[[Any, list[Check]], T], checks: list[Check], *, wait: bool = True
+    ) -> T:
+        """``call(limiter, checks)``; without ``wait``, refuse at once rather than queue for a
+        thread.
 
         Raises:
-            Refusal: 503, the storage cannot be reached.
+            Refusal: 503, the storage cannot be reached (or, without ``wait``, is busy).
         """
-        limiter = self._limiter
-
-        def hit() -> float | None:
-            if limiter.hit(item, *identifiers):
-                return None
-            reset_at: float = limiter.get_window_stats(item, *identifiers).reset_time
-            return max(1.0, reset_at - time.time())
-
         try:
-            if self._in_thread:
-                # A network storage blocks: a worker thread keeps the event loop (asyncio or
-                # trio) free, as the Redis revocation list does.
-                return await anyio.to_thread.run_sync(hit)
-            return hit()
+            if not self.in_thread:
+                result = call(self.limiter, checks)
+            elif not wait and self._threads.available_tokens < 1:
+                raise _unavailable()
+            else:
+                result = await anyio.to_thread.run_sync(
+                    call, self.limiter, checks, limiter=self._threads
+                )
+        except Refusal:
+            raise
         except Exception as exc:
-            logger.error(
-                "devicegate could not reach the rate-limit storage (%s)", type(exc).__name__
-            )
+            if not self._down:  # once per outage, not once per request
+                self._down = True
+                logger.error(
+                    "devicegate cannot reach the rate-limit storage (%s); minting is refused "
+                    "until it answers",
+                    type(exc).__name__,
+                )
             raise _unavailable() from None
+        if self._down:
+            self._down = False
+            logger.info("devicegate reaches the rate-limit storage again")
+        return result
 
 
 def _item(field: str, value: str | None) -> RateLimitItem | None:
@@ -261,8 +348,18 @@ def _limiter(uri: str) -> tuple[Any, bool]:
     from limits.storage import MemoryStorage, storage_from_string
     from limits.strategies import SlidingWindowCounterRateLimiter
 
+    options: dict[str, Any] = {}
+    if uri.startswith(("redis://", "rediss://", "unix://")):
+        # The same URLs the revocation store takes (limits spells a socket redis+unix://),
+        # and bounded waits: a hung Redis must not hold a thread for ever.
+        if uri.startswith("unix://"):
+            uri = "redis+" + uri
+        options = {
+            "socket_timeout": STORAGE_TIMEOUT_SECONDS,
+            "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS,
+        }
     try:
-        storage = storage_from_string(uri)
+        storage = storage_from_string(uri, **options)
     except Exception as exc:
         # The message may quote the URI, password included: only the kind of failure is said.
         raise ConfigError(

@@ -239,6 +239,11 @@ class TokenVerifier:
             device_id = b""  # not a header value either
         return self.check(token, device_id)
 
+    def remembers(self, token: bytes) -> bool:
+        """Whether ``token`` verified before and is still in the cache (it may have expired
+        since: :meth:`check` decides)."""
+        return self._cache_get(token) is not None
+
     def check(self, token: bytes, device_id: bytes | None) -> Principal:
         """:meth:`verify` for raw header bytes, as the middleware has them (the hot path)."""
         entry = self._cache_get(token)

@@ -561,28 +561,33 @@ class ServeSettings:
                     f"the environment variable {self.forward_auth_secret_env} is not set or empty",
                 )
         store = self.shared_revocations()
-        return build_app(
-            config,
-            upstream=self.upstream,
-            upstream_api_key=api_key,
-            upstream_mobile_api_key=mobile_api_key,
-            upstream_timeout=self.upstream_timeout,
-            public=self.public,
-            rules=[parse_rule(rule) for rule in self.rules],
-            forward_auth_path=self.forward_auth_path,
-            forward_auth_secret=secret,
-            token_path=self.token_path,
-            revoke_path=self.revoke_path,
-            workers=self.workers,
-            revocations=store,
-            reload=lambda: self.load_config(environ),
-            reload_source=self.secrets_file or "the DEVICEGATE_* variables",
-            counters=counters,
-            # One limit across workers and instances when they share a Redis.
-            rate_limit_storage=self.redis_url,
-            # The store is this app's alone: its thread and connections end with the server.
-            on_shutdown=() if store is None else (store.close,),
-        )
+        try:
+            return build_app(
+                config,
+                upstream=self.upstream,
+                upstream_api_key=api_key,
+                upstream_mobile_api_key=mobile_api_key,
+                upstream_timeout=self.upstream_timeout,
+                public=self.public,
+                rules=[parse_rule(rule) for rule in self.rules],
+                forward_auth_path=self.forward_auth_path,
+                forward_auth_secret=secret,
+                token_path=self.token_path,
+                revoke_path=self.revoke_path,
+                workers=self.workers,
+                revocations=store,
+                reload=lambda: self.load_config(environ),
+                reload_source=self.secrets_file or "the DEVICEGATE_* variables",
+                counters=counters,
+                # One limit across workers and instances when they share a Redis.
+                rate_limit_storage=self.redis_url,
+                # The store is this app's alone: its thread and connections end with the server.
+                on_shutdown=() if store is None else (store.close,),
+            )
+        except BaseException:
+            if store is not None:
+                store.close()  # its thread and connections are nobody's now
+            raise
 
     def shared_revocations(self) -> RedisRevocationList | None:
         """The Redis revocation store ``redis_url`` names (its thread started), or ``None``.
