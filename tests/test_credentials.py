@@ -170,7 +170,19 @@ Headers = list[tuple[bytes, bytes]]
 def test_read_credential(
     headers: Headers, kind: CredentialKind, value: bytes, device: bytes | None
 ) -> None:
-    assert read_credential(headers, API_KEY_HEADER, DEVICE_HEADER) == (kind, value, device)
+    assert read_credential(headers, API_KEY_HEADER, DEVICE_HEADER) == (kind, value, device, False)
+
+
+@pytest.mark.parametrize("scheme", [b"DPoP", b"dpop", b"DPOP"])
+def test_the_dpop_scheme_is_read_as_a_token_with_proof(scheme: bytes) -> None:
+    # RFC 9449 §7.1: the DPoP scheme, case-insensitive as every scheme (RFC 9110 §11.1).
+    headers = [(b"authorization", scheme + b" " + TOKEN), (b"x-instance-id", b"d-1")]
+    assert read_credential(headers, API_KEY_HEADER, DEVICE_HEADER) == (
+        CredentialKind.DEVICE_TOKEN,
+        TOKEN,
+        b"d-1",
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -382,6 +394,7 @@ def test_read_credential_uses_configured_header_names() -> None:
         CredentialKind.API_KEY,
         API_KEY,
         b"d-1",
+        False,
     )
     # Under other names, the default headers are ordinary headers.
     with pytest.raises(MissingCredentials):

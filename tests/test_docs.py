@@ -126,6 +126,7 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Revoking across instances: Redis", "console"): (
         "not run here: the command runs tests/test_redis_serve.py, which the suite runs"
     ),
+    ("README.md", "Proof of possession: DPoP", "python"): "tests/test_dpop.py",
     ("README.md", "Rate limits", "python"): (
         "tests/test_ratelimit.py, against a real redis-server"
     ),

@@ -69,7 +69,9 @@ BAD_INSTANCE_ID = {
 }
 UNKNOWN_MEMBER = {
     "error": "invalid_request",
-    "error_description": "The body may hold only instance_id, sub, claims and expires_in.",
+    "error_description": (
+        "The body may hold only instance_id, sub, claims, expires_in and dpop_jkt."
+    ),
 }
 BINDING_REQUIRED = {
     "error": "invalid_request",

@@ -153,8 +153,11 @@ async def test_the_endpoint_mints_what_the_body_asks_for(keys: Keys, app: Record
 
 BAD_BODIES = [
     # (body, the description the client gets back)
-    ({"instance_id": DEVICE, "exp": 2**31}, "only instance_id, sub, claims and expires_in"),
-    ({"expires": 10}, "only instance_id, sub, claims and expires_in"),
+    (
+        {"instance_id": DEVICE, "exp": 2**31},
+        "only instance_id, sub, claims, expires_in and dpop_jkt",
+    ),
+    ({"expires": 10}, "only instance_id, sub, claims, expires_in and dpop_jkt"),
     ({"expires_in": 3600}, "expires_in must be from 1 to 300 seconds"),
     ({"expires_in": "30"}, "expires_in must be a whole number of seconds"),
     ({"sub": 7}, "sub must be a string of 1 to 256 printable characters"),

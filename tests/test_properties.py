@@ -102,7 +102,7 @@ def test_random_headers_are_refused_or_carry_the_exact_credential(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     try:
-        kind, _, _ = read_credential(headers, b"x-api-key", b"x-instance-id")
+        kind, _, _, _ = read_credential(headers, b"x-api-key", b"x-instance-id")
     except AuthError:
         kind = None
     try:

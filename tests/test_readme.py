@@ -108,6 +108,7 @@ def test_every_python_block_is_covered_here() -> None:
             "Revoking",
             "Revoking across instances: Redis",
             "Rate limits",
+            "Proof of possession: DPoP",  # tests/test_dpop.py runs it
             "Metrics",
         ]
     )

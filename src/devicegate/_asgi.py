@@ -59,9 +59,11 @@ def refusal_parts(
     """
     extra = list(refusal.headers)
     if refusal.challenge:
-        challenge = f'Bearer realm="{realm}"'
+        challenge = f'{refusal.scheme} realm="{realm}"'
         if refusal.error is not None:
             challenge += f', error="{refusal.error}", error_description="{refusal.description}"'
+        for name, value in refusal.challenge_params:
+            challenge += f', {name}="{value}"'
         extra.append((b"www-authenticate", challenge.encode()))
     if refusal.close:
         # The client may still be sending a body we will not read: end the connection after

@@ -7,11 +7,13 @@ URL) and knows nothing else of ASGI: it sends nothing.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
+from ._dpop import InvalidDpopProof, ProofChecker
 from ._errors import AuthError, InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
@@ -33,6 +35,8 @@ class Authenticator:
         "_api_keys",
         "_check_token",
         "_device_header",
+        "_dpop",
+        "_dpop_algs",
         "_mobile_api_key_principals",
         "_mobile_api_keys",
         "_verifier",
@@ -51,6 +55,17 @@ class Authenticator:
         self._device_header = config.device_header.encode("latin-1")
         self._verifier = TokenVerifier(config) if verifier is None else verifier
         self._check_token = self._verifier.check
+        self._dpop = (
+            None
+            if config.public_url is None
+            else ProofChecker(
+                config.public_url,
+                algorithms=config.dpop_algorithms,
+                max_age_seconds=config.dpop_proof_max_age_seconds,
+                leeway_seconds=config.leeway_seconds,
+            )
+        )
+        self._dpop_algs = (("algs", " ".join(config.dpop_algorithms)),)
         kinds = set()
         if self._api_keys:
             kinds.add(CredentialKind.API_KEY)
@@ -76,12 +91,15 @@ class Authenticator:
             MissingCredentials, InvalidRequest, InvalidToken: see :mod:`devicegate._errors`;
             or any :class:`~devicegate.Refusal` a revocation check raises.
         """
-        kind, value, device = read_credential(
+        kind, value, device, dpop = read_credential(
             scope["headers"], self._api_key_header, self._device_header
         )
         try:
             if kind is DEVICE_TOKEN:
-                return self._check_token(value, device)
+                principal = self._check_token(value, device)
+                if dpop or "cnf" in principal.claims:
+                    self._check_possession(scope, value, principal, dpop)
+                return principal
             if kind is API_KEY:
                 keys, principals = self._api_keys, self._api_key_principals
             else:
@@ -96,6 +114,41 @@ class Authenticator:
             error.credential_kind = kind.value  # for the audit log: which kind was refused
             raise
 
+    def _check_possession(
+        self, scope: Mapping[str, Any], token: bytes, principal: Principal, dpop: bool
+    ) -> None:
+        """A DPoP-bound token comes with the DPoP scheme and a proof signed by its key, and the
+        DPoP scheme only with such a token (RFC 9449 §7.1)."""
+        jkt = principal.dpop_jkt
+        if not dpop or jkt is None:
+            error = InvalidToken(
+                InvalidReason.DPOP_REQUIRED if jkt is not None else InvalidReason.NOT_DPOP_BOUND
+            )
+            error.scheme = "DPoP"
+            error.challenge_params = self._dpop_algs
+            raise error
+        try:
+            if self._dpop is None:
+                raise InvalidDpopProof(
+                    "This server takes no DPoP proofs: it has no public URL configured."
+                )
+            proofs = [value for name, value in scope["headers"] if name == b"dpop"]
+            if len(proofs) != 1:
+                raise InvalidDpopProof("Send exactly one DPoP header with the proof.")
+            root_path: str = scope.get("root_path") or ""
+            path: str = scope["path"]
+            if root_path and not path.startswith(root_path):
+                path = root_path + path
+            method = scope.get("method", "GET")  # a websocket handshake is a GET
+            proven = self._dpop.check(proofs[0], method=method, path=path, token=token)
+            if not hmac.compare_digest(proven, jkt):
+                raise InvalidDpopProof(
+                    "The DPoP proof is signed by a key the token is not bound to."
+                )
+        except InvalidDpopProof as error:
+            error.challenge_params = self._dpop_algs
+            raise
+
     def authenticate_known(self, scope: Mapping[str, Any]) -> Principal:
         """:meth:`authenticate`, for a credential that needs no new verification work: a key,
         or a token verified before and still remembered. For a client over its limit of
@@ -106,7 +159,7 @@ class Authenticator:
             Refusal: anything else :meth:`authenticate` would not admit without verifying a
                 token in full.
         """
-        kind, value, _ = read_credential(
+        kind, value, _, _ = read_credential(
             scope["headers"], self._api_key_header, self._device_header
         )
         if kind is DEVICE_TOKEN and not self._verifier.remembers(value):

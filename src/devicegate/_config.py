@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _base64url as base64url
+from ._dpop import DPOP_ALGORITHMS, check_public_url
 from ._errors import ConfigError
 from ._json import DuplicateMember, loads_strict_json
 from ._keys import HmacKey, Key, KeyRing, load_private_key, load_public_key
@@ -556,6 +557,17 @@ class GateConfig:
     token_cache_size: int = field(default=DEFAULT_TOKEN_CACHE_SIZE, metadata=_from(env_int))
     """How many verified tokens to remember (0 disables the cache)."""
 
+    public_url: str | None = field(default=None, metadata=_from(env_str))
+    """The URL clients reach this server at (``https://api.example.com``, a path prefix
+    allowed): a DPoP proof's ``htu`` must be it followed by the request's path. Taken from
+    here, never from the request's own ``Host``. Without it, DPoP requests are refused."""
+
+    dpop_algorithms: tuple[str, ...] = field(default=("ES256", "EdDSA"), metadata=_from(env_list))
+    """The algorithms a DPoP proof may be signed with (``ES256``, ``EdDSA``)."""
+
+    dpop_proof_max_age_seconds: int = field(default=60, metadata=_from(env_int))
+    """How old a DPoP proof's ``iat`` may be (5 to 300 seconds; ``leeway_seconds`` ahead)."""
+
     mint_limit_per_key: str | None = field(default=None, metadata=_from(env_limit))
     """At most this many tokens minted through the token endpoint with each server API key,
     in the ``limits`` notation (``"600/minute"``); keys without a name share one count.
@@ -596,6 +608,9 @@ class GateConfig:
             issuer: str | Iterable[str] | None = ...,
             audience: str | Iterable[str] | None = ...,
             token_cache_size: int = ...,
+            public_url: str | None = ...,
+            dpop_algorithms: str | Iterable[str] = ...,
+            dpop_proof_max_age_seconds: int = ...,
             mint_limit_per_key: str | None = ...,
             mint_limit_per_device: str | None = ...,
             failure_limit_per_address: str | None = ...,
@@ -669,6 +684,15 @@ class GateConfig:
         )
         _check_int("leeway_seconds", self.leeway_seconds, low=0, high=MAX_LEEWAY_SECONDS)
         _check_int("token_cache_size", self.token_cache_size, low=0)
+        set_(self, "public_url", check_public_url(self.public_url))
+        given: object = self.dpop_algorithms
+        algorithms = (given,) if isinstance(given, str) else tuple(given)  # type: ignore[arg-type]
+        if not algorithms or not set(algorithms) <= set(DPOP_ALGORITHMS):
+            raise ConfigError(
+                "dpop_algorithms", f"must be one or more of {', '.join(DPOP_ALGORITHMS)}"
+            )
+        set_(self, "dpop_algorithms", algorithms)
+        _check_int("dpop_proof_max_age_seconds", self.dpop_proof_max_age_seconds, low=5, high=300)
         for name in ("mint_limit_per_key", "mint_limit_per_device", "failure_limit_per_address"):
             check_limit(name, getattr(self, name))
         device = check_header_name("device_header", self.device_header)

@@ -26,6 +26,7 @@ MAX_CREDENTIAL_BYTES = 8192
 
 _AUTHORIZATION = b"authorization"
 _BEARER = b"bearer"
+_DPOP = b"dpop"
 _BEARER_PREFIX = b"Bearer "
 _BEARER_PREFIX_LENGTH = len(_BEARER_PREFIX)
 # Single bytes tested as ints: ``b"\t" in value`` first tries the needle as an int, fails, and
@@ -46,11 +47,12 @@ def read_credential(
     headers: Iterable[tuple[bytes, bytes]],
     api_key_header: bytes,
     device_header: bytes,
-) -> tuple[CredentialKind, bytes, bytes | None]:
-    """Return ``(kind, value, device_id)`` for the single credential in ``headers``.
+) -> tuple[CredentialKind, bytes, bytes | None, bool]:
+    """Return ``(kind, value, device_id, dpop)`` for the single credential in ``headers``.
 
-    ``value`` is the raw API key, the raw mobile key, or the bearer token. ``device_id`` is the
-    device header's value, or ``None`` when absent.
+    ``value`` is the raw API key, the raw mobile key, or the token. ``device_id`` is the
+    device header's value, or ``None`` when absent. ``dpop`` says the token came with the
+    ``DPoP`` scheme (RFC 9449 §7.1) rather than ``Bearer``.
 
     Raises:
         MissingCredentials: no credential header at all.
@@ -79,7 +81,7 @@ def read_credential(
             raise InvalidRequest(_SEVERAL)
         if not api_key or len(api_key) > MAX_CREDENTIAL_BYTES:
             raise InvalidRequest(_BAD_API_KEY_HEADER)
-        return API_KEY, api_key, device
+        return API_KEY, api_key, device, False
     if authorization is None:
         raise MissingCredentials()
     if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or _TAB in authorization:
@@ -89,23 +91,26 @@ def read_credential(
         token = authorization[_BEARER_PREFIX_LENGTH:]
         if not token or _SPACE in token:
             raise InvalidRequest(_MALFORMED)
-        return DEVICE_TOKEN, token, device
+        return DEVICE_TOKEN, token, device, False
     if _SPACE not in authorization:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
         # scheme with nothing after it ("Bearer").
         if len(authorization) == len(_BEARER) and authorization.lower() == _BEARER:
             raise InvalidRequest(_MALFORMED)
-        return MOBILE_API_KEY, authorization, device
+        return MOBILE_API_KEY, authorization, device, False
     scheme, _, token = authorization.partition(b" ")
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
     if not scheme or not token or _SPACE in token:
         raise InvalidRequest(_MALFORMED)
-    if scheme.lower() != _BEARER:
+    scheme = scheme.lower()
+    if scheme == _DPOP:
+        return DEVICE_TOKEN, token, device, True
+    if scheme != _BEARER:
         # RFC 6750 §3.1: a client that "attempted using an unsupported authentication method"
         # gets the bare challenge (401, no error code), as if it had sent nothing.
         raise MissingCredentials()
-    return DEVICE_TOKEN, token, device
+    return DEVICE_TOKEN, token, device, False
 
 
 def match_key(candidate: bytes, keys: tuple[bytes, ...]) -> int:

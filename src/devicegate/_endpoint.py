@@ -14,6 +14,7 @@ from ._auth import Authenticator
 from ._claims import ClaimError
 from ._config import GateConfig
 from ._counters import Counters
+from ._dpop import check_jkt
 from ._errors import (
     DEFAULT_REALM,
     UNREADABLE_REQUEST,
@@ -59,11 +60,16 @@ def _binding_required() -> Refusal:
 
 
 def _unknown_member() -> Refusal:
-    return Refusal("The body may hold only instance_id, sub, claims and expires_in.")
+    return Refusal("The body may hold only instance_id, sub, claims, expires_in and dpop_jkt.")
 
 
 # What a body may ask for besides instance_id, and the TokenIssuer.issue option each becomes.
-_BODY_OPTIONS = {"sub": "subject", "claims": "claims", "expires_in": "lifetime"}
+_BODY_OPTIONS = {
+    "sub": "subject",
+    "claims": "claims",
+    "expires_in": "lifetime",
+    "dpop_jkt": "dpop_jkt",
+}
 _BODY_MEMBERS = frozenset({"instance_id", *_BODY_OPTIONS})
 
 
@@ -158,12 +164,13 @@ class TokenEndpoint(ServerKeyEndpoint):
 
     ``POST`` with ``X-API-Key`` and a JSON body ``{"instance_id": "<device id>"}`` mints a token
     bound to that device; ``{}`` or an empty body mints a generic token. The body may also
-    hold ``sub`` (who the token is for), ``claims`` (an object of application claims) and
-    ``expires_in`` (a lifetime no longer than the configured one); any other member is
-    refused, and so are registered or devicegate-owned names inside ``claims``: a caller never
-    chooses ``exp``, ``jti``, ``alg`` or the like. A token minted with a named server key
-    records the name in ``azp``. The answer is an OAuth 2.0 token response (RFC 6749 §5.1)
-    with ``Cache-Control: no-store``.
+    hold ``sub`` (who the token is for), ``claims`` (an object of application claims),
+    ``expires_in`` (a lifetime no longer than the configured one) and ``dpop_jkt`` (the
+    thumbprint of the device's key: a DPoP-bound token, ``token_type`` ``DPoP``); any other
+    member is refused, and so are registered or devicegate-owned names inside ``claims``: a
+    caller never chooses ``exp``, ``jti``, ``alg`` or the like. A token minted with a named
+    server key records the name in ``azp``. The answer is an OAuth 2.0 token response (RFC
+    6749 §5.1) with ``Cache-Control: no-store``.
 
     Mounted alone, it authenticates the caller itself; behind
     :class:`~devicegate.DeviceAuthMiddleware` (at its ``token_path``) the middleware does.
@@ -220,6 +227,11 @@ class TokenEndpoint(ServerKeyEndpoint):
                 raise _bad_instance_id() from None
         elif self.issuer.requires_binding:
             raise _binding_required()
+        if "dpop_jkt" in data:
+            try:
+                check_jkt(data["dpop_jkt"])
+            except ValueError as exc:
+                raise Refusal(f"{exc}.") from None
         try:
             token = self.issuer.issue(
                 instance_id,

@@ -91,6 +91,10 @@ class InvalidReason(str, enum.Enum):
     REVOKED = "revoked"
     BAD_CLOCK = "bad_clock"
     NOT_CONFIGURED = "not_configured"
+    DPOP_REQUIRED = "dpop_required"
+    """A token bound to a key (``cnf.jkt``) sent as ``Bearer``, without a proof."""
+    NOT_DPOP_BOUND = "not_dpop_bound"
+    """A token bound to no key sent with the ``DPoP`` scheme."""
 
 
 Header = tuple[bytes, bytes]
@@ -111,13 +115,18 @@ class Refusal(DeviceGateError):
         headers: extra response headers (``Allow``, ``Retry-After``...), as raw byte pairs.
         close: whether the connection should be closed after the answer (a request body that
             was not read must not be parsed as the next request).
-        challenge: whether the answer carries a ``WWW-Authenticate: Bearer`` challenge.
+        challenge: whether the answer carries a ``WWW-Authenticate`` challenge.
+        scheme: the scheme of that challenge: ``Bearer`` (RFC 6750), or ``DPoP`` (RFC 9449)
+            for a request that must prove possession of a key.
+        challenge_params: further parameters of the challenge (``algs`` for DPoP).
     """
 
     status_code: int = 400
     error: str | None = "invalid_request"
     description: str = "The request cannot be served."
     challenge: ClassVar[bool] = False
+    scheme: str = "Bearer"
+    challenge_params: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,

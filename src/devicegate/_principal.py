@@ -222,6 +222,13 @@ class Principal(BaseUser):
         return subject if isinstance(subject, str) else None
 
     @property
+    def dpop_jkt(self) -> str | None:
+        """The thumbprint of the key a DPoP-bound token is bound to (its ``cnf.jkt``), or
+        ``None``: every request with such a token proved possession of that key."""
+        cnf = self.claims.get("cnf")
+        return cnf.get("jkt") if isinstance(cnf, Mapping) else None
+
+    @property
     def is_authenticated(self) -> bool:
         return True
 

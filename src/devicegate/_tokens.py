@@ -38,6 +38,7 @@ from . import _base64url as base64url
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._claims import check_application_claims, check_lifetime, check_subject
 from ._config import GateConfig
+from ._dpop import check_jkt
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._keys import ASYMMETRIC_ALGORITHMS, EDDSA, ES256, HS256, Key
@@ -414,6 +415,16 @@ class TokenVerifier:
         for name in ("iss", "sub", "jti"):
             if name in claims and not isinstance(claims[name], str):
                 raise InvalidToken(InvalidReason.BAD_CLAIMS)
+        if "cnf" in claims:
+            # RFC 7800: a confirmation method. Only DPoP's key thumbprint (RFC 9449 §6.1) can
+            # be checked here; a token bound in another way (mTLS x5t#S256) is refused.
+            cnf = claims["cnf"]
+            try:
+                if not isinstance(cnf, dict) or cnf.keys() != {"jkt"}:
+                    raise ValueError
+                check_jkt(cnf["jkt"])
+            except ValueError:
+                raise InvalidToken(InvalidReason.BAD_CLAIMS) from None
         bound: bytes | None = None
         if "instance_id" in claims:
             instance_id = claims["instance_id"]
@@ -496,7 +507,7 @@ class IssuedToken:
 
     Attributes:
         access_token: the compact JWT. Hidden from ``repr()``.
-        token_type: always ``"Bearer"``.
+        token_type: ``"Bearer"``, or ``"DPoP"`` for a token bound to a key.
         expires_in: lifetime in seconds.
         instance_id: the device the token is bound to, or ``None`` for a generic token.
         claims: the claims that were signed.
@@ -581,6 +592,7 @@ class TokenIssuer:
         claims: Mapping[str, Any] | None = None,
         lifetime: int | None = None,
         authorized_party: str | None = None,
+        dpop_jkt: str | None = None,
     ) -> IssuedToken:
         """Mint a token, bound to ``instance_id`` when given.
 
@@ -593,6 +605,9 @@ class TokenIssuer:
             lifetime: seconds until the token expires, at most the configured
                 ``jwt_expire_seconds`` (default: that).
             authorized_party: the ``azp`` claim: the named key that asked for the token.
+            dpop_jkt: the RFC 7638 SHA-256 thumbprint of the device's public key: the token
+                is then bound to it (``cnf.jkt``, RFC 9449 §6.1), accepted only with a DPoP
+                proof signed by that key, and its ``token_type`` is ``DPoP``.
 
         Raises:
             ValueError: ``instance_id`` is not 1-256 printable ASCII characters, or it is
@@ -611,6 +626,8 @@ class TokenIssuer:
             check_subject(subject)
         if authorized_party is not None:
             check_subject(authorized_party)
+        if dpop_jkt is not None:
+            check_jkt(dpop_jkt)
         seconds = self._lifetime if lifetime is None else check_lifetime(lifetime, self._lifetime)
         issued_at = int(self._clock())
         payload: dict[str, Any] = {
@@ -625,6 +642,8 @@ class TokenIssuer:
             payload["sub"] = subject
         if authorized_party is not None:
             payload["azp"] = authorized_party
+        if dpop_jkt is not None:
+            payload["cnf"] = {"jkt": dpop_jkt}
         if self._issuer is not None:
             payload["iss"] = self._issuer
         if self._audience is not None:
@@ -637,7 +656,8 @@ class TokenIssuer:
         access_token = (signing_input + b"." + base64url.encode(self._sign(signing_input))).decode()
         return IssuedToken(
             access_token=access_token,
-            token_type="Bearer",  # noqa: S106 - RFC 6750 token type
+            # RFC 6750 or RFC 9449 §5 token type
+            token_type="Bearer" if dpop_jkt is None else "DPoP",
             expires_in=seconds,
             instance_id=instance_id,
             claims=MappingProxyType(payload),

@@ -119,6 +119,10 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.UNKNOWN_KEY: (
         "unknown key: its 'kid' names no configured key (an EdDSA or ES256 token must name one)"
     ),
+    InvalidReason.DPOP_REQUIRED: (
+        "bound to a key (cnf.jkt): send it as 'Authorization: DPoP' with a DPoP proof"
+    ),
+    InvalidReason.NOT_DPOP_BOUND: "sent with the DPoP scheme, but bound to no key (no cnf.jkt)",
     InvalidReason.NOT_CONFIGURED: (
         "no key verifies tokens here (jwt_secret, jwt_private_key, jwt_public_keys or jwks_url), "
         "so no token can be valid"

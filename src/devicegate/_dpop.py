@@ -1,0 +1,281 @@
+"""DPoP (RFC 9449): device tokens bound to a key the device holds, proven on every request.
+
+A token minted with ``dpop_jkt`` carries ``cnf: {"jkt": <thumbprint>}`` (RFC 9449 §6.1): the
+RFC 7638 SHA-256 thumbprint of the device's public key. It is accepted only as
+``Authorization: DPoP <token>`` with one ``DPoP`` header holding a proof: a JWS the device
+signs for this request alone, with that key. :class:`ProofChecker` checks a proof as RFC 9449
+§4.3 lists it: ``typ`` ``dpop+jwt``; an asymmetric ``alg`` of the allow-list, which must be the
+key's own; a public ``jwk`` (Ed25519 or P-256); the signature; ``htm`` the request's method;
+``htu`` the request's URL (scheme and host from the configured ``public_url``, never from the
+request); ``iat`` within the allowed age; a ``jti`` not seen before within it; ``ath`` the hash
+of the token. The middleware then compares the proof key's thumbprint with the token's.
+
+References:
+    https://www.rfc-editor.org/rfc/rfc9449
+    https://www.rfc-editor.org/rfc/rfc7638
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import _base64url as base64url
+from ._errors import AuthError, ConfigError, Refusal
+from ._json import loads_strict_json
+from ._keys import EDDSA, ES256, jwk_key
+
+__all__ = [
+    "DPOP_ALGORITHMS",
+    "InvalidDpopProof",
+    "ProofChecker",
+    "ReplayCache",
+    "check_jkt",
+    "check_public_url",
+    "normalized_url",
+]
+
+DPOP_ALGORITHMS = (ES256, EDDSA)
+"""The proof algorithms devicegate can check, in the order it advertises them."""
+MAX_PROOF_BYTES = 4096
+MAX_JTI_LENGTH = 128
+# The replay cache holds each proof's jti until it could no longer be accepted anyway; beyond
+# this many live entries, new proofs are refused (503) rather than unchecked.
+MAX_REMEMBERED_PROOFS = 100_000
+
+_COMPACT = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class InvalidDpopProof(AuthError):
+    """The DPoP proof is missing, malformed, for another request, replayed, or signed by a key
+    the token is not bound to (RFC 9449 §7.1: ``error="invalid_dpop_proof"``)."""
+
+    error = "invalid_dpop_proof"
+    description = "The DPoP proof is invalid."
+    scheme = "DPoP"
+
+
+def check_jkt(value: object, field: str = "dpop_jkt") -> str:
+    """``value`` if it is a SHA-256 JWK thumbprint: 43 characters of base64url (32 bytes).
+
+    Raises:
+        ValueError: naming ``field``.
+    """
+    if not isinstance(value, str) or len(value) != 43 or base64url.decode(value) is None:
+        raise ValueError(f"{field} must be an RFC 7638 SHA-256 thumbprint: 43 base64url characters")
+    return value
+
+
+def check_public_url(value: object) -> str | None:
+    """``value`` normalised (no trailing slash) if it is an ``http(s)://host[:port][/prefix]``
+    URL without query, fragment or credentials, or ``None``.
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError("public_url", "must be a URL such as https://api.example.com") from None
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ConfigError(
+            "public_url",
+            "must be the http(s) URL clients reach this server at, such as "
+            "https://api.example.com, without query, fragment or credentials",
+        )
+    return normalized_url(value).rstrip("/")
+
+
+def normalized_url(url: str) -> str:
+    """``url`` as RFC 9449 §4.3 compares ``htu``: scheme and host in lower case, no default
+    port, no query or fragment, ``/`` for an empty path (RFC 3986 §6.2.2 and §6.2.3).
+
+    Raises:
+        ValueError: not an absolute http(s) URL.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an absolute http(s) URL")
+    port = parts.port
+    if ":" in host:
+        host = f"[{host}]"
+    authority = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    return f"{scheme}://{authority}{parts.path or '/'}"
+
+
+class ReplayCache:
+    """The ``jti`` of every proof accepted within its lifetime, in memory (one process).
+
+    Args:
+        clock: a monotonic clock in seconds; for tests.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._until: dict[str, float] = {}
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def first_use(self, key: str, seconds: float) -> bool:
+        """Remember ``key`` for ``seconds``; whether it was new.
+
+        Raises:
+            Refusal: 503, the cache is full of live entries (a flood of proofs).
+        """
+        with self._lock:
+            now = self._clock()
+            until = self._until.get(key)
+            if until is not None and until > now:
+                return False
+            if len(self._until) >= MAX_REMEMBERED_PROOFS:
+                for stale in [name for name, end in self._until.items() if end <= now]:
+                    del self._until[stale]
+                if len(self._until) >= MAX_REMEMBERED_PROOFS:
+                    raise Refusal(
+                        "Too many DPoP proofs right now; retry shortly.",
+                        status_code=503,
+                        error="temporarily_unavailable",
+                        headers=[(b"retry-after", b"1")],
+                    )
+            self._until[key] = now + seconds
+            return True
+
+
+class ProofChecker:
+    """Checks DPoP proofs for one server.
+
+    Args:
+        public_url: the URL clients reach this server at (``https://api.example.com``); the
+            proof's ``htu`` must be it followed by the request's path.
+        algorithms: the proof algorithms accepted (``ES256``, ``EdDSA``).
+        max_age_seconds: how old a proof's ``iat`` may be.
+        leeway_seconds: how far ahead of this clock a proof's ``iat`` may be.
+        replay: where the ``jti`` of accepted proofs is remembered.
+        clock: the current Unix time; for tests.
+    """
+
+    def __init__(
+        self,
+        public_url: str,
+        *,
+        algorithms: tuple[str, ...] = DPOP_ALGORITHMS,
+        max_age_seconds: int = 60,
+        leeway_seconds: int = 0,
+        replay: ReplayCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._base = public_url.rstrip("/")
+        self._algorithms = frozenset(algorithms)
+        self._max_age = max_age_seconds
+        self._leeway = leeway_seconds
+        self._replay = ReplayCache() if replay is None else replay
+        self._clock = clock
+
+    def check(self, proof: bytes, *, method: str, path: str, token: bytes) -> str:
+        """The thumbprint of the key that signed ``proof``, a valid proof for this request.
+
+        Args:
+            proof: the ``DPoP`` header's value.
+            method: the request's method (``GET`` for a websocket handshake).
+            path: the request's full path as clients see it (the root path included).
+            token: the access token the proof must be for.
+
+        Raises:
+            InvalidDpopProof: the proof is not valid for this request and token.
+            Refusal: 503, the replay cache is full.
+        """
+        match = _COMPACT.fullmatch(proof) if len(proof) <= MAX_PROOF_BYTES else None
+        if match is None:
+            raise _invalid("The DPoP proof is not a compact JWS.")
+        header_segment, payload_segment, signature = match.groups()
+        header = _object(header_segment)
+        if not isinstance(header.get("typ"), str) or header["typ"].lower() != "dpop+jwt":
+            raise _invalid("The DPoP proof's typ must be dpop+jwt.")
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            raise _invalid("The DPoP proof's algorithm is not accepted.")
+        if "crit" in header or not isinstance(header.get("jwk"), dict):
+            raise _invalid("The DPoP proof needs a public jwk and no crit.")
+        try:
+            key = jwk_key({name: value for name, value in header["jwk"].items() if name != "kid"})
+        except ValueError:
+            raise _invalid("The DPoP proof's jwk is not a public Ed25519 or P-256 key.") from None
+        if key.algorithm != alg:
+            raise _invalid("The DPoP proof's algorithm is not its key's.")
+        signing_input = proof[: len(header_segment) + 1 + len(payload_segment)]
+        if not key.verify(signing_input, signature):
+            raise _invalid("The DPoP proof's signature does not verify.")
+        claims = _object(payload_segment)
+        self._check_claims(claims, method, path, token)
+        jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
+        # One use per key and jti, for as long as the proof could be accepted at all.
+        if not self._replay.first_use(f"{jkt}:{claims['jti']}", self._max_age + self._leeway):
+            raise _invalid("The DPoP proof was used before.")
+        return jkt
+
+    def _check_claims(
+        self, claims: Mapping[str, Any], method: str, path: str, token: bytes
+    ) -> None:
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI_LENGTH:
+            raise _invalid("The DPoP proof needs a jti.")
+        if claims.get("htm") != method:
+            raise _invalid("The DPoP proof is for another method.")
+        htu = claims.get("htu")
+        try:
+            same_url = isinstance(htu, str) and normalized_url(htu) == self._base + path
+        except ValueError:
+            same_url = False
+        if not same_url:
+            raise _invalid("The DPoP proof is for another URL.")
+        iat = claims.get("iat")
+        now = self._clock()
+        if (
+            isinstance(iat, bool)
+            or not isinstance(iat, (int, float))
+            or not math.isfinite(iat)
+            or not now - self._max_age <= iat <= now + self._leeway
+        ):
+            raise _invalid("The DPoP proof is too old, from the future, or has no iat.")
+        expected = base64url.encode(hashlib.sha256(token).digest()).decode("ascii")
+        ath = claims.get("ath")
+        if not isinstance(ath, str) or not hmac.compare_digest(ath, expected):
+            raise _invalid("The DPoP proof is not for this access token (ath).")
+
+
+def _invalid(description: str) -> InvalidDpopProof:
+    return InvalidDpopProof(description)
+
+
+def _object(segment: bytes) -> dict[str, Any]:
+    raw = base64url.decode(segment)
+    try:
+        value = None if raw is None else loads_strict_json(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise _invalid("The DPoP proof is not a compact JWS of JSON objects.")
+    return value
