@@ -23,6 +23,7 @@ from joserfc.jwk import ECKey, OctKey, OKPKey
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenIssuer
 from devicegate._principal import Principal
 from tests.helpers import Keys, RecordingApp, write_secrets
+from tests.servers.process import HOST, answers, devicegate_command, serve, sync_client
 from tests.test_readme import BLOCKS, run_block
 
 PUBLIC_URL = "https://api.example.com"
@@ -287,3 +288,35 @@ async def test_the_readme_example(
     run_block(block, namespace)
     token = bound_token(keys, key)
     assert (await call(namespace["app"], token, [proof(key, token)])).status_code == 200
+
+
+@pytest.mark.integration
+def test_through_a_real_serve(keys: Keys, key: DeviceKey, tmp_path: Path) -> None:
+    def command(port: int) -> list[str]:
+        serve_port = devicegate_command("--secrets", str(secrets_file))(port)
+        return [*serve_port, "--public-url", f"http://{HOST}:{port}"]
+
+    secrets_file = write_secrets(tmp_path / "secrets.json", keys)
+    with (
+        serve(command, tmp_path / "serve.log", cwd=tmp_path, ready=answers("/health")) as server,
+        sync_client(server.url) as http,
+    ):
+        minted = http.post(
+            "/gen-jwt",
+            headers={"x-api-key": keys.api_key},
+            json={"instance_id": DEVICE, "dpop_jkt": key.thumbprint()},
+        )
+        assert minted.json()["token_type"] == "DPoP"
+        token = minted.json()["access_token"]
+        url = f"{server.url}/whoami"
+        headers = {"authorization": f"DPoP {token}", "x-instance-id": DEVICE}
+        once = proof(key, token, url=url)
+        admitted = http.get("/whoami", headers={**headers, "dpop": once})
+        replayed = http.get("/whoami", headers={**headers, "dpop": once})
+        as_bearer = http.get(
+            "/whoami", headers={**headers, "authorization": f"Bearer {token}", "dpop": once}
+        )
+    assert admitted.status_code == 200
+    assert admitted.json()["instance_id"] == DEVICE
+    assert_dpop_refusal(replayed)
+    assert_dpop_refusal(as_bearer, "invalid_token")

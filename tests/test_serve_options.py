@@ -272,6 +272,13 @@ REFUSED = [
         id="jwks-url-variable",
     ),
     pytest.param(
+        ["--public-url", "api.example.com"],
+        {},
+        "--public-url: must be the http(s) URL clients reach this server at, such as "
+        "https://api.example.com, without query, fragment or credentials",
+        id="public-url-flag",
+    ),
+    pytest.param(
         ["--mint-limit-per-device", "lots"],
         {},
         "--mint-limit-per-device: must be one limit such as '10/minute' or '600/hour', got 'lots'",

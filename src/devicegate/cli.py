@@ -41,6 +41,7 @@ from . import __version__
 from ._claims import ClaimError
 from ._config import GateConfig, env_variable
 from ._counters import Counters
+from ._dpop import check_public_url
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
 from ._json import loads_strict_json
 from ._keys import generate_private_key_pem
@@ -1005,6 +1006,12 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     flag_env: dict[str, str] = {}
     if args.jwks_url is not None:
         flag_env[env_variable("jwks_url")] = check_jwks_url("--jwks-url", args.jwks_url)
+    if args.public_url is not None:
+        try:
+            check_public_url(args.public_url)
+        except ConfigError as exc:
+            raise _in_user_words(exc, {"public_url": "--public-url"}) from None
+        flag_env[env_variable("public_url")] = args.public_url
     flag_env.update(_rate_limit_env(args, environ))
     environ = {**environ, **flag_env}
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
@@ -1225,6 +1232,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="also accept device tokens signed by the keys of this JWK Set, minted by another "
         "issuer: https://, or http:// on loopback (env DEVICEGATE_JWKS_URL)",
+    )
+    serve.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the URL clients reach this server at (https://api.example.com): DPoP proofs "
+        "must name it; without it DPoP requests are refused (env DEVICEGATE_PUBLIC_URL)",
     )
     serve.add_argument(
         "--redis",
