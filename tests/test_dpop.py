@@ -320,3 +320,37 @@ def test_through_a_real_serve(keys: Keys, key: DeviceKey, tmp_path: Path) -> Non
     assert admitted.json()["instance_id"] == DEVICE
     assert_dpop_refusal(replayed)
     assert_dpop_refusal(as_bearer, "invalid_token")
+
+
+async def test_a_rule_can_require_dpop_on_a_path(keys: Keys, key: DeviceKey) -> None:
+    # Older apps keep Bearer elsewhere; the sensitive path takes only proven tokens (and the
+    # keys its accept names).
+    from devicegate import Rule
+
+    rules = [Rule("/payments/*", accept={"device_token", "api_key"}, dpop=True)]
+    gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys), rules=rules)
+    plain = TokenIssuer(config(keys)).issue(DEVICE).access_token
+    bound = bound_token(keys, key)
+    transport = httpx.ASGITransport(app=gate)
+    async with httpx.AsyncClient(transport=transport, base_url="http://internal") as http:
+        device = {"x-instance-id": DEVICE}
+        elsewhere = await http.get("/items", headers={"authorization": f"Bearer {plain}", **device})
+        refused = await http.get(
+            "/payments/1", headers={"authorization": f"Bearer {plain}", **device}
+        )
+        key_call = await http.get("/payments/1", headers={"x-api-key": keys.api_key})
+    assert elsewhere.status_code == 200
+    assert_dpop_refusal(refused, "invalid_token")
+    assert key_call.status_code == 200
+    url = f"{PUBLIC_URL}/payments/1"
+    admitted = await call(gate, bound, [proof(key, bound, url=url)], path="/payments/1")
+    assert admitted.status_code == 200
+
+
+def test_a_dpop_rule_must_check_device_tokens() -> None:
+    from devicegate import ConfigError, Rule
+
+    for options in ({"public": True}, {"accept": {"api_key"}}):
+        with pytest.raises(ConfigError, match=r"^Rule\.dpop: "):
+            Rule("/x", dpop=True, **options)
+    assert repr(Rule("/x", dpop=True)).endswith(", dpop=True)")

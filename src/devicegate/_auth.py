@@ -121,12 +121,9 @@ class Authenticator:
         DPoP scheme only with such a token (RFC 9449 §7.1)."""
         jkt = principal.dpop_jkt
         if not dpop or jkt is None:
-            error = InvalidToken(
+            raise self.dpop_required(
                 InvalidReason.DPOP_REQUIRED if jkt is not None else InvalidReason.NOT_DPOP_BOUND
             )
-            error.scheme = "DPoP"
-            error.challenge_params = self._dpop_algs
-            raise error
         try:
             if self._dpop is None:
                 raise InvalidDpopProof(
@@ -148,6 +145,14 @@ class Authenticator:
         except InvalidDpopProof as error:
             error.challenge_params = self._dpop_algs
             raise
+
+    def dpop_required(self, reason: InvalidReason = InvalidReason.NOT_DPOP_BOUND) -> InvalidToken:
+        """The refusal of a token that should have come with a DPoP proof (RFC 9449 §7.1)."""
+        error = InvalidToken(reason)
+        error.scheme = "DPoP"
+        error.challenge_params = self._dpop_algs
+        error.credential_kind = DEVICE_TOKEN.value
+        return error
 
     def authenticate_known(self, scope: Mapping[str, Any]) -> Principal:
         """:meth:`authenticate`, for a credential that needs no new verification work: a key,

@@ -27,7 +27,13 @@ from ._errors import (
     check_realm,
 )
 from ._jwks import JwksEndpoint
-from ._principal import CredentialKind, Principal, credentials_for, unauthenticated_credentials
+from ._principal import (
+    DEVICE_TOKEN,
+    CredentialKind,
+    Principal,
+    credentials_for,
+    unauthenticated_credentials,
+)
 from ._ratelimit import RateLimiter, blocked_refusal, counts_as_failure
 from ._revocation import RevocationCheck, RevocationStore
 from ._revoke import RevocationEndpoint
@@ -68,6 +74,7 @@ class _Route(NamedTuple):
     public: bool
     endpoint: _Endpoint | None
     optional: bool = False
+    dpop: bool = False
 
 
 class DeviceAuthMiddleware:
@@ -279,7 +286,7 @@ class DeviceAuthMiddleware:
                         # bookkeeping on every request.
                         routes.clear()
                     routes[key] = route
-            accepted, public, endpoint, optional = route
+            accepted, public, endpoint, optional, dpop = route
             if public:
                 principal = None
             else:
@@ -304,6 +311,8 @@ class DeviceAuthMiddleware:
                         refused = InsufficientScope()
                         refused.credential_kind = principal.kind.value
                         raise refused
+                    if dpop and principal.kind is DEVICE_TOKEN and principal.dpop_jkt is None:
+                        raise gate.authenticator.dpop_required()
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -439,7 +448,10 @@ class _Gate:
             self.server_key_routes[jwks_path] = _Route(frozenset(), True, JwksEndpoint(config))
         # Every decision a path can get, built once: the remembered routes share them.
         self.rule_table = RuleTable(
-            ((rule, _Route(rule.accept, rule.public, None, rule.optional)) for rule in rules),
+            (
+                (rule, _Route(rule.accept, rule.public, None, rule.optional, rule.dpop))
+                for rule in rules
+            ),
             default=_Route(configured, False, None),
         )
         # path, or (root_path, path) under a mount point -> its _Route. The rules are fixed,

@@ -33,20 +33,24 @@ class Rule:
             public path does, but check one that does carry a credential as anywhere else: a
             valid one gives its principal, an invalid one is refused. For pages that greet a
             signed-in caller and serve everyone else too.
+        dpop: device tokens on this path must be bound to a key and come with a DPoP proof
+            (RFC 9449); a token bound to no key is refused here (keys are still governed by
+            ``accept``).
 
     Raises:
         ConfigError: the path is not absolute, contains ``.``/``..`` or empty segments or a
             backslash, a semicolon or a non-printable character, a ``*`` anywhere but a final
             ``/*``, or ``accept`` is empty (or given with ``public=True``), or ``public`` and
-            ``optional`` are both true.
+            ``optional`` are both true, or ``dpop`` is given where no device token is checked.
     """
 
-    __slots__ = ("_exact", "_prefix", "_root", "accept", "optional", "path", "public")
+    __slots__ = ("_exact", "_prefix", "_root", "accept", "dpop", "optional", "path", "public")
 
     path: str
     accept: frozenset[CredentialKind]
     public: bool
     optional: bool
+    dpop: bool
     _exact: frozenset[str]
     _prefix: str | None
     _root: str
@@ -58,6 +62,7 @@ class Rule:
         accept: Iterable[CredentialKind | str] | None = None,
         public: bool = False,
         optional: bool = False,
+        dpop: bool = False,
     ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ConfigError("Rule.path", f"must start with '/', got {path!r}")
@@ -92,11 +97,16 @@ class Rule:
             raise ConfigError(
                 "Rule.accept", "is empty, so nothing could pass; use public=True or remove it"
             )
+        if dpop and (public or CredentialKind.DEVICE_TOKEN not in kinds):
+            raise ConfigError(
+                "Rule.dpop", "requires device tokens to be proven, so the rule must accept them"
+            )
         set_ = object.__setattr__
         set_(self, "path", path)
         set_(self, "accept", kinds)
         set_(self, "public", bool(public))
         set_(self, "optional", bool(optional))
+        set_(self, "dpop", bool(dpop))
         # A trailing slash does not make another resource: most routers serve or redirect
         # "/admin/" to "/admin" (Litestar serves both), so a rule covers both spellings. A
         # looser reading would let a credential the rule refuses in through the other one.
@@ -117,11 +127,12 @@ class Rule:
         if self.public:
             return f"Rule({self.path!r}, public=True)"
         optional = ", optional=True" if self.optional else ""
+        dpop = ", dpop=True" if self.dpop else ""
         kinds = ", ".join(sorted(kind.value for kind in self.accept))
-        return f"Rule({self.path!r}, accept={{{kinds}}}{optional})"
+        return f"Rule({self.path!r}, accept={{{kinds}}}{optional}{dpop})"
 
-    def _key(self) -> tuple[str, frozenset[CredentialKind], bool, bool]:
-        return (self.path, self.accept, self.public, self.optional)
+    def _key(self) -> tuple[str, frozenset[CredentialKind], bool, bool, bool]:
+        return (self.path, self.accept, self.public, self.optional, self.dpop)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Rule):

@@ -123,7 +123,9 @@ REASON_WORDS: Mapping[InvalidReason, str] = {
     InvalidReason.DPOP_REQUIRED: (
         "bound to a key (cnf.jkt): send it as 'Authorization: DPoP' with a DPoP proof"
     ),
-    InvalidReason.NOT_DPOP_BOUND: "sent with the DPoP scheme, but bound to no key (no cnf.jkt)",
+    InvalidReason.NOT_DPOP_BOUND: (
+        "bound to no key (no cnf.jkt), but sent with the DPoP scheme or where DPoP is required"
+    ),
     InvalidReason.NOT_CONFIGURED: (
         "no key verifies tokens here (jwt_secret, jwt_private_key, jwt_public_keys or jwks_url), "
         "so no token can be valid"
