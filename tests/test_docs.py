@@ -127,6 +127,10 @@ HOW: dict[tuple[str, str, str], str] = {
         "not run here: the command runs tests/test_redis_serve.py, which the suite runs"
     ),
     ("README.md", "Proof of possession: DPoP", "python"): "tests/test_dpop.py",
+    ("README.md", "Proof of possession: DPoP", "text"): (
+        "not run: a sketch with the user's own login; tests/test_client.py runs DPoPAuth so "
+        "against a real serve"
+    ),
     ("README.md", "Rate limits", "python"): (
         "tests/test_ratelimit.py, against a real redis-server"
     ),
