@@ -41,6 +41,10 @@ IN_PROCESS = {
     "bare jwt.decode (HS256)": None,
     "TokenIssuer.issue": None,
     "token endpoint, POST /gen-jwt through devicegate": None,
+    "bare cryptography P-256 ECDSA verify of a DPoP proof": None,
+    "raw + devicegate, DPoP request (cached ES256-proven token, a new proof)": (
+        "bare cryptography P-256 ECDSA verify of a DPoP proof"
+    ),
     **{
         row: baseline
         for algorithm, check in (("EdDSA", "Ed25519"), ("ES256", "P-256 ECDSA"))
@@ -133,9 +137,9 @@ def test_the_machine_and_every_target_are_stated(run: tuple[dict[str, Any], str]
     figures, output = run
     assert figures["machine"]["python"].startswith("CPython ")
     assert "starlette " in figures["machine"]["packages"]
-    # Seven in process (eight with the Redis replica), two per asymmetric algorithm and the
-    # EdDSA minting rate; one over HTTP.
-    expected = 12 + bool(shutil.which("redis-server")) + (1 if figures["over HTTP"] else 0)
+    # Seven in process (eight with the Redis replica), two per asymmetric algorithm, DPoP and
+    # the EdDSA minting rate; one over HTTP.
+    expected = 13 + bool(shutil.which("redis-server")) + (1 if figures["over HTTP"] else 0)
     assert len(figures["targets"]) == expected
     for target in figures["targets"]:
         assert isinstance(target["met"], bool)

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from . import _base64url as base64url
 from ._errors import AuthError, ConfigError, Refusal
 from ._json import loads_strict_json
-from ._keys import EDDSA, ES256, jwk_key
+from ._keys import EDDSA, ES256, Key, jwk_key
 
 __all__ = [
     "DPOP_ALGORITHMS",
@@ -46,6 +46,9 @@ DPOP_ALGORITHMS = (ES256, EDDSA)
 """The proof algorithms devicegate can check, in the order it advertises them."""
 MAX_PROOF_BYTES = 4096
 MAX_JTI_LENGTH = 128
+# The proof headers (one per device key) remembered, and the longest remembered.
+MAX_REMEMBERED_HEADERS = 4096
+MAX_REMEMBERED_HEADER_BYTES = 1024
 # The replay cache holds each proof's jti until it could no longer be accepted anyway; beyond
 # this many live entries, new proofs are refused (503) rather than unchecked.
 MAX_REMEMBERED_PROOFS = 100_000
@@ -193,6 +196,8 @@ class ProofChecker:
         self._leeway = leeway_seconds
         self._replay = ReplayCache() if replay is None else replay
         self._clock = clock
+        # Proof headers that passed every header rule, with the key they hold.
+        self._headers: dict[bytes, Key] = {}
 
     def check(self, proof: bytes, *, method: str, path: str, token: bytes) -> str:
         """The thumbprint of the key that signed ``proof``, a valid proof for this request.
@@ -211,6 +216,23 @@ class ProofChecker:
         if match is None:
             raise _invalid("The DPoP proof is not a compact JWS.")
         header_segment, payload_segment, signature = match.groups()
+        key = self._headers.get(header_segment)
+        if key is None:
+            key = self._check_header(header_segment)
+        signing_input = proof[: len(header_segment) + 1 + len(payload_segment)]
+        if not key.verify(signing_input, signature):
+            raise _invalid("The DPoP proof's signature does not verify.")
+        claims = _object(payload_segment)
+        self._check_claims(claims, method, path, token)
+        jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
+        # One use per key and jti, for as long as the proof could be accepted at all.
+        if not self._replay.first_use(f"{jkt}:{claims['jti']}", self._max_age + self._leeway):
+            raise _invalid("The DPoP proof was used before.")
+        return jkt
+
+    def _check_header(self, header_segment: bytes) -> Key:
+        """The key of a proof header that passes every header rule, remembered: a device puts
+        the same header (its key) on every proof, and building a key is the slow part."""
         header = _object(header_segment)
         if not isinstance(header.get("typ"), str) or header["typ"].lower() != "dpop+jwt":
             raise _invalid("The DPoP proof's typ must be dpop+jwt.")
@@ -225,16 +247,12 @@ class ProofChecker:
             raise _invalid("The DPoP proof's jwk is not a public Ed25519 or P-256 key.") from None
         if key.algorithm != alg:
             raise _invalid("The DPoP proof's algorithm is not its key's.")
-        signing_input = proof[: len(header_segment) + 1 + len(payload_segment)]
-        if not key.verify(signing_input, signature):
-            raise _invalid("The DPoP proof's signature does not verify.")
-        claims = _object(payload_segment)
-        self._check_claims(claims, method, path, token)
-        jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
-        # One use per key and jti, for as long as the proof could be accepted at all.
-        if not self._replay.first_use(f"{jkt}:{claims['jti']}", self._max_age + self._leeway):
-            raise _invalid("The DPoP proof was used before.")
-        return jkt
+        if len(header_segment) <= MAX_REMEMBERED_HEADER_BYTES:
+            headers = self._headers
+            if len(headers) >= MAX_REMEMBERED_HEADERS:
+                headers.clear()  # all at once: a flood of keys costs rebuilding them, no more
+            headers[header_segment] = key
+        return key
 
     def _check_claims(
         self, claims: Mapping[str, Any], method: str, path: str, token: bytes
@@ -245,10 +263,14 @@ class ProofChecker:
         if claims.get("htm") != method:
             raise _invalid("The DPoP proof is for another method.")
         htu = claims.get("htu")
-        try:
-            same_url = isinstance(htu, str) and normalized_url(htu) == self._base + path
-        except ValueError:
-            same_url = False
+        expected_url = self._base + path
+        # The usual case, the URL as sent, without parsing; else compared once normalised.
+        same_url = htu == expected_url
+        if not same_url and isinstance(htu, str):
+            try:
+                same_url = normalized_url(htu) == expected_url
+            except ValueError:
+                same_url = False
         if not same_url:
             raise _invalid("The DPoP proof is for another URL.")
         iat = claims.get("iat")
