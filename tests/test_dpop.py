@@ -12,6 +12,7 @@ import json
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, OKPKey
 
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenIssuer
+from devicegate._dpop import SharedReplayStore
 from devicegate._principal import Principal
 from tests.helpers import Keys, RecordingApp, write_secrets
 from tests.servers.process import HOST, answers, devicegate_command, serve, sync_client
+from tests.servers.redis_server import RedisServer, redis_server
 from tests.test_readme import BLOCKS, run_block
 
 PUBLIC_URL = "https://api.example.com"
@@ -354,3 +357,38 @@ def test_a_dpop_rule_must_check_device_tokens() -> None:
         with pytest.raises(ConfigError, match=r"^Rule\.dpop: "):
             Rule("/x", dpop=True, **options)
     assert repr(Rule("/x", dpop=True)).endswith(", dpop=True)")
+
+
+# -- several instances: one replay store on a real redis-server ----------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
+    with redis_server(tmp_path) as running:
+        yield running
+
+
+async def test_a_proof_used_on_one_instance_is_refused_on_another(
+    keys: Keys, key: DeviceKey, redis: RedisServer
+) -> None:
+    stores = [SharedReplayStore(redis.url) for _ in range(2)]
+    first, second = (
+        DeviceAuthMiddleware(RecordingApp(), config=config(keys), dpop_replay=store)
+        for store in stores
+    )
+    token = bound_token(keys, key)
+    try:
+        once = proof(key, token)
+        assert (await call(first, token, [once])).status_code == 200
+        assert_dpop_refusal(await call(second, token, [once]))  # another process: still caught
+        assert (await call(second, token, [proof(key, token)])).status_code == 200
+        held = [str(name) for name in redis.client().keys("devicegate:dpop:*")]
+        assert len(held) == 2  # hashed: no token or key material in Redis
+        assert all(str(redis.client().ttl(name)) != "-1" for name in held)
+        redis.stop()  # fail closed: a replay that cannot be ruled out is not admitted
+        down = await call(first, token, [proof(key, token)])
+        assert down.status_code == 503
+        assert down.headers["retry-after"] == "1"
+    finally:
+        for store in stores:
+            store.close()

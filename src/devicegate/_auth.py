@@ -8,17 +8,20 @@ URL) and knows nothing else of ASGI: it sends nothing.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
-from ._dpop import InvalidDpopProof, ProofChecker
+from ._dpop import InvalidDpopProof, ProofChecker, replayed
 from ._errors import AuthError, InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
 
-__all__ = ["Authenticator"]
+__all__ = ["DPOP_REPLAY_KEY", "Authenticator"]
+
+DPOP_REPLAY_KEY = "devicegate.dpop_replay_key"
+"""Where an accepted DPoP proof's replay key is left in the scope, for a shared replay store."""
 
 
 class Authenticator:
@@ -137,7 +140,7 @@ class Authenticator:
             if root_path and not path.startswith(root_path):
                 path = root_path + path
             method = scope.get("method", "GET")  # a websocket handshake is a GET
-            proven = self._dpop.check(proofs[0], method=method, path=path, token=token)
+            proven, replay_key = self._dpop.check(proofs[0], method=method, path=path, token=token)
             if not hmac.compare_digest(proven, jkt):
                 raise InvalidDpopProof(
                     "The DPoP proof is signed by a key the token is not bound to."
@@ -145,11 +148,22 @@ class Authenticator:
         except InvalidDpopProof as error:
             error.challenge_params = self._dpop_algs
             raise
+        # For a store every instance shares, asked by the middleware (it may await): this
+        # process has seen the proof once, the others may not have.
+        if isinstance(scope, MutableMapping):
+            scope[DPOP_REPLAY_KEY] = replay_key
 
     def dpop_required(self, reason: InvalidReason = InvalidReason.NOT_DPOP_BOUND) -> InvalidToken:
         """The refusal of a token that should have come with a DPoP proof (RFC 9449 §7.1)."""
         error = InvalidToken(reason)
         error.scheme = "DPoP"
+        error.challenge_params = self._dpop_algs
+        error.credential_kind = DEVICE_TOKEN.value
+        return error
+
+    def replayed_proof(self) -> InvalidDpopProof:
+        """The refusal of a DPoP proof used before (on another instance, say)."""
+        error = replayed()
         error.challenge_params = self._dpop_algs
         error.credential_kind = DEVICE_TOKEN.value
         return error

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import threading
@@ -27,16 +28,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+import anyio.to_thread
+
 from . import _base64url as base64url
 from ._errors import AuthError, ConfigError, Refusal
 from ._json import loads_strict_json
 from ._keys import EDDSA, ES256, Key, jwk_key
+
+logger = logging.getLogger("devicegate")
 
 __all__ = [
     "DPOP_ALGORITHMS",
     "InvalidDpopProof",
     "ProofChecker",
     "ReplayCache",
+    "SharedReplayStore",
     "check_jkt",
     "check_public_url",
     "normalized_url",
@@ -199,8 +206,14 @@ class ProofChecker:
         # Proof headers that passed every header rule, with the key they hold.
         self._headers: dict[bytes, Key] = {}
 
-    def check(self, proof: bytes, *, method: str, path: str, token: bytes) -> str:
-        """The thumbprint of the key that signed ``proof``, a valid proof for this request.
+    @property
+    def proof_lifetime(self) -> float:
+        """How long a proof's ``jti`` must be remembered: as long as it could be accepted."""
+        return float(self._max_age + self._leeway)
+
+    def check(self, proof: bytes, *, method: str, path: str, token: bytes) -> tuple[str, str]:
+        """The thumbprint of the key that signed ``proof``, a valid proof for this request, and
+        the proof's replay key (``<thumbprint>:<jti>``), seen for the first time here.
 
         Args:
             proof: the ``DPoP`` header's value.
@@ -226,9 +239,10 @@ class ProofChecker:
         self._check_claims(claims, method, path, token)
         jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
         # One use per key and jti, for as long as the proof could be accepted at all.
-        if not self._replay.first_use(f"{jkt}:{claims['jti']}", self._max_age + self._leeway):
-            raise _invalid("The DPoP proof was used before.")
-        return jkt
+        replay_key = f"{jkt}:{claims['jti']}"
+        if not self._replay.first_use(replay_key, self.proof_lifetime):
+            raise replayed()
+        return jkt, replay_key
 
     def _check_header(self, header_segment: bytes) -> Key:
         """The key of a proof header that passes every header rule, remembered: a device puts
@@ -286,6 +300,77 @@ class ProofChecker:
         ath = claims.get("ath")
         if not isinstance(ath, str) or not hmac.compare_digest(ath, expected):
             raise _invalid("The DPoP proof is not for this access token (ath).")
+
+
+def replayed() -> InvalidDpopProof:
+    """The refusal of a proof used before."""
+    return _invalid("The DPoP proof was used before.")
+
+
+class SharedReplayStore:
+    """The ``jti`` of accepted proofs in a Redis every instance shares, so that a proof used on
+    one instance is refused on every other (``SET key NX EX``: one round trip, atomic).
+
+    Asked after a proof passed every other check, from a few worker threads of its own (the
+    client blocks), with bounded waits. A Redis that cannot answer refuses the request (503):
+    a replay it might have caught is never admitted.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` (the ``redis`` extra).
+        prefix: the key prefix.
+        socket_timeout: seconds one Redis call may take.
+
+    Raises:
+        ConfigError: the URL is not one the client can use, or ``redis`` is missing.
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str = "devicegate:dpop:", socket_timeout: float = 1.0
+    ) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError(
+                "dpop_replay_url", "needs the redis package: pip install 'devicegate[redis]'"
+            ) from None
+        try:
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
+        except ValueError:
+            # The message may quote the URL, and with it a password.
+            raise ConfigError("dpop_replay_url", "is not a Redis URL this client can use") from None
+        self._prefix = prefix
+        self._threads = anyio.CapacityLimiter(4)
+
+    def __repr__(self) -> str:
+        return f"<SharedReplayStore prefix={self._prefix!r}>"  # never the URL
+
+    async def first_use(self, key: str, seconds: float) -> bool:
+        """Remember ``key`` for ``seconds`` in Redis; whether no instance had it.
+
+        Raises:
+            Refusal: 503, Redis cannot answer.
+        """
+        name = self._prefix + hashlib.sha256(key.encode()).hexdigest()
+        ttl = max(1, math.ceil(seconds))
+        try:
+            created = await anyio.to_thread.run_sync(
+                lambda: self._redis.set(name, b"1", nx=True, ex=ttl), limiter=self._threads
+            )
+        except Exception as exc:
+            logger.error("devicegate cannot check DPoP replays in Redis (%s)", type(exc).__name__)
+            raise Refusal(
+                "DPoP proofs cannot be checked right now; retry shortly.",
+                status_code=503,
+                error="temporarily_unavailable",
+                headers=[(b"retry-after", b"1")],
+            ) from None
+        return bool(created)
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._redis.close()
 
 
 def _invalid(description: str) -> InvalidDpopProof:

@@ -11,9 +11,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_refusal
 from ._audit import log_refusal, refusal_reason
-from ._auth import Authenticator
+from ._auth import DPOP_REPLAY_KEY, Authenticator
 from ._config import GateConfig
 from ._counters import Counters
+from ._dpop import SharedReplayStore
 from ._endpoint import ServerKeyEndpoint, TokenEndpoint
 from ._errors import (
     DEFAULT_REALM,
@@ -117,6 +118,9 @@ class DeviceAuthMiddleware:
             ``mint_limit_per_device``, ``failure_limit_per_address``) are counted: a
             ``limits`` storage URI, ``memory://`` (the default) or a Redis every instance
             shares, ``redis://host:port/db``.
+        dpop_replay: a :class:`~devicegate._dpop.SharedReplayStore` every instance shares, so
+            that a DPoP proof used on one is refused on all (default: each process remembers
+            the proofs it saw).
 
     Raises:
         ConfigError: a rule is not a :class:`~devicegate.Rule`, ``token_path`` or
@@ -145,6 +149,7 @@ class DeviceAuthMiddleware:
         counters: Counters | None = None,
         jwks_path: str | None = "/.well-known/jwks.json",
         rate_limit_storage: str | None = None,
+        dpop_replay: SharedReplayStore | None = None,
     ) -> None:
         if not isinstance(config, GateConfig):
             raise ConfigError("config", f"must be a GateConfig, got {type(config).__name__}")
@@ -179,6 +184,7 @@ class DeviceAuthMiddleware:
         self._realm = realm
         self._counters = counters
         self._rate_limit_storage = rate_limit_storage
+        self._dpop_replay = dpop_replay
         limiter = RateLimiter(config, rate_limit_storage)
         # Everything that follows from the configuration, compiled once and swapped whole by
         # reconfigure(): a request reads it once, so it never sees half of each.
@@ -313,6 +319,8 @@ class DeviceAuthMiddleware:
                         raise refused
                     if dpop and principal.kind is DEVICE_TOKEN and principal.dpop_jkt is None:
                         raise gate.authenticator.dpop_required()
+                    if self._dpop_replay is not None:
+                        await self._check_shared_replay(scope, gate)
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -336,6 +344,16 @@ class DeviceAuthMiddleware:
             await endpoint.respond(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _check_shared_replay(self, scope: Scope, gate: _Gate) -> None:
+        """Refuse a DPoP proof another instance has accepted already."""
+        key = scope.pop(DPOP_REPLAY_KEY, None)
+        if key is None or self._dpop_replay is None:
+            return
+        config = gate.config
+        lifetime = config.dpop_proof_max_age_seconds + config.leeway_seconds
+        if not await self._dpop_replay.first_use(key, lifetime):
+            raise gate.authenticator.replayed_proof()
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         log_refusal(scope, error)

@@ -33,6 +33,7 @@ from .._config import (
     read_secrets_document,
 )
 from .._counters import Counters
+from .._dpop import SharedReplayStore
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._principal import CredentialKind
@@ -253,6 +254,7 @@ def build_app(
     counters: Counters | None = None,
     rate_limit_storage: str | None = None,
     on_shutdown: Sequence[Callable[[], None]] = (),
+    dpop_replay: SharedReplayStore | None = None,
 ) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
@@ -292,6 +294,8 @@ def build_app(
             storage URI; default: in this process's memory).
         on_shutdown: what to close when the server shuts down (the shared store it was given,
             when nobody else uses it).
+        dpop_replay: where accepted DPoP proofs are remembered for every instance (default:
+            in this process).
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -372,6 +376,7 @@ def build_app(
         revoke_path=revoke_path,
         counters=counters,
         rate_limit_storage=rate_limit_storage,
+        dpop_replay=dpop_replay,
     )
 
     def check(new: GateConfig) -> None:
@@ -561,6 +566,9 @@ class ServeSettings:
                     f"the environment variable {self.forward_auth_secret_env} is not set or empty",
                 )
         store = self.shared_revocations()
+        # DPoP proofs seen by any instance, in the same Redis.
+        replay = None if self.redis_url is None else SharedReplayStore(self.redis_url)
+        closers = [each.close for each in (store, replay) if each is not None]
         try:
             return build_app(
                 config,
@@ -581,12 +589,13 @@ class ServeSettings:
                 counters=counters,
                 # One limit across workers and instances when they share a Redis.
                 rate_limit_storage=self.redis_url,
-                # The store is this app's alone: its thread and connections end with the server.
-                on_shutdown=() if store is None else (store.close,),
+                dpop_replay=replay,
+                # The stores are this app's alone: their threads and connections end with it.
+                on_shutdown=closers,
             )
         except BaseException:
-            if store is not None:
-                store.close()  # its thread and connections are nobody's now
+            for close in closers:
+                close()  # their threads and connections are nobody's now
             raise
 
     def shared_revocations(self) -> RedisRevocationList | None:
