@@ -392,3 +392,29 @@ async def test_a_proof_used_on_one_instance_is_refused_on_another(
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.mark.integration
+def test_two_real_instances_behind_one_url_share_their_proofs(
+    keys: Keys, key: DeviceKey, redis: RedisServer, tmp_path: Path
+) -> None:
+    # As behind a load balancer: one public URL, two `devicegate serve --redis` instances.
+    secrets_file = write_secrets(tmp_path / "secrets.json", keys)
+    args = ("--secrets", str(secrets_file), "--redis", redis.url, "--public-url", PUBLIC_URL)
+    with (
+        serve(
+            devicegate_command(*args), tmp_path / "a.log", cwd=tmp_path, ready=answers("/health")
+        ) as first,
+        serve(
+            devicegate_command(*args), tmp_path / "b.log", cwd=tmp_path, ready=answers("/health")
+        ) as second,
+    ):
+        token = bound_token(keys, key)
+        once = proof(key, token, url=f"{PUBLIC_URL}/whoami")
+        headers = {"authorization": f"DPoP {token}", "x-instance-id": DEVICE, "dpop": once}
+        with sync_client(first.url) as http:
+            admitted = http.get("/whoami", headers=headers)
+        with sync_client(second.url) as http:
+            replayed = http.get("/whoami", headers=headers)
+    assert admitted.status_code == 200
+    assert_dpop_refusal(replayed)
