@@ -24,7 +24,7 @@ from joserfc.jwk import ECKey, OctKey, OKPKey
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenIssuer
 from devicegate._dpop import SharedReplayStore
 from devicegate._principal import Principal
-from tests.helpers import Keys, RecordingApp, write_secrets
+from tests.helpers import Keys, RecordingApp, call_asgi, message_types, write_secrets, ws_scope
 from tests.servers.process import HOST, answers, devicegate_command, serve, sync_client
 from tests.servers.redis_server import RedisServer, redis_server
 from tests.test_readme import BLOCKS, run_block
@@ -418,3 +418,20 @@ def test_two_real_instances_behind_one_url_share_their_proofs(
             replayed = http.get("/whoami", headers=headers)
     assert admitted.status_code == 200
     assert_dpop_refusal(replayed)
+
+
+async def test_a_websocket_handshake_is_judged_the_same_way(keys: Keys, key: DeviceKey) -> None:
+    # The handshake is a GET to the socket's URL: the proof names that, as for any request.
+    app = RecordingApp()
+    gate = DeviceAuthMiddleware(app, config=config(keys))
+    token = bound_token(keys, key)
+    good = proof(key, token, url=f"{PUBLIC_URL}/ws")
+    base = [("authorization", f"DPoP {token}"), ("x-instance-id", DEVICE)]
+    accepted = await call_asgi(gate, ws_scope("/ws", [*base, ("dpop", good)]))
+    assert message_types(accepted)[0] == "websocket.accept"
+    replayed = await call_asgi(gate, ws_scope("/ws", [*base, ("dpop", good)]))
+    without = await call_asgi(gate, ws_scope("/ws", base))
+    for refused in (replayed, without):
+        assert message_types(refused) == ["websocket.close"]
+        assert refused[0]["code"] == 1008
+    assert len([scope for scope in app.calls if scope["type"] == "websocket"]) == 1
