@@ -38,6 +38,7 @@ from websockets.sync.client import connect
 import devicegate
 import devicegate.gateway._app
 from devicegate import ConfigError, InvalidReason, TokenVerifier, cli
+from devicegate._tokens import unverified_claims
 from devicegate.gateway._app import ServeSettings, app_from_env
 from devicegate.gateway._logging import log_config
 from tests.helpers import (
@@ -453,7 +454,7 @@ def test_when(timestamp: object, now: float, expected: str) -> None:
     ],
 )
 def test_unverified_claims(token: str, expected: dict[str, Any]) -> None:
-    assert cli._unverified_claims(token) == expected
+    assert unverified_claims(token) == expected
 
 
 # -- in process: configuration errors -----------------------------------------------------------

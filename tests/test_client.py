@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from devicegate import DeviceAuthMiddleware, RevocationList, TokenIssuer
 from devicegate.client import DeviceTokenAuth, DPoPAuth
-from tests.helpers import Keys, RecordingApp, write_secrets
+from tests.helpers import Keys, RecordingApp, jti_of, write_secrets
 from tests.servers.process import HOST, answers, devicegate_command, serve
 
 DEVICE = "device-client"
@@ -50,7 +50,7 @@ async def test_dpop_auth_signs_every_request_and_refetches_a_refused_token(
         assert len(minted) == 1  # one token, a fresh proof for each request
         proofs = {dict(call["headers"])[b"dpop"] for call in app.calls}
         assert len(proofs) == 3
-        await revocations.revoke_token(_jti(minted[0]))
+        await revocations.revoke_token(jti_of(minted[0]))
         posted = await http.post("/items", json={"name": "x"})  # refused once, then a new token
     assert posted.status_code == 200
     assert len(minted) == 2
@@ -117,15 +117,6 @@ def test_dpop_auth_against_a_real_serve(
             answers_ = [http.get("/whoami") for _ in range(3)]
     assert [answer.status_code for answer in answers_] == [200, 200, 200]
     assert answers_[0].json()["instance_id"] == DEVICE
-
-
-def _jti(token: str) -> str:
-    import base64
-    import json
-
-    payload = token.split(".")[1]
-    jti: str = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
-    return jti
 
 
 def test_only_ed25519_or_p256_keys() -> None:

@@ -10,9 +10,7 @@ and a Redis that is gone turns it (and every token) into a 503.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import statistics
 import threading
 import time
@@ -23,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Keys, bearer, token_of
+from tests.helpers import Keys, bearer, jti_of, token_of
 from tests.servers.process import answers, devicegate_command, serve, sync_client
 from tests.servers.redis_server import RedisServer, redis_server
 from tests.test_cli import get_from_a_worker, until_two_workers_answer
@@ -56,12 +54,6 @@ def mint(http: httpx.Client, keys: Keys, device: str) -> str:
         "/gen-jwt", headers={"x-api-key": keys.api_key}, json={"instance_id": device}
     )
     return token_of(response, device)
-
-
-def jti_of(token: str) -> str:
-    payload = token.split(".")[1]
-    jti: str = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
-    return jti
 
 
 def revoke(http: httpx.Client, keys: Keys, body: dict[str, Any]) -> None:

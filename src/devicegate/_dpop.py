@@ -32,7 +32,8 @@ import anyio
 import anyio.to_thread
 
 from . import _base64url as base64url
-from ._errors import AuthError, ConfigError, Refusal
+from ._bounded import drop_expired, remember
+from ._errors import AuthError, ConfigError, unavailable
 from ._json import loads_strict_json
 from ._keys import EDDSA, ES256, Key, jwk_key
 
@@ -161,15 +162,9 @@ class ReplayCache:
             if until is not None and until > now:
                 return False
             if len(self._until) >= MAX_REMEMBERED_PROOFS:
-                for stale in [name for name, end in self._until.items() if end <= now]:
-                    del self._until[stale]
+                drop_expired(self._until, now)
                 if len(self._until) >= MAX_REMEMBERED_PROOFS:
-                    raise Refusal(
-                        "Too many DPoP proofs right now; retry shortly.",
-                        status_code=503,
-                        error="temporarily_unavailable",
-                        headers=[(b"retry-after", b"1")],
-                    )
+                    raise unavailable("Too many DPoP proofs right now; retry shortly.", 1)
             self._until[key] = now + seconds
             return True
 
@@ -262,10 +257,7 @@ class ProofChecker:
         if key.algorithm != alg:
             raise _invalid("The DPoP proof's algorithm is not its key's.")
         if len(header_segment) <= MAX_REMEMBERED_HEADER_BYTES:
-            headers = self._headers
-            if len(headers) >= MAX_REMEMBERED_HEADERS:
-                headers.clear()  # all at once: a flood of keys costs rebuilding them, no more
-            headers[header_segment] = key
+            remember(self._headers, header_segment, key, MAX_REMEMBERED_HEADERS)
         return key
 
     def _check_claims(
@@ -360,11 +352,8 @@ class SharedReplayStore:
             )
         except Exception as exc:
             logger.error("devicegate cannot check DPoP replays in Redis (%s)", type(exc).__name__)
-            raise Refusal(
-                "DPoP proofs cannot be checked right now; retry shortly.",
-                status_code=503,
-                error="temporarily_unavailable",
-                headers=[(b"retry-after", b"1")],
+            raise unavailable(
+                "DPoP proofs cannot be checked right now; retry shortly.", 1
             ) from None
         return bool(created)
 

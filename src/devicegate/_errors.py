@@ -148,6 +148,18 @@ class Refusal(DeviceGateError):
         super().__init__(self.description)
 
 
+def unavailable(description: str, retry_after: int) -> Refusal:
+    """503 ``temporarily_unavailable`` with ``Retry-After`` (seconds): something devicegate
+    must ask (a shared store, a key set) cannot answer, so the request is refused rather than
+    decided blind."""
+    return Refusal(
+        description,
+        status_code=503,
+        error="temporarily_unavailable",
+        headers=[(b"retry-after", str(retry_after).encode())],
+    )
+
+
 class AuthError(Refusal):
     """A credential was refused: the answer carries an RFC 6750 ``WWW-Authenticate`` challenge.
 

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._asgi import send_refusal
 from ._audit import log_refusal, refusal_reason
 from ._auth import DPOP_REPLAY_KEY, Authenticator
+from ._bounded import remember
 from ._config import GateConfig
 from ._counters import Counters
 from ._dpop import SharedReplayStore
@@ -287,11 +288,8 @@ class DeviceAuthMiddleware:
             if route is None:
                 route = gate.route(path, root_path)  # raises for an unsafe path: not kept
                 if len(path) <= _MAX_CACHED_PATH:
-                    if len(routes) >= _ROUTE_CACHE_SIZE:
-                        # Full when paths carry ids: start over, rather than pay for LRU
-                        # bookkeeping on every request.
-                        routes.clear()
-                    routes[key] = route
+                    # Full when paths carry ids: start over (no LRU bookkeeping per request).
+                    remember(routes, key, route, _ROUTE_CACHE_SIZE)
             accepted, public, endpoint, optional, dpop = route
             if public:
                 principal = None

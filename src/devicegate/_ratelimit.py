@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._errors import ConfigError, InvalidReason, InvalidToken, Refusal
+from ._bounded import drop_expired
+from ._errors import ConfigError, InvalidReason, InvalidToken, Refusal, unavailable
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
@@ -125,12 +126,7 @@ def too_many(retry_after: float, description: str) -> Refusal:
 
 
 def _unavailable() -> Refusal:
-    return Refusal(
-        "The rate limits cannot be checked right now.",
-        status_code=503,
-        error="temporarily_unavailable",
-        headers=[(b"retry-after", b"5")],
-    )
+    return unavailable("The rate limits cannot be checked right now.", 5)
 
 
 class RateLimiter:
@@ -244,8 +240,7 @@ class RateLimiter:
         blocked = self.blocked
         now = self._clock()
         if group not in blocked and len(blocked) >= MAX_BLOCKED_ADDRESSES:
-            for stale in [name for name, until in blocked.items() if until <= now]:
-                del blocked[stale]
+            drop_expired(blocked, now)
             if len(blocked) >= MAX_BLOCKED_ADDRESSES:
                 return  # full of live blocks: keep them rather than lift them all
         blocked[group] = now + refused[0]

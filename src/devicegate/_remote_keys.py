@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ._errors import ConfigError, Refusal
+from ._errors import ConfigError, Refusal, unavailable
 from ._json import loads_strict_json
 from ._keys import Key, jwk_key
 
@@ -99,12 +99,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _unavailable() -> Refusal:
-    return Refusal(
-        "The keys that verify this token cannot be fetched right now.",
-        status_code=503,
-        error="temporarily_unavailable",
-        headers=[(b"retry-after", b"10")],
-    )
+    return unavailable("The keys that verify this token cannot be fetched right now.", 10)
 
 
 def parse_jwks(body: bytes) -> dict[str, Key]:

@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from . import _base64url as base64url
+from ._bounded import remember
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
 from ._claims import check_application_claims, check_lifetime, check_subject
 from ._config import GateConfig
@@ -53,6 +54,7 @@ __all__ = [
     "TokenIssuer",
     "TokenVerifier",
     "decode_json_segment",
+    "unverified_claims",
     "validate_instance_id",
 ]
 
@@ -371,10 +373,7 @@ class TokenVerifier:
             raise InvalidToken(InvalidReason.BAD_HEADER)
         checked = alg, kid
         if len(header_segment) <= _MAX_REMEMBERED_HEADER_BYTES:
-            headers = self._headers
-            if len(headers) >= _MAX_REMEMBERED_HEADERS:
-                headers.clear()  # all at once: a flood of headers costs a refill, nothing more
-            headers[header_segment] = checked
+            remember(self._headers, header_segment, checked, _MAX_REMEMBERED_HEADERS)
         return checked
 
     def _check_claims(self, claims: dict[str, Any]) -> CachedToken:
@@ -445,6 +444,16 @@ class TokenVerifier:
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
         return CachedToken(expires_at, valid_from, bound, principal, -1)
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a compact JWS read without checking its signature, or ``{}``: for a
+    token whose signature was checked already, or that only its issuer will check."""
+    try:
+        data = decode_json_segment(token.split(".")[1].encode("ascii"))
+    except (IndexError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _json_object(segment: bytes) -> dict[str, Any]:

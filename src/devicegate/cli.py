@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import dataclasses
 import errno
 import http.client
@@ -49,7 +48,7 @@ from ._middleware import DeviceAuthMiddleware
 from ._ratelimit import check_limit
 from ._remote_keys import check_jwks_url
 from ._rules import has_unsafe_segments
-from ._tokens import TokenIssuer, TokenVerifier, decode_json_segment
+from ._tokens import TokenIssuer, TokenVerifier, unverified_claims
 from .gateway._app import (
     DEFAULT_FORWARD_AUTH_PATH,
     DEFAULT_REVOKE_PATH,
@@ -323,15 +322,6 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 # -- verify --------------------------------------------------------------------------------------
 
 
-def _unverified_claims(token: str) -> dict[str, Any]:
-    """The payload of a token whose signature has already been checked, or ``{}``."""
-    try:
-        data = decode_json_segment(token.split(".")[1].encode("ascii"))
-    except (IndexError, ValueError, binascii.Error, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _when(timestamp: object, now: float) -> str:
     if type(timestamp) is not int:
         return "unknown"
@@ -370,7 +360,7 @@ def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         principal = TokenVerifier(config, clock=lambda: now).verify(token, device)
     except InvalidToken as exc:
         words = REASON_WORDS.get(exc.reason, exc.reason.value)
-        claims = _unverified_claims(token)
+        claims = unverified_claims(token)
         if exc.reason is InvalidReason.EXPIRED:
             words = f"expired at {_when(claims.get('exp'), now)}"
         elif exc.reason is InvalidReason.WRONG_DEVICE:
@@ -381,7 +371,7 @@ def _verify(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"invalid: {words}")
         return EXIT_FAILURE
     except InvalidRequest:
-        bound = _unverified_claims(token).get("instance_id")
+        bound = unverified_claims(token).get("instance_id")
         print(f"invalid: the token is bound to a device ({bound!r}): pass --instance-id")
         return EXIT_FAILURE
     print("valid")

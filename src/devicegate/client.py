@@ -31,6 +31,7 @@ import httpx
 from . import _base64url as base64url
 from ._errors import ConfigError
 from ._keys import EcdsaKey, EdDsaKey
+from ._tokens import unverified_claims
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -238,13 +239,7 @@ def _signing_key(private_key: object) -> EdDsaKey | EcdsaKey:
 def _expiry_of(token: str) -> float:
     """The token's ``exp``, read without verifying (the server verifies); ``inf`` when absent
     or unreadable, so that only the server's refusal replaces it."""
-    parts = token.split(".")
-    raw = base64url.decode(parts[1]) if len(parts) == 3 else None
-    try:
-        claims = json.loads(raw) if raw is not None else None
-    except ValueError:
-        claims = None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    exp = unverified_claims(token).get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         return float("inf")
     return float(exp)

@@ -48,7 +48,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._errors import ConfigError, Refusal
+from ._errors import ConfigError, unavailable
 from ._revocation import (
     DEFAULT_RETENTION_SECONDS,
     REVOCATION_KINDS,
@@ -202,7 +202,7 @@ class RedisRevocationList:
         self._fail_open = fail_open
         self._socket_timeout = float(socket_timeout)
         self._heartbeat = min(self._staleness / 4, _MAX_HEARTBEAT_SECONDS)
-        self._retry_after = str(max(1, math.ceil(self._staleness))).encode()
+        self._retry_after = max(1, math.ceil(self._staleness))
         self.key = f"{prefix}:revocations"
         self.epoch_key = f"{prefix}:revocations:epoch"
         self.channel = f"{prefix}:revocations"
@@ -263,12 +263,7 @@ class RedisRevocationList:
         if self._replica.is_revoked(claims):
             return True
         if not self._fail_open and not self.fresh:
-            raise Refusal(
-                UNAVAILABLE,
-                status_code=503,
-                error="temporarily_unavailable",
-                headers=[(b"retry-after", self._retry_after)],
-            )
+            raise unavailable(UNAVAILABLE, self._retry_after)
         return False
 
     @property
@@ -323,12 +318,7 @@ class RedisRevocationList:
                 kind,
                 type(exc).__name__,
             )
-            raise Refusal(
-                NOT_SHARED,
-                status_code=503,
-                error="temporarily_unavailable",
-                headers=[(b"retry-after", self._retry_after)],
-            ) from None
+            raise unavailable(NOT_SHARED, self._retry_after) from None
 
     def _write(self, entry: RevocationEntry) -> None:
         member, message = _encode(entry)
