@@ -201,6 +201,16 @@ async def test_a_replayed_proof_is_refused(keys: Keys, key: DeviceKey) -> None:
     assert_dpop_refusal(await call(gate, token, [once]))
 
 
+async def test_a_reload_forgets_no_proof(keys: Keys, key: DeviceKey) -> None:
+    # A SIGHUP (reconfigure) must not reopen the window for a proof already used.
+    gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys))
+    token = bound_token(keys, key)
+    once = proof(key, token)
+    assert (await call(gate, token, [once])).status_code == 200
+    gate.reconfigure(config(keys, token_cache_size=100))
+    assert_dpop_refusal(await call(gate, token, [once]))
+
+
 async def test_one_proof_header_exactly(keys: Keys, key: DeviceKey) -> None:
     gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys))
     token = bound_token(keys, key)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
-from ._dpop import InvalidDpopProof, ProofChecker, replayed
+from ._dpop import InvalidDpopProof, ProofChecker, ReplayCache, replayed
 from ._errors import AuthError, InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
@@ -30,6 +30,8 @@ class Authenticator:
     Args:
         config: the keys, secrets and claim rules.
         verifier: the device-token verifier (default: one built from ``config``).
+        replay: where accepted DPoP proofs are remembered (default: a memory of its own); a
+            middleware keeps one across reconfigurations, so that a reload forgets none.
     """
 
     __slots__ = (
@@ -46,7 +48,13 @@ class Authenticator:
         "configured_kinds",
     )
 
-    def __init__(self, config: GateConfig, *, verifier: TokenVerifier | None = None) -> None:
+    def __init__(
+        self,
+        config: GateConfig,
+        *,
+        verifier: TokenVerifier | None = None,
+        replay: ReplayCache | None = None,
+    ) -> None:
         self._api_keys = tuple(key.encode() for key in config.api_keys)
         self._mobile_api_keys = tuple(key.encode() for key in config.mobile_api_keys)
         # One principal per key, built once: it names the key when the configuration does.
@@ -66,6 +74,7 @@ class Authenticator:
                 algorithms=config.dpop_algorithms,
                 max_age_seconds=config.dpop_proof_max_age_seconds,
                 leeway_seconds=config.leeway_seconds,
+                replay=replay,
             )
         )
         self._dpop_algs = (("algs", " ".join(config.dpop_algorithms)),)

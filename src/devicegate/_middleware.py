@@ -15,7 +15,7 @@ from ._auth import DPOP_REPLAY_KEY, Authenticator
 from ._bounded import remember
 from ._config import GateConfig
 from ._counters import Counters
-from ._dpop import SharedReplayStore
+from ._dpop import ReplayCache, SharedReplayStore
 from ._endpoint import ServerKeyEndpoint, TokenEndpoint
 from ._errors import (
     DEFAULT_REALM,
@@ -187,9 +187,13 @@ class DeviceAuthMiddleware:
         self._rate_limit_storage = rate_limit_storage
         self._dpop_replay = dpop_replay
         limiter = RateLimiter(config, rate_limit_storage)
+        # Accepted DPoP proofs, remembered across reconfigurations: a reload forgets none.
+        self._dpop_seen = ReplayCache()
         # Everything that follows from the configuration, compiled once and swapped whole by
         # reconfigure(): a request reads it once, so it never sees half of each.
-        self._gate = _Gate(config, verifier, rules, self._paths, realm, counters, limiter)
+        self._gate = _Gate(
+            config, verifier, rules, self._paths, realm, counters, limiter, self._dpop_seen
+        )
 
     def __repr__(self) -> str:
         return (
@@ -263,7 +267,14 @@ class DeviceAuthMiddleware:
         # The same storage keeps its counts and blocked addresses.
         limiter = before.limiter.reconfigured(config, self._rate_limit_storage)
         self._gate = _Gate(
-            config, verifier, self._rules, self._paths, self._realm, self._counters, limiter
+            config,
+            verifier,
+            self._rules,
+            self._paths,
+            self._realm,
+            self._counters,
+            limiter,
+            self._dpop_seen,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -426,6 +437,7 @@ class _Gate:
         realm: str,
         counters: Counters | None,
         limiter: RateLimiter,
+        dpop_seen: ReplayCache,
     ) -> None:
         token_path, revoke_path, jwks_path = paths
         self.config = config
@@ -433,7 +445,7 @@ class _Gate:
         # The limiter's own dict: empty (and so one truth test a request) unless an address
         # is over its limit.
         self.blocked = limiter.blocked
-        self.authenticator = Authenticator(config, verifier=verifier)
+        self.authenticator = Authenticator(config, verifier=verifier, replay=dpop_seen)
         self.authenticate = self.authenticator.authenticate
         configured = self.authenticator.configured_kinds
         for rule in rules:
