@@ -17,6 +17,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,12 @@ from urllib.parse import unquote
 import anyio
 import httpx
 import pytest
+from joserfc.jwk import ECKey
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from devicegate import DeviceAuthMiddleware, Rule
+from devicegate._dpop import NONCE_PERIOD_SECONDS, Nonces, nonce_key
 from tests.helpers import (
     REALM_ONLY,
     Answer,
@@ -55,6 +58,7 @@ from tests.servers.process import (
     serve,
     uvicorn_command,
 )
+from tests.test_dpop import proof as dpop_proof
 
 NGINX_EXAMPLE = ROOT / "docs" / "nginx.conf.example"
 CADDY_EXAMPLE = ROOT / "docs" / "Caddyfile.example"
@@ -69,6 +73,7 @@ CADDY_API = "reverse_proxy 127.0.0.1:9000"
 CADDY_SECRET_ENV = "DEVICEGATE_FORWARD_SECRET"
 CLI_RULES = (Rule("/health", public=True),)
 PROXIES = ("nginx", "caddy")
+PUBLIC_URL = "https://api.example.com"
 
 
 def binary(name: str) -> str:
@@ -245,7 +250,8 @@ def stack(
     kind, runs = request.param
     secret = secrets.token_urlsafe(32)
     directory = tmp_path_factory.mktemp(f"{kind}-{runs}")
-    env = {SECRET_ENV: secret}
+    # DPoP proofs name the public URL (the proxy's, behind TLS), and carry server nonces.
+    env = {SECRET_ENV: secret, "DEVICEGATE_PUBLIC_URL": PUBLIC_URL, "DEVICEGATE_DPOP_NONCE": "true"}
     command: Callable[[int], list[str]]
     if runs == "library":
         env.update(
@@ -433,6 +439,49 @@ async def test_client_cannot_name_another_uri(stack: Stack) -> None:
         response = await fetch(http, "/orders", spoofed)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == REALM_ONLY
+
+
+async def test_dpop_proofs_are_checked_for_the_original_request(stack: Stack) -> None:
+    # The proxy asks about the client's method and URI: the proof must name those, with the
+    # public URL, and the server nonce devicegate hands out reaches the client.
+    key = ECKey.generate_key("P-256")
+    async with async_client(stack.proxy.url) as http:
+        minted = await http.post(
+            "/gen-jwt",
+            headers={"x-api-key": stack.keys.api_key},
+            json={"instance_id": "phone-7", "dpop_jkt": key.thumbprint()},
+        )
+        token = minted.json()["access_token"]
+        headers = {"authorization": f"DPoP {token}", "x-instance-id": "phone-7"}
+        url = f"{PUBLIC_URL}/mobile/verify"
+
+        async def send(proof_: str, method: str = "GET") -> httpx.Response:
+            return await http.request(method, "/mobile/verify", headers={**headers, "dpop": proof_})
+
+        asked = await send(dpop_proof(key, token, url=url))
+        nonce = asked.headers["dpop-nonce"]
+        once = dpop_proof(key, token, url=url, nonce=nonce)
+        admitted = await send(once)
+        replayed = await send(once)
+        other_url = await send(dpop_proof(key, token, url=f"{PUBLIC_URL}/mobile/x", nonce=nonce))
+        other_method = await send(dpop_proof(key, token, url=url, nonce=nonce), "DELETE")
+        key_material = nonce_key([stack.keys.api_key, stack.keys.jwt_secret])
+        aged = Nonces(key_material, clock=lambda: time.time() - NONCE_PERIOD_SECONDS).current()
+        offered = await send(dpop_proof(key, token, url=url, nonce=aged))
+    assert asked.status_code == 401
+    assert 'error="use_dpop_nonce"' in asked.headers["www-authenticate"]
+    got = received(admitted)
+    assert got["x-devicegate-instance-id"] == ["phone-7"]
+    assert "dpop" not in got  # the proof stops at the proxy, as the token does
+    assert "authorization" not in got
+    for refused in (replayed, other_url, other_method):
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith('DPoP realm="devicegate"')
+        assert refused.json()["error"] == "invalid_dpop_proof"
+    assert offered.status_code == 200
+    if stack.kind == "nginx":  # Caddy's example passes devicegate's headers on refusals only
+        assert offered.headers["dpop-nonce"] == nonce
+    assert "dpop-nonce" not in admitted.headers
 
 
 async def test_client_identity_headers_never_reach_the_api(stack: Stack) -> None:

@@ -4,13 +4,13 @@ middleware in process (asyncio and trio) and against a real ``devicegate serve``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from devicegate import DeviceAuthMiddleware, RevocationList, TokenIssuer
+from devicegate._tokens import unverified_claims
 from devicegate.client import DeviceTokenAuth, DPoPAuth
 from tests.helpers import Keys, RecordingApp, jti_of, write_secrets
 from tests.servers.process import HOST, answers, devicegate_command, serve
@@ -97,7 +97,7 @@ def test_dpop_auth_against_a_real_serve(
     def command(port: int) -> list[str]:
         return [
             *devicegate_command("--secrets", str(secrets_file))(port),
-            *("--public-url", f"http://{HOST}:{port}"),
+            *("--public-url", f"http://{HOST}:{port}", "--dpop-nonce"),
         ]
 
     with serve(command, tmp_path / "serve.log", cwd=tmp_path, ready=answers("/health")) as server:
@@ -113,10 +113,17 @@ def test_dpop_auth_against_a_real_serve(
             return token
 
         auth = DPoPAuth(fetch_token, private_key=private_key, device_id=DEVICE)
-        with httpx.Client(base_url=server.url, auth=auth, trust_env=False) as http:
+        sent: list[str] = []  # each proof as it was sent (a retry reuses the request)
+        hooks = {"request": [lambda request: sent.append(request.headers["dpop"])]}
+        with httpx.Client(
+            base_url=server.url, auth=auth, trust_env=False, event_hooks=hooks
+        ) as http:
             answers_ = [http.get("/whoami") for _ in range(3)]
     assert [answer.status_code for answer in answers_] == [200, 200, 200]
     assert answers_[0].json()["instance_id"] == DEVICE
+    # The first was asked for a server nonce and sent again with it; the others had it.
+    assert len(sent) == 4
+    assert ["nonce" in unverified_claims(proof) for proof in sent] == [False, True, True, True]
 
 
 def test_only_ed25519_or_p256_keys() -> None:
@@ -126,37 +133,34 @@ def test_only_ed25519_or_p256_keys() -> None:
         DPoPAuth(lambda: "t", private_key=ec.generate_private_key(ec.SECP384R1()))
 
 
-async def test_dpop_auth_answers_a_nonce_request_once(private_key: PrivateKey) -> None:
+async def test_dpop_auth_answers_a_nonce_request_once(keys: Keys, private_key: PrivateKey) -> None:
     # RFC 9449 §8: a server that wants a nonce answers 401 use_dpop_nonce with DPoP-Nonce;
     # the client signs the proof again with it, and keeps it for the next requests.
-    import base64
-    import json
+    config = keys.config(public_url=BASE, dpop_nonce=True)
+    app = RecordingApp()
+    gate = DeviceAuthMiddleware(app, config=config)
+    issuer = TokenIssuer(config)
 
-    seen: list[str | None] = []
+    def fetch_token() -> str:
+        return issuer.issue(DEVICE, dpop_jkt=auth.jkt).access_token
 
-    async def wants_a_nonce(scope: Any, receive: Any, send: Any) -> None:
-        proof = dict(scope["headers"])[b"dpop"].decode()
-        payload = proof.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        seen.append(claims.get("nonce"))
-        ok = claims.get("nonce") == "n-1"
-        headers = (
-            []
-            if ok
-            else [
-                (b"www-authenticate", b'DPoP error="use_dpop_nonce"'),
-                (b"dpop-nonce", b"n-1"),
-            ]
-        )
-        await send(
-            {"type": "http.response.start", "status": 200 if ok else 401, "headers": headers}
-        )
-        await send({"type": "http.response.body", "body": b""})
+    auth = DPoPAuth(fetch_token, private_key=private_key, device_id=DEVICE)
+    sent: list[str] = []  # each proof as it was sent (a retry reuses the request)
 
-    auth = DPoPAuth(lambda: "a.b.c", private_key=private_key)
-    transport = httpx.ASGITransport(app=wants_a_nonce)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE, auth=auth) as http:
+    async def record(request: httpx.Request) -> None:
+        sent.append(request.headers["dpop"])
+
+    transport = httpx.ASGITransport(app=gate)
+    hooks = {"request": [record]}
+    async with httpx.AsyncClient(
+        transport=transport, base_url=BASE, auth=auth, event_hooks=hooks
+    ) as http:
         first = await http.get("/")
         second = await http.get("/")
     assert (first.status_code, second.status_code) == (200, 200)
-    assert seen == [None, "n-1", "n-1"]
+    assert len(sent) == 3  # asked for a nonce once; the second request had it already
+    nonces = [unverified_claims(proof).get("nonce") for proof in sent]
+    assert nonces[0] is None
+    assert nonces[1] is not None
+    assert nonces[1] == nonces[2]
+    assert len(app.calls) == 2

@@ -370,6 +370,7 @@ def test_every_field_is_a_keyword_argument(keys: Keys) -> None:
         "public_url",
         "dpop_algorithms",
         "dpop_proof_max_age_seconds",
+        "dpop_nonce",
         "mint_limit_per_key",
         "mint_limit_per_device",
         "failure_limit_per_address",
@@ -876,6 +877,7 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
         "DEVICEGATE_PUBLIC_URL": "HTTPS://API.example.com:443/v1/",
         "DEVICEGATE_DPOP_ALGORITHMS": "ES256",
         "DEVICEGATE_DPOP_PROOF_MAX_AGE_SECONDS": "30",
+        "DEVICEGATE_DPOP_NONCE": "true",
         "DEVICEGATE_MINT_LIMIT_PER_KEY": "600/minute",
         "DEVICEGATE_MINT_LIMIT_PER_DEVICE": " 10/minute ",
         "DEVICEGATE_FAILURE_LIMIT_PER_ADDRESS": "none",
@@ -898,6 +900,7 @@ def test_from_env_reads_every_field(keys: Keys) -> None:
     assert config.public_url == "https://api.example.com/v1"
     assert config.dpop_algorithms == ("ES256",)
     assert config.dpop_proof_max_age_seconds == 30
+    assert config.dpop_nonce is True
     assert config.mint_limit_per_key == "600/minute"
     assert config.mint_limit_per_device == "10/minute"
     assert config.failure_limit_per_address is None

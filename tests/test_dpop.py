@@ -22,9 +22,17 @@ from joserfc import jws
 from joserfc.jwk import ECKey, OctKey, OKPKey
 
 from devicegate import DeviceAuthMiddleware, GateConfig, TokenIssuer
-from devicegate._dpop import SharedReplayStore
+from devicegate._dpop import NONCE_PERIOD_SECONDS, Nonces, SharedReplayStore, nonce_key
 from devicegate._principal import Principal
-from tests.helpers import Keys, RecordingApp, call_asgi, message_types, write_secrets, ws_scope
+from tests.helpers import (
+    Keys,
+    RecordingApp,
+    call_asgi,
+    fresh_keys,
+    message_types,
+    write_secrets,
+    ws_scope,
+)
 from tests.servers.process import HOST, answers, devicegate_command, serve, sync_client
 from tests.servers.redis_server import RedisServer, redis_server
 from tests.test_readme import BLOCKS, run_block
@@ -445,3 +453,86 @@ async def test_a_websocket_handshake_is_judged_the_same_way(keys: Keys, key: Dev
         assert message_types(refused) == ["websocket.close"]
         assert refused[0]["code"] == 1008
     assert len([scope for scope in app.calls if scope["type"] == "websocket"]) == 1
+
+
+# -- server nonces (RFC 9449 §8) -----------------------------------------------------------------
+
+
+def offered_nonce(response: httpx.Response) -> str:
+    assert_dpop_refusal(response, "use_dpop_nonce")
+    nonce = response.headers["dpop-nonce"]
+    assert len(nonce) == 32  # base64url: the period and an HMAC of it, nothing else
+    return nonce
+
+
+async def test_a_server_that_wants_nonces_gives_one_and_takes_it(
+    keys: Keys, key: DeviceKey
+) -> None:
+    app = RecordingApp()
+    gate = DeviceAuthMiddleware(app, config=config(keys, dpop_nonce=True))
+    token = bound_token(keys, key)
+    nonce = offered_nonce(await call(gate, token, [proof(key, token)]))
+    offered_nonce(await call(gate, token, [proof(key, token, nonce="A" * 32)]))
+    offered_nonce(await call(gate, token, [proof(key, token, nonce=17)]))
+    assert app.calls == []
+    admitted = await call(gate, token, [proof(key, token, nonce=nonce)])
+    assert admitted.status_code == 200
+    assert "dpop-nonce" not in admitted.headers  # still the current one: nothing to offer
+    # The nonce is checked after the signature: a forged proof learns nothing new.
+    forged = proof(key, token, nonce=nonce).split(".")
+    forged[2] = forged[2][::-1]
+    assert_dpop_refusal(await call(gate, token, [".".join(forged)]))
+
+
+async def test_an_aged_nonce_is_admitted_once_more_with_the_new_one_offered(
+    keys: Keys, key: DeviceKey
+) -> None:
+    # Instances that share server keys share nonces: they derive from those keys (never from
+    # the mobile API key, which ships inside apps).
+    gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys, dpop_nonce=True))
+    token = bound_token(keys, key)
+    current = offered_nonce(await call(gate, token, [proof(key, token)]))
+    key_material = nonce_key([keys.api_key, keys.jwt_secret])
+
+    def nonce_from(seconds_ago: int) -> str:
+        return Nonces(key_material, clock=lambda: time.time() - seconds_ago).current()
+
+    assert nonce_from(0) == current
+    aged = await call(gate, token, [proof(key, token, nonce=nonce_from(NONCE_PERIOD_SECONDS))])
+    assert aged.status_code == 200
+    assert aged.headers["dpop-nonce"] == current
+    too_old = nonce_from(2 * NONCE_PERIOD_SECONDS)
+    assert offered_nonce(await call(gate, token, [proof(key, token, nonce=too_old)])) == current
+
+
+async def test_instances_with_the_same_server_keys_accept_each_others_nonces(
+    keys: Keys, key: DeviceKey
+) -> None:
+    token = bound_token(keys, key)
+
+    def gate(**keys_: str) -> DeviceAuthMiddleware:
+        given: dict[str, Any] = {"api_keys": keys.api_key, "mobile_api_keys": keys.mobile_api_key}
+        given |= keys_
+        settings = GateConfig(
+            jwt_secret=keys.jwt_secret, public_url=PUBLIC_URL, dpop_nonce=True, **given
+        )
+        return DeviceAuthMiddleware(RecordingApp(), config=settings)
+
+    first = gate()
+    same = gate(mobile_api_keys=fresh_keys().mobile_api_key)
+    other = gate(api_keys=fresh_keys().api_key)
+    nonce = offered_nonce(await call(first, token, [proof(key, token)]))
+    assert (await call(same, token, [proof(key, token, nonce=nonce)])).status_code == 200
+    assert offered_nonce(await call(other, token, [proof(key, token, nonce=nonce)])) != nonce
+
+
+@pytest.mark.parametrize("encoded", ["/files/a%20b", "/files/%61%20b", "/files/a b"])
+async def test_a_percent_encoded_path_in_htu_matches_the_decoded_request_path(
+    keys: Keys, key: DeviceKey, encoded: str
+) -> None:
+    gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys))
+    token = bound_token(keys, key)
+    good = proof(key, token, url=f"{PUBLIC_URL}{encoded}")
+    assert (await call(gate, token, [good], path="/files/a%20b")).status_code == 200
+    other = proof(key, token, url=f"{PUBLIC_URL}/files/a%2520b")  # a literal "%20"
+    assert_dpop_refusal(await call(gate, token, [other], path="/files/a%20b"))

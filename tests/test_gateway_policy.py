@@ -106,6 +106,8 @@ def client_fields(fields: Headers) -> Headers:
         # The client's credentials, under the gate's configured names and their look-alikes.
         ([(b"authorization", b"Bearer x"), (b"x-api-key", b"k"), (b"x-device", b"d")], []),
         ([(b"X_Api_Key", b"k"), (b"x.device", b"d")], []),
+        # A DPoP proof is part of the credential (RFC 9449): it stops here as the token does.
+        ([(b"dpop", b"e30.e30.sig"), (b"DPoP", b"e30.e30.sig")], []),
         # A field name is compared folded, never trimmed into another: these are other fields.
         ([(b"x-api-keys", b"k")], [(b"x-api-keys", b"k")]),
         ([(b"xapi-key", b"k")], [(b"xapi-key", b"k")]),

@@ -154,6 +154,30 @@ async def test_rules_decide_in_the_gate_and_at_forward_auth(
             assert (asked.status_code == 204) is admitted, (path, kind, asked.text)
 
 
+async def test_a_dpop_rule_refuses_bearer_tokens_on_its_paths(
+    secrets_file: Path,
+    keys: Keys,
+    fake_run: FakeRun,
+    port: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # 'dpop' names device tokens that come with a proof; the path keeps the other kinds named.
+    argv = ["serve", "--port", str(port), "--secrets", str(secrets_file), "--dpop-nonce"]
+    argv += ["--public-url", "https://api.example.com", "--rule", "/pay/*=api_key,dpop"]
+    assert cli.main(argv) == 0
+    banner = capsys.readouterr().err
+    assert "  DPoP: proofs must name https://api.example.com/..., with server nonces\n" in banner
+    token = credential(keys, "device_token")
+    async with client(fake_run.app) as http:
+        bearer_on_pay = await http.get("/pay/1", headers=token)
+        key_on_pay = await http.get("/pay/1", headers=credential(keys, "api_key"))
+        bearer_elsewhere = await http.get("/whoami", headers=token)
+    assert bearer_on_pay.status_code == 401
+    assert bearer_on_pay.headers["www-authenticate"].startswith('DPoP realm="devicegate"')
+    assert key_on_pay.status_code in (200, 404)
+    assert bearer_elsewhere.status_code == 200
+
+
 def test_rules_travel_to_the_workers_and_back() -> None:
     settings = ServeSettings(rules=tuple(RULES))
     assert ServeSettings.from_env(settings.to_env()).rules == tuple(RULES)
@@ -161,7 +185,7 @@ def test_rules_travel_to_the_workers_and_back() -> None:
 
 # -- refused in the user's words -----------------------------------------------------------------
 
-KINDS = "api_key, mobile_api_key, device_token"
+KINDS = "api_key, mobile_api_key, device_token, dpop"
 
 IN_THE_CLEAR = (
     "must be an https:// URL (or http:// on 127.0.0.1, ::1 or localhost): keys fetched in the "
@@ -246,6 +270,13 @@ REFUSED = [
         {},
         "--rule: '/a/*/b=api_key': '*' is allowed only as a final '/*' segment",
         id="rule-inner-wildcard",
+    ),
+    pytest.param(
+        ["--rule", "/pay/*=device_token,dpop"],
+        {},
+        "--rule: '/pay/*=device_token,dpop': name device_token or dpop, not both (dpop is "
+        "device tokens with a proof)",
+        id="rule-with-device-token-and-dpop",
     ),
     pytest.param(
         [],

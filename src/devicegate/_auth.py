@@ -13,15 +13,18 @@ from typing import Any
 
 from ._config import GateConfig
 from ._credentials import match_key, read_credential
-from ._dpop import InvalidDpopProof, ProofChecker, ReplayCache, replayed
+from ._dpop import InvalidDpopProof, Nonces, ProofChecker, ReplayCache, nonce_key, replayed
 from ._errors import AuthError, InvalidReason, InvalidToken
 from ._principal import API_KEY, DEVICE_TOKEN, CredentialKind, Principal
 from ._tokens import TokenVerifier
 
-__all__ = ["DPOP_REPLAY_KEY", "Authenticator"]
+__all__ = ["DPOP_NONCE", "DPOP_REPLAY_KEY", "Authenticator"]
 
 DPOP_REPLAY_KEY = "devicegate.dpop_replay_key"
 """Where an accepted DPoP proof's replay key is left in the scope, for a shared replay store."""
+DPOP_NONCE = "devicegate.dpop_nonce"
+"""Where a newer server nonce is left in the scope when an admitted proof's has aged, for the
+middleware to offer in the answer's ``DPoP-Nonce`` header."""
 
 
 class Authenticator:
@@ -46,6 +49,7 @@ class Authenticator:
         "_mobile_api_keys",
         "_verifier",
         "configured_kinds",
+        "nonces",
     )
 
     def __init__(
@@ -66,6 +70,11 @@ class Authenticator:
         self._device_header = config.device_header.encode("latin-1")
         self._verifier = TokenVerifier(config) if verifier is None else verifier
         self._check_token = self._verifier.check
+        self.nonces = (
+            Nonces(nonce_key(_server_secrets(config)))
+            if config.dpop_nonce and config.public_url is not None
+            else None
+        )
         self._dpop = (
             None
             if config.public_url is None
@@ -75,6 +84,7 @@ class Authenticator:
                 max_age_seconds=config.dpop_proof_max_age_seconds,
                 leeway_seconds=config.leeway_seconds,
                 replay=replay,
+                nonces=self.nonces,
             )
         )
         self._dpop_algs = (("algs", " ".join(config.dpop_algorithms)),)
@@ -149,7 +159,9 @@ class Authenticator:
             if root_path and not path.startswith(root_path):
                 path = root_path + path
             method = scope.get("method", "GET")  # a websocket handshake is a GET
-            proven, replay_key = self._dpop.check(proofs[0], method=method, path=path, token=token)
+            proven, replay_key, fresh_nonce = self._dpop.check(
+                proofs[0], method=method, path=path, token=token
+            )
             if not hmac.compare_digest(proven, jkt):
                 raise InvalidDpopProof(
                     "The DPoP proof is signed by a key the token is not bound to."
@@ -161,6 +173,8 @@ class Authenticator:
         # process has seen the proof once, the others may not have.
         if isinstance(scope, MutableMapping):
             scope[DPOP_REPLAY_KEY] = replay_key
+            if fresh_nonce is not None:
+                scope[DPOP_NONCE] = fresh_nonce
 
     def dpop_required(self, reason: InvalidReason = InvalidReason.NOT_DPOP_BOUND) -> InvalidToken:
         """The refusal of a token that should have come with a DPoP proof (RFC 9449 §7.1)."""
@@ -193,6 +207,15 @@ class Authenticator:
         if kind is DEVICE_TOKEN and not self._verifier.remembers(value):
             raise InvalidToken(InvalidReason.UNKNOWN_KEY)
         return self.authenticate(scope)
+
+
+def _server_secrets(config: GateConfig) -> list[str]:
+    # What only servers hold: mobile API keys ship inside apps, so nonces never derive from
+    # them.
+    secrets = [*config.api_keys, *config.jwt_secrets]
+    if config.jwt_private_key is not None:
+        secrets.append(config.jwt_private_key)
+    return secrets
 
 
 def _key_principals(kind: CredentialKind, names: tuple[str | None, ...]) -> tuple[Principal, ...]:

@@ -568,6 +568,13 @@ class GateConfig:
     dpop_proof_max_age_seconds: int = field(default=60, metadata=_from(env_int))
     """How old a DPoP proof's ``iat`` may be (5 to 300 seconds; ``leeway_seconds`` ahead)."""
 
+    dpop_nonce: bool = field(default=False, metadata=_from(env_bool))
+    """Require a server nonce in every DPoP proof (RFC 9449 §8): a proof without one, or with
+    one over 5 to 10 minutes old, is refused with ``use_dpop_nonce`` and a ``DPoP-Nonce``
+    header to sign the next one with, and a newer nonce is offered on admitted answers. A
+    device then cannot sign proofs ahead of time for later use. Nonces are derived from the
+    server API keys and token keys, so instances sharing them share nonces."""
+
     mint_limit_per_key: str | None = field(default=None, metadata=_from(env_limit))
     """At most this many tokens minted through the token endpoint with each server API key,
     in the ``limits`` notation (``"600/minute"``); keys without a name share one count.
@@ -611,6 +618,7 @@ class GateConfig:
             public_url: str | None = ...,
             dpop_algorithms: str | Iterable[str] = ...,
             dpop_proof_max_age_seconds: int = ...,
+            dpop_nonce: bool = ...,
             mint_limit_per_key: str | None = ...,
             mint_limit_per_device: str | None = ...,
             failure_limit_per_address: str | None = ...,
@@ -701,8 +709,9 @@ class GateConfig:
             raise ConfigError("device_header", "must differ from api_key_header")
         set_(self, "device_header", device)
         set_(self, "api_key_header", api_header)
-        if not isinstance(self.require_device_binding, bool):
-            raise ConfigError("require_device_binding", "must be True or False")
+        for name in ("require_device_binding", "dpop_nonce"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, "must be True or False")
         for name, plural in (("issuer", "issuers"), ("audience", "audiences")):
             values = _as_tuple(name, getattr(self, name))
             if any(not value for value in values) or (

@@ -8,7 +8,8 @@ signs for this request alone, with that key. :class:`ProofChecker` checks a proo
 key's own; a public ``jwk`` (Ed25519 or P-256); the signature; ``htm`` the request's method;
 ``htu`` the request's URL (scheme and host from the configured ``public_url``, never from the
 request); ``iat`` within the allowed age; a ``jti`` not seen before within it; ``ath`` the hash
-of the token. The middleware then compares the proof key's thumbprint with the token's.
+of the token; and, when the server asks for them, a ``nonce`` it gave out (:class:`Nonces`).
+The middleware then compares the proof key's thumbprint with the token's.
 
 References:
     https://www.rfc-editor.org/rfc/rfc9449
@@ -21,12 +22,13 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -42,9 +44,11 @@ logger = logging.getLogger("devicegate")
 __all__ = [
     "DPOP_ALGORITHMS",
     "InvalidDpopProof",
+    "Nonces",
     "ProofChecker",
     "ReplayCache",
     "SharedReplayStore",
+    "UseDpopNonce",
     "check_jkt",
     "check_public_url",
     "normalized_url",
@@ -54,12 +58,17 @@ DPOP_ALGORITHMS = (ES256, EDDSA)
 """The proof algorithms devicegate can check, in the order it advertises them."""
 MAX_PROOF_BYTES = 4096
 MAX_JTI_LENGTH = 128
-# The proof headers (one per device key) remembered, and the longest remembered.
+# The proof headers (one per device key) and token hashes remembered, and the longest of each
+# remembered.
 MAX_REMEMBERED_HEADERS = 4096
 MAX_REMEMBERED_HEADER_BYTES = 1024
+MAX_REMEMBERED_TOKEN_BYTES = 2048
 # The replay cache holds each proof's jti until it could no longer be accepted anyway; beyond
 # this many live entries, new proofs are refused (503) rather than unchecked.
 MAX_REMEMBERED_PROOFS = 100_000
+# A server nonce names a period of this many seconds; the nonce of the period before is still
+# accepted, so one lasts between 5 and 10 minutes.
+NONCE_PERIOD_SECONDS = 300
 
 _COMPACT = re.compile(rb"([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})\.([A-Za-z0-9_-]{2,})")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -72,6 +81,14 @@ class InvalidDpopProof(AuthError):
     error = "invalid_dpop_proof"
     description = "The DPoP proof is invalid."
     scheme = "DPoP"
+
+
+class UseDpopNonce(InvalidDpopProof):
+    """The proof carries no nonce, or one this server no longer accepts; the answer's
+    ``DPoP-Nonce`` header gives the one to sign the next proof with (RFC 9449 §8)."""
+
+    error = "use_dpop_nonce"
+    description = "Sign the DPoP proof with the nonce in the DPoP-Nonce header."
 
 
 def check_jkt(value: object, field: str = "dpop_jkt") -> str:
@@ -169,6 +186,72 @@ class ReplayCache:
             return True
 
 
+class Nonces:
+    """Server nonces for DPoP proofs (RFC 9449 §8), with nothing stored: a nonce is the number
+    of a :data:`NONCE_PERIOD_SECONDS` period and an HMAC of it, so every instance that derives
+    the same key (:func:`nonce_key`) gives out and accepts the same nonces.
+
+    A proof must carry the current period's nonce or the one before. With the one before it
+    is admitted, and the answer offers the current one, so that a client that reads
+    ``DPoP-Nonce`` from every answer is never refused for a nonce that merely aged.
+
+    Nonces are not secrets (anyone who asks is given one): only the key that makes them is.
+
+    Args:
+        key: the HMAC key.
+        clock: the current Unix time; for tests.
+    """
+
+    def __init__(self, key: bytes, *, clock: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._clock = clock
+        # (period, its nonce, the nonce of the period before), replaced whole when the period
+        # turns, so that a thread reading it never sees half of each.
+        self._state = (-1, "", "")
+
+    def __repr__(self) -> str:
+        return "<Nonces>"  # never the key
+
+    def _make(self, period: int) -> str:
+        number = period.to_bytes(8, "big")
+        mac = hmac.new(self._key, b"devicegate DPoP nonce:" + number, hashlib.sha256).digest()
+        return base64url.encode_text(number + mac[:16])
+
+    def current(self) -> str:
+        """The nonce to sign proofs with now."""
+        period = int(self._clock() // NONCE_PERIOD_SECONDS)
+        state = self._state
+        if state[0] != period:
+            state = self._state = (period, self._make(period), self._make(period - 1))
+        return state[1]
+
+    def check(self, nonce: object) -> str | None:
+        """``None`` for the current nonce; the current one for the nonce of the period before
+        (to be offered in the answer).
+
+        Raises:
+            UseDpopNonce: no nonce, or one not accepted (any more); it carries the current one.
+        """
+        current = self.current()
+        if nonce == current:
+            return None
+        if nonce == self._state[2]:
+            return current
+        raise UseDpopNonce(headers=[(b"dpop-nonce", current.encode("ascii"))])
+
+
+def nonce_key(secrets: Iterable[str]) -> bytes:
+    """The key of a server's :class:`Nonces`, derived from its own secrets (server API keys,
+    token secrets, the private key; never what ships in an app), so that instances sharing a
+    configuration share nonces; without a secret, a random key of this process's own."""
+    material = b"".join(
+        len(raw).to_bytes(4, "big") + raw for raw in (secret.encode() for secret in secrets)
+    )
+    if not material:
+        return os.urandom(32)
+    return hmac.new(b"devicegate DPoP nonce key", material, hashlib.sha256).digest()
+
+
 class ProofChecker:
     """Checks DPoP proofs for one server.
 
@@ -179,6 +262,7 @@ class ProofChecker:
         max_age_seconds: how old a proof's ``iat`` may be.
         leeway_seconds: how far ahead of this clock a proof's ``iat`` may be.
         replay: where the ``jti`` of accepted proofs is remembered.
+        nonces: the server nonces a proof must carry, or ``None`` for none.
         clock: the current Unix time; for tests.
     """
 
@@ -190,9 +274,12 @@ class ProofChecker:
         max_age_seconds: int = 60,
         leeway_seconds: int = 0,
         replay: ReplayCache | None = None,
+        nonces: Nonces | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._base = public_url.rstrip("/")
+        self._decoded_base = unquote(self._base)
+        self._nonces = nonces
         self._algorithms = frozenset(algorithms)
         self._max_age = max_age_seconds
         self._leeway = leeway_seconds
@@ -200,15 +287,20 @@ class ProofChecker:
         self._clock = clock
         # Proof headers that passed every header rule, with the key they hold.
         self._headers: dict[bytes, Key] = {}
+        # The ath each recent token's proofs must carry: a device sends one token many times.
+        self._aths: dict[bytes, str] = {}
 
     @property
     def proof_lifetime(self) -> float:
         """How long a proof's ``jti`` must be remembered: as long as it could be accepted."""
         return float(self._max_age + self._leeway)
 
-    def check(self, proof: bytes, *, method: str, path: str, token: bytes) -> tuple[str, str]:
-        """The thumbprint of the key that signed ``proof``, a valid proof for this request, and
-        the proof's replay key (``<thumbprint>:<jti>``), seen for the first time here.
+    def check(
+        self, proof: bytes, *, method: str, path: str, token: bytes
+    ) -> tuple[str, str, str | None]:
+        """The thumbprint of the key that signed ``proof``, a valid proof for this request; the
+        proof's replay key (``<thumbprint>:<jti>``), seen for the first time here; and a newer
+        server nonce to offer the client, or ``None``.
 
         Args:
             proof: the ``DPoP`` header's value.
@@ -217,7 +309,8 @@ class ProofChecker:
             token: the access token the proof must be for.
 
         Raises:
-            InvalidDpopProof: the proof is not valid for this request and token.
+            InvalidDpopProof: the proof is not valid for this request and token
+                (:class:`UseDpopNonce` when only its nonce is missing or too old).
             Refusal: 503, the replay cache is full.
         """
         match = _COMPACT.fullmatch(proof) if len(proof) <= MAX_PROOF_BYTES else None
@@ -232,12 +325,14 @@ class ProofChecker:
             raise _invalid("The DPoP proof's signature does not verify.")
         claims = _object(payload_segment)
         self._check_claims(claims, method, path, token)
+        # Last of the claims: a client told to use a nonce has nothing else to fix.
+        fresh = None if self._nonces is None else self._nonces.check(claims.get("nonce"))
         jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
         # One use per key and jti, for as long as the proof could be accepted at all.
         replay_key = f"{jkt}:{claims['jti']}"
         if not self._replay.first_use(replay_key, self.proof_lifetime):
             raise replayed()
-        return jkt, replay_key
+        return jkt, replay_key, fresh
 
     def _check_header(self, header_segment: bytes) -> Key:
         """The key of a proof header that passes every header rule, remembered: a device puts
@@ -270,11 +365,12 @@ class ProofChecker:
             raise _invalid("The DPoP proof is for another method.")
         htu = claims.get("htu")
         expected_url = self._base + path
-        # The usual case, the URL as sent, without parsing; else compared once normalised.
+        # The usual case, the URL as sent, without parsing; else compared once normalised,
+        # percent-decoded as the request's path is (the app routes on the decoded path).
         same_url = htu == expected_url
         if not same_url and isinstance(htu, str):
             try:
-                same_url = normalized_url(htu) == expected_url
+                same_url = unquote(normalized_url(htu)) == self._decoded_base + path
             except ValueError:
                 same_url = False
         if not same_url:
@@ -288,7 +384,11 @@ class ProofChecker:
             or not now - self._max_age <= iat <= now + self._leeway
         ):
             raise _invalid("The DPoP proof is too old, from the future, or has no iat.")
-        expected = base64url.encode(hashlib.sha256(token).digest()).decode("ascii")
+        expected = self._aths.get(token)
+        if expected is None:
+            expected = base64url.encode_text(hashlib.sha256(token).digest())
+            if len(token) <= MAX_REMEMBERED_TOKEN_BYTES:
+                remember(self._aths, token, expected, MAX_REMEMBERED_HEADERS)
         ath = claims.get("ath")
         if not isinstance(ath, str) or not hmac.compare_digest(ath, expected):
             raise _invalid("The DPoP proof is not for this access token (ath).")

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._asgi import send_refusal
 from ._audit import log_refusal, refusal_reason
-from ._auth import DPOP_REPLAY_KEY, Authenticator
+from ._auth import DPOP_NONCE, DPOP_REPLAY_KEY, Authenticator
 from ._bounded import remember
 from ._config import GateConfig
 from ._counters import Counters
@@ -330,6 +330,8 @@ class DeviceAuthMiddleware:
                         raise gate.authenticator.dpop_required()
                     if self._dpop_replay is not None:
                         await self._check_shared_replay(scope, gate)
+                    if gate.nonces and DPOP_NONCE in scope:
+                        send = _offering_nonce(send, scope.pop(DPOP_NONCE))
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -402,6 +404,19 @@ class DeviceAuthMiddleware:
         await send_refusal(scope, send, error, self._realm)
 
 
+def _offering_nonce(send: Send, nonce: str) -> Send:
+    """``send`` adding a ``DPoP-Nonce`` header to the answer (RFC 9449 §8.2): the client's
+    nonce has aged and this one replaces it."""
+    header = (b"dpop-nonce", nonce.encode("ascii"))
+
+    async def offering(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return offering
+
+
 def _blocked_for(gate: _Gate, scope: Scope) -> float | None:
     client = scope.get("client")
     return gate.limiter.blocked_for(client[0]) if client else None
@@ -421,6 +436,7 @@ class _Gate:
         "config",
         "jwks_path",
         "limiter",
+        "nonces",
         "revoke_path",
         "routes",
         "rule_table",
@@ -447,6 +463,7 @@ class _Gate:
         self.blocked = limiter.blocked
         self.authenticator = Authenticator(config, verifier=verifier, replay=dpop_seen)
         self.authenticate = self.authenticator.authenticate
+        self.nonces = self.authenticator.nonces is not None
         configured = self.authenticator.configured_kinds
         for rule in rules:
             if not rule.public and not rule.accept & configured:

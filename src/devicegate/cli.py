@@ -766,6 +766,9 @@ def serve_banner(
             f"  metrics: http://{_display_host(metrics_host)}:{metrics_port}/metrics "
             "(Prometheus, on a listener of its own)"
         )
+    if config.public_url is not None:
+        nonces = ", with server nonces" if config.dpop_nonce else ""
+        lines.append(f"  DPoP: proofs must name {config.public_url}/...{nonces}")
     device_header = _PRETTY_HEADERS.get(config.device_header, config.device_header)
     target = f"{base}/" if settings.upstream else f"{base}/whoami"
     if config.jwks_url is not None:
@@ -1004,6 +1007,8 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         except ConfigError as exc:
             raise _in_user_words(exc, {"public_url": "--public-url"}) from None
         flag_env[env_variable("public_url")] = args.public_url
+    if args.dpop_nonce:
+        flag_env[env_variable("dpop_nonce")] = "true"
     flag_env.update(_rate_limit_env(args, environ))
     environ = {**environ, **flag_env}
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
@@ -1189,7 +1194,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH=KINDS",
         action="append",
         help="what a path accepts, repeatable: --rule '/admin/*=api_key', --rule "
-        "'/mobile/*=mobile_api_key,device_token' (env DEVICEGATE_RULES, ';' between rules); "
+        "'/mobile/*=mobile_api_key,device_token', the kind dpop for device tokens with a DPoP "
+        "proof (env DEVICEGATE_RULES, ';' between rules); "
         "the first match wins, after /health and --public; paths without a rule accept every "
         "kind",
     )
@@ -1230,6 +1236,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the URL clients reach this server at (https://api.example.com): DPoP proofs "
         "must name it; without it DPoP requests are refused (env DEVICEGATE_PUBLIC_URL)",
+    )
+    serve.add_argument(
+        "--dpop-nonce",
+        action="store_true",
+        help="require a server nonce in DPoP proofs, given out in DPoP-Nonce headers, so that "
+        "no proof can be signed ahead of time (env DEVICEGATE_DPOP_NONCE)",
     )
     serve.add_argument(
         "--redis",

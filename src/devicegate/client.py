@@ -117,6 +117,9 @@ class DeviceTokenAuth(httpx.Auth):
         if self._device_id is not None:
             request.headers[self._device_header] = self._device_id
 
+    def _read(self, response: httpx.Response) -> None:
+        """Take what an answer tells of the next requests (nothing, here)."""
+
     def _retry(self, response: httpx.Response) -> str | None:
         """Why to send the request once more: ``"token"`` for a refused token, or ``None``."""
         return "token" if response.status_code == 401 else None
@@ -126,24 +129,26 @@ class DeviceTokenAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         self._authorize(request, token := self._token_sync())
         response = yield request
+        self._read(response)
         why = self._retry(response)
         if why is not None:
             if why == "token":
                 token = self._token_sync(fresh=True)
             self._authorize(request, token)
-            yield request
+            self._read((yield request))
 
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         self._authorize(request, token := await self._token_async())
         response = yield request
+        self._read(response)
         why = self._retry(response)
         if why is not None:
             if why == "token":
                 token = await self._token_async(fresh=True)
             self._authorize(request, token)
-            yield request
+            self._read((yield request))
 
 
 class DPoPAuth(DeviceTokenAuth):
@@ -213,13 +218,17 @@ class DPoPAuth(DeviceTokenAuth):
         super()._authorize(request, token)
         request.headers["DPoP"] = self.proof(request.method, request.url, token)
 
-    def _retry(self, response: httpx.Response) -> str | None:
-        # RFC 9449 §8: a server that wants a nonce says so and gives one; the proof is then
-        # signed again with it (the token is fine).
+    def _read(self, response: httpx.Response) -> None:
+        # RFC 9449 §8.2: any answer may offer the nonce to sign the next proofs with.
         nonce = response.headers.get("DPoP-Nonce")
-        challenge = response.headers.get("WWW-Authenticate", "")
-        if nonce and 'error="use_dpop_nonce"' in challenge:
+        if nonce:
             self._nonce = nonce
+
+    def _retry(self, response: httpx.Response) -> str | None:
+        # RFC 9449 §8: a server that wants a nonce says so and gives one (read above); the
+        # proof is then signed again with it (the token is fine).
+        challenge = response.headers.get("WWW-Authenticate", "")
+        if response.headers.get("DPoP-Nonce") and 'error="use_dpop_nonce"' in challenge:
             return "nonce"
         return super()._retry(response)
 

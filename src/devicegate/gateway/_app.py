@@ -150,7 +150,8 @@ def _check_path(field: str, path: str) -> None:
 
 def parse_rule(text: str, source: str = "rules") -> Rule:
     """A rule as the command line spells it, ``PATH=KINDS``: ``/admin/*=api_key`` or
-    ``/mobile/*=mobile_api_key,device_token``.
+    ``/mobile/*=mobile_api_key,device_token``. The kind ``dpop`` stands for device tokens
+    with a DPoP proof (:attr:`Rule.dpop`): ``/payments/*=api_key,dpop``.
 
     Raises:
         ConfigError: named after ``source`` (the flag or the variable the rule came from), with
@@ -168,13 +169,20 @@ def parse_rule(text: str, source: str = "rules") -> Rule:
         raise ConfigError(
             source, f"{text!r}: unknown kind {unknown[0]!r}; the kinds are {_KIND_NAMES}"
         )
+    dpop = _DPOP in names
+    if dpop and CredentialKind.DEVICE_TOKEN.value in names:
+        raise ConfigError(
+            source,
+            f"{text!r}: name device_token or dpop, not both (dpop is device tokens with a proof)",
+        )
     try:
-        return Rule(path, accept=[_KINDS[name] for name in names])
+        return Rule(path, accept=[_KINDS[name] for name in names], dpop=dpop)
     except ConfigError as exc:
         raise ConfigError(source, f"{text!r}: {str(exc).removeprefix(exc.field + ': ')}") from None
 
 
-_KINDS = {kind.value: kind for kind in CredentialKind}
+_DPOP = "dpop"
+_KINDS = {kind.value: kind for kind in CredentialKind} | {_DPOP: CredentialKind.DEVICE_TOKEN}
 _KIND_NAMES = ", ".join(_KINDS)
 
 

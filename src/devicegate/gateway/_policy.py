@@ -128,11 +128,17 @@ _URL_PART_ENDS = (b"", b"/", b"?", b"#")
 def client_credential_fields(api_key_header: str, device_header: str) -> frozenset[bytes]:
     """The client's credential fields, in the folded form request field names are compared in.
 
-    Authorization and the gate's own header names, and the field the upstream key is injected
-    under too, whatever the gate's header is called: a client's value must never stand next
-    to (or in for) the injected one.
+    Authorization, a DPoP proof, and the gate's own header names, and the field the upstream
+    key is injected under too, whatever the gate's header is called: a client's value must
+    never stand next to (or in for) the injected one.
     """
-    names = ("authorization", _UPSTREAM_API_KEY_HEADER.decode(), api_key_header, device_header)
+    names = (
+        "authorization",
+        "dpop",
+        _UPSTREAM_API_KEY_HEADER.decode(),
+        api_key_header,
+        device_header,
+    )
     return frozenset(name.encode("latin-1").translate(_FOLD) for name in names)
 
 
