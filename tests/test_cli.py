@@ -1019,6 +1019,11 @@ def test_banner_for_an_upstream_with_forward_auth(keys: Keys) -> None:
         "http://127.0.0.1:8000 (1 worker)\n"
     )
     assert "  forward-auth endpoint: http://127.0.0.1:8000/_devicegate/auth\n" in text
+    assert (
+        "  gateway limits: 100 upstream connections, 1000 requests at once, bodies and "
+        "responses up to 262144 bytes buffered; a client has 30 s plus 1 s per 1024 bytes to "
+        "send or read one\n"
+    ) in text
     # The call goes through the gateway (then the endpoint is asked as the proxy would).
     assert (
         "  curl -fsS -H \"Authorization: Bearer $TOKEN\" -H 'X-Instance-ID: demo-device' "

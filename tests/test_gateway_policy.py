@@ -515,7 +515,13 @@ CLOSE = (b"connection", b"close")
             "This gateway does not forward this method.",
             [ALLOW],
         ),
-        (BodyTimeout(), 408, "request_timeout", "The request body stopped arriving.", [CLOSE]),
+        (
+            BodyTimeout(),
+            408,
+            "request_timeout",
+            "The request body stopped arriving, or arrives too slowly.",
+            [CLOSE],
+        ),
         (
             BodyTooLarge(),
             413,

@@ -15,7 +15,7 @@ import re
 import secrets
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
@@ -34,7 +34,7 @@ from websockets.sync.client import connect
 
 from devicegate import ConfigError, CredentialKind, DeviceAuthMiddleware, Principal, Rule
 from devicegate.gateway._app import build_app
-from devicegate.gateway.proxy import ReverseProxy
+from devicegate.gateway.proxy import ProxyLimits, ReverseProxy
 from tests.helpers import (
     DENIAL_EXTENSION,
     REALM_ONLY,
@@ -264,17 +264,22 @@ async def through_proxy(
 
 
 async def through_mock_upstream(
-    handler: Callable[[httpx.Request], httpx.Response],
+    handler: Callable[[httpx.Request], httpx.Response]
+    | Callable[[httpx.Request], Coroutine[None, None, httpx.Response]],
     scope: Scope,
     upstream: str = "http://upstream.invalid",
+    limits: ProxyLimits | None = None,
+    body: Sequence[bytes] = (),
     **client_options: Any,
 ) -> Exchange:
-    """:func:`drive` a new proxy to ``upstream`` whose requests ``handler`` answers in-process
-    (an httpx client with ``client_options``), then close it."""
+    """:func:`drive` a new proxy to ``upstream`` (with ``limits``) whose requests ``handler``
+    answers in-process (an httpx client with ``client_options``), then close it."""
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler), **client_options) as pool:
-        proxy = ReverseProxy(upstream, upstream_api_key=UPSTREAM_API_KEY, client=pool)
+        proxy = ReverseProxy(
+            upstream, upstream_api_key=UPSTREAM_API_KEY, client=pool, limits=limits
+        )
         try:
-            return await drive(proxy, scope)
+            return await drive(proxy, scope, body)
         finally:
             await proxy.aclose()
 
@@ -727,11 +732,18 @@ async def test_response_cut_off_upstream_ends_unfinished(error: Exception) -> No
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, headers={"content-length": "100"}, stream=Broken())
 
-    result = await through_mock_upstream(handler, request_scope("/"))
-    assert result.status == 200
-    assert result.body_bytes == len(b"first part")
+    # Read ahead whole (the default buffer): nothing was sent yet, so the client gets a 502.
+    buffered = await through_mock_upstream(handler, request_scope("/"))
+    assert buffered.status == 502
+    assert buffered.complete
+    # Streamed (a buffer smaller than the first part): the status line is gone already.
+    streamed = await through_mock_upstream(
+        handler, request_scope("/"), limits=ProxyLimits(buffer_bytes=4)
+    )
+    assert streamed.status == 200
+    assert streamed.body_bytes == len(b"first part")
     # No final body message: the server drops the connection, the client sees a short body.
-    assert not result.complete
+    assert not streamed.complete
 
 
 async def test_client_disconnect_ends_the_upstream_exchange(upstream: Server) -> None:
@@ -1229,7 +1241,7 @@ async def test_a_stalled_request_body_is_408_and_frees_the_upstream(
     assert dict(sent[0]["headers"])[b"connection"] == b"close"
     assert json.loads(b"".join(message.get("body", b"") for message in sent[1:])) == {
         "error": "request_timeout",
-        "error_description": "The request body stopped arriving.",
+        "error_description": "The request body stopped arriving, or arrives too slowly.",
     }
     assert after.status == 200
     assert body_of(after)["path"] == "/v1/next"

@@ -272,6 +272,24 @@ REFUSED = [
         id="rule-inner-wildcard",
     ),
     pytest.param(
+        ["--upstream-connections", "1"],
+        {},
+        "--upstream-connections: must be an integer from 2 to 100000, got 1",
+        id="upstream-connections-too-few",
+    ),
+    pytest.param(
+        ["--client-timeout", "soon"],
+        {},
+        "--client-timeout: must be a number of seconds, such as 30 or 2.5",
+        id="client-timeout-not-a-number",
+    ),
+    pytest.param(
+        [],
+        {"DEVICEGATE_MIN_CLIENT_RATE": "-5"},
+        "DEVICEGATE_MIN_CLIENT_RATE: must be an integer from 0 to 1073741824, got -5",
+        id="min-client-rate-variable",
+    ),
+    pytest.param(
         ["--rule", "/pay/*=device_token,dpop"],
         {},
         "--rule: '/pay/*=device_token,dpop': name device_token or dpop, not both (dpop is "

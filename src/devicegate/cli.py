@@ -60,6 +60,7 @@ from .gateway._app import (
     parse_timeout,
 )
 from .gateway._logging import LOG_FORMATS, log_config, log_line
+from .gateway._policy import ProxyLimits
 
 __all__ = ["main", "write_secrets_file"]
 
@@ -760,6 +761,15 @@ def serve_banner(
         lines.append(f"  forward-auth endpoint: {base}{settings.forward_auth_path}")
     lines.append(f"  {_revocation_line(settings, config, base, workers)}")
     lines.append(f"  {_rate_limit_line(settings, config, workers)}")
+    if settings.upstream:
+        limits = settings.proxy_limits
+        rate = f" plus 1 s per {limits.min_client_rate} bytes" if limits.min_client_rate else ""
+        lines.append(
+            f"  gateway limits: {limits.connections} upstream connections, "
+            f"{limits.concurrent} requests at once, bodies and responses up to "
+            f"{limits.buffer_bytes} bytes buffered; a client has {limits.client_seconds:g} s"
+            f"{rate} to send or read one"
+        )
     if metrics is not None:
         metrics_host, metrics_port = metrics
         lines.append(
@@ -991,6 +1001,32 @@ def _serve_settings(
     return settings
 
 
+# The gateway's limits: each flag, and the variable it stands for.
+_PROXY_LIMIT_FLAGS = {
+    "upstream_connections": ("--upstream-connections", "DEVICEGATE_UPSTREAM_CONNECTIONS"),
+    "max_concurrent": ("--max-concurrent", "DEVICEGATE_MAX_CONCURRENT"),
+    "buffer_bytes": ("--buffer-bytes", "DEVICEGATE_BUFFER_BYTES"),
+    "client_timeout": ("--client-timeout", "DEVICEGATE_CLIENT_TIMEOUT"),
+    "min_client_rate": ("--min-client-rate", "DEVICEGATE_MIN_CLIENT_RATE"),
+}
+
+
+def _proxy_limit_env(args: argparse.Namespace) -> dict[str, str]:
+    """The gateway limits given as flags, as the variables they stand for; checked here, so
+    that a bad value is named by its flag."""
+    given = {
+        variable: getattr(args, argument)
+        for argument, (_, variable) in _PROXY_LIMIT_FLAGS.items()
+        if getattr(args, argument) is not None
+    }
+    try:
+        ProxyLimits.from_env(given)
+    except ConfigError as exc:
+        flags = {variable: flag for flag, variable in _PROXY_LIMIT_FLAGS.values()}
+        raise _in_user_words(exc, flags) from None
+    return given
+
+
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     try:
         import uvicorn
@@ -1010,6 +1046,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.dpop_nonce:
         flag_env[env_variable("dpop_nonce")] = "true"
     flag_env.update(_rate_limit_env(args, environ))
+    flag_env.update(_proxy_limit_env(args))
     environ = {**environ, **flag_env}
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
     port = args.port or _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
@@ -1168,6 +1205,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the upstream to connect, take the body or answer before "
         "answering 504, and for the client's body to go on before answering 408 "
         "(env DEVICEGATE_UPSTREAM_TIMEOUT; default 30)",
+    )
+    serve.add_argument(
+        "--upstream-connections",
+        metavar="N",
+        help="the most connections to the upstream, pooled; half of them at most stream large "
+        "bodies or responses (env DEVICEGATE_UPSTREAM_CONNECTIONS; default 100)",
+    )
+    serve.add_argument(
+        "--max-concurrent",
+        metavar="N",
+        help="the most requests in the gateway at once; the next gets 503 with Retry-After "
+        "(env DEVICEGATE_MAX_CONCURRENT; default 1000)",
+    )
+    serve.add_argument(
+        "--buffer-bytes",
+        metavar="N",
+        help="request bodies and responses up to this size are read whole, so that a slow "
+        "client never holds an upstream connection (env DEVICEGATE_BUFFER_BYTES; default "
+        "262144)",
+    )
+    serve.add_argument(
+        "--client-timeout",
+        metavar="SECONDS",
+        help="the time a client has to send a body (else 408) or read a response (else it is "
+        "cut off), plus a second per --min-client-rate bytes (env DEVICEGATE_CLIENT_TIMEOUT; "
+        "default 30)",
+    )
+    serve.add_argument(
+        "--min-client-rate",
+        metavar="BYTES",
+        help="bytes per second that earn a client one more second; 0: --client-timeout is "
+        "all there is (env DEVICEGATE_MIN_CLIENT_RATE; default 1024)",
     )
     serve.add_argument(
         "--no-upstream-check",

@@ -10,6 +10,7 @@ holds the forward-auth secret do.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +41,7 @@ from .._principal import CredentialKind
 from .._revocation import RevocationList, RevocationStore
 from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
-from ._policy import DEFAULT_TIMEOUT
+from ._policy import DEFAULT_TIMEOUT, ProxyLimits
 from ._refusals import RevocationOff
 from ._reload import ReloadableApp
 
@@ -263,6 +264,7 @@ def build_app(
     rate_limit_storage: str | None = None,
     on_shutdown: Sequence[Callable[[], None]] = (),
     dpop_replay: SharedReplayStore | None = None,
+    proxy_limits: ProxyLimits | None = None,
 ) -> ReloadableApp:
     """Build the app ``devicegate serve`` runs.
 
@@ -304,6 +306,7 @@ def build_app(
             when nobody else uses it).
         dpop_replay: where accepted DPoP proofs are remembered for every instance (default:
             in this process).
+        proxy_limits: what the gateway's clients may hold (default: ``ProxyLimits()``).
 
     Raises:
         ConfigError: a path or URL is unusable, or an option needs another one (the reverse
@@ -357,6 +360,7 @@ def build_app(
                 api_key_header=config.api_key_header,
                 device_header=config.device_header,
                 counters=counters,
+                limits=proxy_limits,
             ),
         )
     user_rules = [*public_rules, *rules]
@@ -466,6 +470,8 @@ class ServeSettings:
         redis_fail_open: admit tokens while Redis cannot be confirmed in step (default: refuse
             them with 503).
         redis_staleness: seconds without confirmation before that happens.
+        proxy_limits: what the gateway's clients may hold (upstream connections, requests at
+            once, buffers, the time to send a body or read a response).
     """
 
     secrets_file: str | None = None
@@ -482,6 +488,7 @@ class ServeSettings:
     redis_url: str | None = None
     redis_fail_open: bool = False
     redis_staleness: float | None = None
+    proxy_limits: ProxyLimits = dataclasses.field(default_factory=ProxyLimits)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServeSettings:
@@ -513,6 +520,7 @@ class ServeSettings:
             redis_url=read_env(environ, "DEVICEGATE_REDIS_URL", env_str),
             redis_fail_open=bool(fail_open),
             redis_staleness=read_env(environ, "DEVICEGATE_REDIS_STALENESS", env_seconds),
+            proxy_limits=ProxyLimits.from_env(environ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -538,6 +546,7 @@ class ServeSettings:
             "DEVICEGATE_REDIS_STALENESS": ""
             if self.redis_staleness is None
             else repr(self.redis_staleness),
+            **self.proxy_limits.to_env(),
         }
 
     def load_config(self, environ: Mapping[str, str]) -> GateConfig:
@@ -598,6 +607,7 @@ class ServeSettings:
                 # One limit across workers and instances when they share a Redis.
                 rate_limit_storage=self.redis_url,
                 dpop_replay=replay,
+                proxy_limits=self.proxy_limits,
                 # The stores are this app's alone: their threads and connections end with it.
                 on_shutdown=closers,
             )

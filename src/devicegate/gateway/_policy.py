@@ -25,10 +25,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 from urllib.parse import quote
 
+from .._config import env_int, env_seconds, read_env
+from .._errors import ConfigError
 from .._principal import CredentialKind, Principal
 from .._rules import has_unsafe_segments
 from ._refusals import (
@@ -46,6 +50,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "BodyFraming",
     "Headers",
+    "ProxyLimits",
     "body_framing",
     "caller_headers",
     "check_body_complete",
@@ -63,6 +68,112 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 
 Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """What one gateway process lets its clients hold, so that no number of slow or idle
+    clients can take what the others need (the upstream's connections above all).
+
+    * Request bodies up to ``buffer_bytes`` are read whole before an upstream connection is
+      taken, and responses up to it are read whole before the client gets the first byte, the
+      upstream connection going back to the pool at once. A slow client then holds a buffer
+      and a task, never an upstream connection.
+    * Larger bodies and responses are streamed, at most ``connections // 2`` at a time, so
+      that the other half of the pool is always free for the small requests; beyond that the
+      answer is 503 with ``Retry-After``.
+    * A client must send its body, and read its response, within ``client_seconds`` plus one
+      second for every ``min_client_rate`` bytes (Apache's ``mod_reqtimeout`` model: a slow
+      phone uploading a large file gets time in proportion, a client trickling a byte now and
+      then does not); and a response part it does not take within ``client_seconds`` ends it
+      (nginx's ``send_timeout``). A body that falls behind gets 408; a response that falls
+      behind is cut off, and what the gateway held for it (an upstream connection, a
+      streaming slot, a task) is freed. The socket itself stays with the ASGI server until
+      the client reads what the server already buffered, or goes away.
+    * At most ``concurrent`` requests are in the gateway at once; the next gets 503 with
+      ``Retry-After`` at once instead of queueing.
+
+    Attributes:
+        connections: the most upstream connections, pooled (default 100).
+        concurrent: the most requests in the gateway at once (default 1000).
+        buffer_bytes: the largest body or response read whole (default 256 KiB).
+        client_seconds: the time a client has to send a body or read a response, before its
+            rate is counted (default 30).
+        min_client_rate: the bytes per second a client earns one more second with (default
+            1024; 0: ``client_seconds`` is all there is).
+    """
+
+    connections: int = 100
+    concurrent: int = 1000
+    buffer_bytes: int = 256 * 1024
+    client_seconds: float = DEFAULT_TIMEOUT
+    min_client_rate: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("connections", 2, 100_000),
+            ("concurrent", 1, 1_000_000),
+            ("buffer_bytes", 0, 1 << 30),
+            ("min_client_rate", 0, 1 << 30),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(name, f"must be an integer from {low} to {high}, got {value!r}")
+        seconds = self.client_seconds
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise ConfigError("client_seconds", "must be a positive number of seconds")
+
+    @property
+    def streams(self) -> int:
+        """How many bodies or responses may be streamed at once: half the pool."""
+        return self.connections // 2
+
+    def deadline(self, start: float, moved: int) -> float:
+        """When a transfer that began at ``start`` and has moved ``moved`` bytes must end."""
+        extra = moved / self.min_client_rate if self.min_client_rate else 0.0
+        return start + self.client_seconds + extra
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProxyLimits:
+        """Read ``DEVICEGATE_UPSTREAM_CONNECTIONS``, ``DEVICEGATE_MAX_CONCURRENT``,
+        ``DEVICEGATE_BUFFER_BYTES``, ``DEVICEGATE_CLIENT_TIMEOUT`` and
+        ``DEVICEGATE_MIN_CLIENT_RATE``; unset ones keep their defaults.
+
+        Raises:
+            ConfigError: named after the variable.
+        """
+        given: dict[str, object] = {}
+        for field in fields(cls):
+            variable = _LIMIT_VARIABLES[field.name]
+            parse = env_seconds if field.name == "client_seconds" else env_int
+            value = read_env(environ, variable, parse)
+            if value is not None:
+                given[field.name] = value
+        try:
+            return cls(**given)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise ConfigError(_LIMIT_VARIABLES[exc.field], message) from None
+
+    def to_env(self) -> dict[str, str]:
+        """The variables :meth:`from_env` reads these limits back from."""
+        return {
+            _LIMIT_VARIABLES[field.name]: repr(getattr(self, field.name)) for field in fields(self)
+        }
+
+
+_LIMIT_VARIABLES = {
+    "connections": "DEVICEGATE_UPSTREAM_CONNECTIONS",
+    "concurrent": "DEVICEGATE_MAX_CONCURRENT",
+    "buffer_bytes": "DEVICEGATE_BUFFER_BYTES",
+    "client_seconds": "DEVICEGATE_CLIENT_TIMEOUT",
+    "min_client_rate": "DEVICEGATE_MIN_CLIENT_RATE",
+}
 
 # RFC 9110 §7.6.1: hop-by-hop fields describe one connection and are never forwarded, nor is
 # any field the Connection header names. Proxy-Connection is the pre-standard spelling.

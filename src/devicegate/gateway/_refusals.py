@@ -11,6 +11,7 @@
     ├── WebsocketNotForwarded    501 invalid_request
     ├── RevocationOff            501 revocation_off, connection closed
     ├── BadGateway               502 bad_gateway
+    ├── GatewayBusy              503 temporarily_unavailable, with Retry-After, connection closed
     └── GatewayTimeout           504 gateway_timeout
 
 Each is raised as a fresh instance and rendered like every other refusal, by
@@ -37,6 +38,7 @@ __all__ = [
     "BodyTimeout",
     "BodyTooLarge",
     "ConflictingFraming",
+    "GatewayBusy",
     "GatewayTimeout",
     "MethodNotAllowed",
     "RevocationOff",
@@ -90,7 +92,7 @@ class BodyTimeout(Refusal):
 
     status_code = 408
     error = "request_timeout"
-    description = "The request body stopped arriving."
+    description = "The request body stopped arriving, or arrives too slowly."
 
     def __init__(self) -> None:
         super().__init__(close=True)
@@ -135,6 +137,19 @@ class BadGateway(Refusal):
     status_code = 502
     error = "bad_gateway"
     description = "The upstream server could not be reached."
+
+
+class GatewayBusy(Refusal):
+    """The gateway holds as many requests, or streams as many large bodies, as its limits
+    allow (:class:`~devicegate.gateway._policy.ProxyLimits`), or no upstream connection came
+    free in time: try again shortly."""
+
+    status_code = 503
+    error = "temporarily_unavailable"
+    description = "The gateway is busy; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(headers=[(b"retry-after", b"1")], close=True)
 
 
 class GatewayTimeout(Refusal):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ from .._rules import route_path
 from ._policy import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_TIMEOUT,
+    ProxyLimits,
     body_framing,
     check_body_complete,
     check_body_size,
@@ -48,6 +50,7 @@ from ._policy import (
 from ._refusals import (
     BadGateway,
     BodyTimeout,
+    GatewayBusy,
     GatewayTimeout,
     MethodNotAllowed,
     UnforwardableTarget,
@@ -55,7 +58,7 @@ from ._refusals import (
 )
 from ._request_line import is_unforwarded
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ReverseProxy"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "ProxyLimits", "ReverseProxy"]
 
 logger = logging.getLogger("devicegate")
 
@@ -64,12 +67,18 @@ class _ClientGone(Exception):
     pass
 
 
+class _ClientTooSlow(Exception):
+    pass
+
+
 class _RequestBody:
-    """The client's body as an async iterator over ``receive()``: httpx pulls, nothing buffers.
+    """The client's body as an async iterator over ``receive()``: what :meth:`read_ahead` read
+    first, then the rest as httpx pulls it.
 
     A plain iterator class rather than an async generator, so that an upstream that stops
     reading early leaves no unfinished generator behind. ``length`` is the declared
-    Content-Length, which the body must match exactly (see check_body_complete).
+    Content-Length, which the body must match exactly (see check_body_complete). Every part
+    must come within the idle timeout and the body's deadline (see :class:`ProxyLimits`).
     """
 
     def __init__(
@@ -81,9 +90,13 @@ class _RequestBody:
         length: int | None = None,
         *,
         idle_seconds: float,
+        limits: ProxyLimits,
+        start: float,
     ) -> None:
         self._receive = receive
         self._idle_seconds = idle_seconds
+        self._limits = limits
+        self._start = start
         self._pending = first
         self._more = more
         self._size = len(first)
@@ -92,6 +105,32 @@ class _RequestBody:
         self.done = anyio.Event()
         if not more:
             self.done.set()
+
+    async def read_ahead(self, buffer_bytes: int) -> bytes | None:
+        """Read the body into memory until it ends (then return it whole) or holds more than
+        ``buffer_bytes`` (then return ``None``: the rest is streamed, after what was read)."""
+        parts = [self._pending]
+        while self._more and self._size <= buffer_bytes:
+            parts.append(await self._next_part())
+        self._pending = b"".join(parts)
+        if self._more:
+            return None
+        check_body_complete(self._size, declared=self._length)
+        body, self._pending = self._pending, b""
+        return body
+
+    async def _next_part(self) -> bytes:
+        deadline = self._limits.deadline(self._start, self._size)
+        message = await _receive_within(self._receive, self._idle_seconds, deadline)
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        self._more = bool(message.get("more_body", False))
+        self._size += len(chunk)
+        check_body_size(self._size, max_body_bytes=self._limit, declared=self._length)
+        if not self._more:
+            self.done.set()
+        return chunk
 
     def __aiter__(self) -> _RequestBody:
         return self
@@ -104,15 +143,7 @@ class _RequestBody:
             if not self._more:
                 check_body_complete(self._size, declared=self._length)
                 raise StopAsyncIteration
-            message = await _receive_within(self._receive, self._idle_seconds)
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            self._pending = message.get("body", b"")
-            self._more = bool(message.get("more_body", False))
-            self._size += len(self._pending)
-            check_body_size(self._size, max_body_bytes=self._limit, declared=self._length)
-            if not self._more:
-                self.done.set()
+            self._pending = await self._next_part()
 
 
 class ReverseProxy:
@@ -149,9 +180,14 @@ class ReverseProxy:
     * refuses a request with both ``Content-Length`` and ``Transfer-Encoding`` (400, RFC 9112
       §6.1), bounds the request body (413, by ``Content-Length`` up front and while
       streaming), answers 408 (and closes the connection) when the body pauses for longer
-      than ``timeout``, 502 when the upstream cannot be reached or the exchange fails before
-      the response started, and 504 when it is too slow, with a JSON ``{"error": ...,
-      "error_description": ...}`` body of fixed text.
+      than ``timeout`` or falls behind its deadline, 502 when the upstream cannot be reached
+      or the exchange fails before the response started, 503 with ``Retry-After`` when a
+      limit of ``limits`` is reached, and 504 when the upstream is too slow, with a JSON
+      ``{"error": ..., "error_description": ...}`` body of fixed text;
+    * bounds what clients hold (see :class:`~devicegate.gateway._policy.ProxyLimits`): small
+      bodies and responses are buffered, so that only the upstream's own time holds an
+      upstream connection; large ones are streamed, half the pool at most; a client that
+      sends or reads too slowly is cut off.
 
     Websockets are not forwarded: the handshake is denied (501 with the websocket
     denial-response extension, else a 1008 close). A client that disconnects ends the upstream
@@ -181,6 +217,9 @@ class ReverseProxy:
             travels in ``X-Devicegate-Instance-Id``).
         counters: where to count the exchanges with the upstream and their latency (for
             :mod:`devicegate.metrics`); ``None`` counts nothing.
+        limits: what clients may hold: upstream connections, requests at once, buffers and
+            the time to send a body or read a response (default: :class:`ProxyLimits`()).
+            The pool size applies to the client created here, not to one passed in.
 
     Raises:
         ConfigError: the URL is not an absolute http(s) URL, carries credentials, a query or a
@@ -204,8 +243,16 @@ class ReverseProxy:
         api_key_header: str = "x-api-key",
         device_header: str = "x-instance-id",
         counters: Counters | None = None,
+        limits: ProxyLimits | None = None,
     ) -> None:
         self.upstream = _check_upstream(upstream)
+        if limits is not None and not isinstance(limits, ProxyLimits):
+            raise ConfigError("limits", f"must be a ProxyLimits, got {type(limits).__name__}")
+        self.limits = ProxyLimits() if limits is None else limits
+        # Requests in the gateway, and bodies or responses being streamed: counted on the
+        # event loop, with no await between a check and its change.
+        self._active = 0
+        self._streaming = 0
         self._counters = counters
         self._base_url = httpx.URL(self.upstream)
         self._base_path = self._base_url.raw_path.rstrip(b"/")
@@ -247,7 +294,8 @@ class ReverseProxy:
             f"{type(self).__name__}(upstream={self.upstream!r}, "
             f"upstream_api_key={hidden(self._upstream_api_key)}, "
             f"upstream_mobile_api_key={hidden(self._upstream_mobile_api_key)}, "
-            f"timeout={self.timeout!r}, max_body_bytes={self.max_body_bytes!r})"
+            f"timeout={self.timeout!r}, max_body_bytes={self.max_body_bytes!r}, "
+            f"limits={self.limits!r})"
         )
 
     def _get_client(self) -> httpx.AsyncClient:
@@ -261,6 +309,10 @@ class ReverseProxy:
                 # Responses belong to the client that asked; a shared jar would collect every
                 # caller's cookies. This policy refuses to store any.
                 cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+                limits=httpx.Limits(
+                    max_connections=self.limits.connections,
+                    max_keepalive_connections=self.limits.connections,
+                ),
             )
         return self._client
 
@@ -287,6 +339,23 @@ class ReverseProxy:
         self._get_client()
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._active >= self.limits.concurrent:
+            self._count("busy")
+            await send_refusal(scope, send, GatewayBusy())
+            return
+        self._active += 1
+        try:
+            await self._forward_one(scope, receive, send)
+        finally:
+            self._active -= 1
+
+    def _count(self, outcome: str) -> None:
+        if self._counters is not None:
+            self._counters.upstream[outcome] += 1
+
+    async def _forward_one(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = anyio.current_time()
+        streaming = False
         try:
             if is_unforwarded(scope["method"]):
                 raise MethodNotAllowed()
@@ -317,31 +386,58 @@ class ReverseProxy:
                 # No declared length (a chunked body, an HTTP/2 body, or none at all), or
                 # zero: the first part with data tells which. Either way the body is read up
                 # to its end before the disconnect watcher starts listening.
-                first, more = await _first_part(receive, self.timeout)
+                first, more = await _first_part(
+                    receive, self.timeout, self.limits.deadline(start, 0)
+                )
             framing = body_framing(declared, first, more, max_body_bytes=self.max_body_bytes)
+            content_length = framing.content_length
+            body: _RequestBody | None = None
+            content: bytes | _RequestBody | None = None
+            if framing.streamed:
+                body = _RequestBody(
+                    receive,
+                    first,
+                    more,
+                    self.max_body_bytes,
+                    declared,
+                    idle_seconds=self.timeout,
+                    limits=self.limits,
+                    start=start,
+                )
+                # A small body is read whole before an upstream connection is taken: a slow
+                # client holds a buffer, not a connection. A large one takes a streaming slot.
+                content = await body.read_ahead(self.limits.buffer_bytes)
+                if content is None:
+                    content = body
+                    if self._streaming >= self.limits.streams:
+                        self._count("busy")
+                        raise GatewayBusy()
+                    self._streaming += 1
+                    streaming = True
+                else:
+                    content_length = len(content)
         except Refusal as refusal:
             await send_refusal(scope, send, refusal)
             return
         except _ClientGone:
             return
 
-        if framing.content_length is not None:
-            headers.append((b"content-length", str(framing.content_length).encode()))
-        body: _RequestBody | None = None
-        if framing.streamed:
-            body = _RequestBody(
-                receive, first, more, self.max_body_bytes, declared, idle_seconds=self.timeout
+        try:
+            if content_length is not None:
+                headers.append((b"content-length", str(content_length).encode()))
+            request = httpx.Request(
+                scope["method"],
+                url,
+                headers=headers,
+                content=content,
+                # httpcore writes ``target`` verbatim as the request-target: the path and
+                # query reach the upstream byte for byte, with no re-quoting or normalisation.
+                extensions={"target": target, "timeout": self._timeouts},
             )
-        request = httpx.Request(
-            scope["method"],
-            url,
-            headers=headers,
-            content=body,
-            # httpcore writes ``target`` verbatim as the request-target: the path and query
-            # reach the upstream byte for byte, with no re-quoting or normalisation.
-            extensions={"target": target, "timeout": self._timeouts},
-        )
-        await self._exchange(scope, receive, send, request, body)
+            await self._exchange(scope, receive, send, request, body)
+        finally:
+            if streaming:
+                self._streaming -= 1
 
     async def _exchange(
         self,
@@ -379,6 +475,13 @@ class ReverseProxy:
             return
         except _ClientGone:
             return
+        except httpx.PoolTimeout:
+            # Every pooled connection stayed busy for the whole timeout: the gateway is
+            # saturated, the upstream not necessarily slow.
+            logger.warning("devicegate: no upstream connection came free in time")
+            self._count("busy")
+            await send_refusal(scope, send, GatewayBusy())
+            return
         except httpx.TimeoutException as exc:
             logger.warning("devicegate: the upstream timed out (%s)", type(exc).__name__)
             if counters is not None:
@@ -398,32 +501,95 @@ class ReverseProxy:
         if counters is not None:
             counters.upstream_answered(time.monotonic() - started)
         try:
-            await self._relay(send, response, scope.get("root_path", ""))
+            await self._relay(scope, send, response)
         finally:
             # Shielded: after a client disconnect cancelled the exchange, the connection must
             # still be released (or closed) properly.
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    async def _relay(self, send: Send, response: httpx.Response, root_path: str) -> None:
+    async def _relay(self, scope: Scope, send: Send, response: httpx.Response) -> None:
         headers = response_headers(response.headers.raw)
         for index, (name, value) in enumerate(headers):
             if name == b"location":
                 location = client_location(
-                    value, origins=self._origins, base_path=self._base_path, root_path=root_path
+                    value,
+                    origins=self._origins,
+                    base_path=self._base_path,
+                    root_path=scope.get("root_path", ""),
                 )
                 headers[index] = (name, location)
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
+        start_message = {"type": "http.response.start", "status": response.status_code}
+        start_message["headers"] = headers
+        rest: AsyncIterator[bytes] | None = None
         if response.is_stream_consumed:
             # Only test transports (httpx.MockTransport) hand back a response already read.
-            await send({"type": "http.response.body", "body": response.content})
-            return
-        chunks = response.aiter_raw()
-        while True:
+            parts, ended = [response.content], True
+        else:
+            rest = response.aiter_raw()
             try:
-                chunk = await chunks.__anext__()
+                parts, ended = await _read_ahead(rest, self.limits.buffer_bytes)
+            except Exception as exc:
+                # Nothing is sent yet: the client still gets a proper answer.
+                logger.warning("devicegate: the upstream response failed (%s)", type(exc).__name__)
+                timed_out = isinstance(exc, httpx.TimeoutException)
+                self._count("timeout" if timed_out else "failed")
+                await send_refusal(scope, send, GatewayTimeout() if timed_out else BadGateway())
+                return
+        if ended:
+            # Read whole: the connection goes back to the pool before the client reads a byte.
+            await response.aclose()
+        elif self._streaming >= self.limits.streams:
+            self._count("busy")
+            await send_refusal(scope, send, GatewayBusy())
+            return
+        else:
+            self._streaming += 1
+        try:
+            await self._to_client(send, start_message, parts, None if ended else rest)
+        except _ClientTooSlow:
+            # The response is left unfinished, so that the server drops the connection; the
+            # upstream's is closed by the caller. Nothing stays held.
+            logger.warning("devicegate: a client read its response too slowly; cut off")
+            self._count("slow_client")
+        finally:
+            if not ended:
+                self._streaming -= 1
+
+    async def _to_client(
+        self,
+        send: Send,
+        start_message: Message,
+        parts: list[bytes],
+        rest: AsyncIterator[bytes] | None,
+    ) -> None:
+        """Send the response: the parts read ahead, then ``rest`` as it comes. Only the time
+        the client takes to read counts against it (a long stream from a slow upstream is
+        fine): at most ``client_seconds`` plus a second per ``min_client_rate`` bytes sent, and
+        never ``client_seconds`` for one part (as nginx's ``send_timeout``: the server's and
+        the kernel's buffers take megabytes before a client that reads nothing blocks)."""
+        limits = self.limits
+        sent = 0
+        spent = 0.0  # seconds spent waiting for the client to take what was sent
+
+        async def deliver(message: Message) -> None:
+            nonlocal spent
+            began = anyio.current_time()
+            allowed = min(limits.client_seconds, limits.deadline(0.0, sent) - spent)
+            with anyio.move_on_after(allowed):
+                await send(message)
+                spent += anyio.current_time() - began
+                return
+            raise _ClientTooSlow
+
+        await deliver(start_message)
+        for part in parts:
+            if part:
+                await deliver({"type": "http.response.body", "body": part, "more_body": True})
+                sent += len(part)
+        while rest is not None:
+            try:
+                chunk = await rest.__anext__()
             except StopAsyncIteration:
                 break
             except Exception as exc:
@@ -432,11 +598,26 @@ class ReverseProxy:
                 # sees a truncated body rather than a complete-looking one. (Only the upstream
                 # read is guarded here: a failing ``send`` reaches the server as itself.)
                 logger.warning("devicegate: upstream response cut off (%s)", type(exc).__name__)
-                if self._counters is not None:
-                    self._counters.upstream["cut_off"] += 1
+                self._count("cut_off")
                 return
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await deliver({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
+        await deliver({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _read_ahead(chunks: AsyncIterator[bytes], buffer_bytes: int) -> tuple[list[bytes], bool]:
+    """The response's first parts, up to just over ``buffer_bytes``, and whether that was all
+    of it."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= buffer_bytes:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return parts, True
+        parts.append(chunk)
+        size += len(chunk)
+    return parts, False
 
 
 def _origins(url: httpx.URL) -> tuple[bytes, ...]:
@@ -450,23 +631,24 @@ def _origins(url: httpx.URL) -> tuple[bytes, ...]:
     return (scheme + b"://" + netloc,)
 
 
-async def _receive_within(receive: Receive, seconds: float) -> Message:
-    """The client's next message, or a 408 when its body pauses for ``seconds``: a client that
-    stops sending its body must not hold a pooled upstream connection. (Each part resets the
-    wait, as nginx's ``client_body_timeout`` does: a client that keeps trickling is not cut.)"""
-    with anyio.move_on_after(seconds):
+async def _receive_within(receive: Receive, idle_seconds: float, deadline: float) -> Message:
+    """The client's next message, or a 408 when its body pauses for ``idle_seconds`` (as
+    nginx's ``client_body_timeout``) or falls behind ``deadline`` (an event-loop time, see
+    :meth:`ProxyLimits.deadline`): a client that stops sending its body, or trickles it, must
+    not hold what others need."""
+    with anyio.move_on_after(min(idle_seconds, deadline - anyio.current_time())):
         return await receive()
     # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
     # through as itself).
     raise BodyTimeout()
 
 
-async def _first_part(receive: Receive, seconds: float) -> tuple[bytes, bool]:
+async def _first_part(receive: Receive, idle_seconds: float, deadline: float) -> tuple[bytes, bool]:
     """The client's first body part with data and whether more follows; ``(b"", False)`` for
     an empty body."""
     chunk, more = b"", True
     while more and not chunk:
-        message = await _receive_within(receive, seconds)
+        message = await _receive_within(receive, idle_seconds, deadline)
         if message["type"] == "http.disconnect":
             raise _ClientGone
         chunk = message.get("body", b"")
