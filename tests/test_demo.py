@@ -30,6 +30,7 @@ from devicegate.gateway._app import (
     read_upstream_secrets,
 )
 from devicegate.gateway._demo import demo_app, health_app, principal_summary
+from devicegate.gateway._policy import ProxyLimits
 from tests.helpers import (
     DENIAL_EXTENSION,
     VENDOR_API_KEY,
@@ -59,6 +60,7 @@ class FakeReverseProxy:
     api_key_header: str = "x-api-key"
     device_header: str = "x-instance-id"
     counters: Any = None
+    limits: Any = None
     scopes: list[Scope] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -301,10 +303,12 @@ async def test_upstream_gets_admitted_requests_with_its_credentials(
         upstream_api_key="upstream-server-key",
         upstream_mobile_api_key="upstream-mobile-key",
         upstream_timeout=2.5,
+        proxy_limits=ProxyLimits(connections=10),
     )
     (proxy,) = fakes.proxies
     assert proxy.upstream == "http://127.0.0.1:9"
     assert proxy.timeout == 2.5
+    assert proxy.limits == ProxyLimits(connections=10)
     assert proxy.upstream_api_key == "upstream-server-key"
     assert proxy.upstream_mobile_api_key == "upstream-mobile-key"
     async with client(app) as http:
