@@ -22,6 +22,7 @@ __all__ = ["DPOP_NONCE", "DPOP_REPLAY_KEY", "Authenticator"]
 
 DPOP_REPLAY_KEY = "devicegate.dpop_replay_key"
 """Where an accepted DPoP proof's replay key is left in the scope, for a shared replay store."""
+_ONE_PROOF = "Send exactly one DPoP header with the proof."
 DPOP_NONCE = "devicegate.dpop_nonce"
 """Where a newer server nonce is left in the scope when an admitted proof's has aged, for the
 middleware to offer in the answer's ``DPoP-Nonce`` header."""
@@ -151,16 +152,21 @@ class Authenticator:
                 raise InvalidDpopProof(
                     "This server takes no DPoP proofs: it has no public URL configured."
                 )
-            proofs = [value for name, value in scope["headers"] if name == b"dpop"]
-            if len(proofs) != 1:
-                raise InvalidDpopProof("Send exactly one DPoP header with the proof.")
+            proof = None
+            for name, value in scope["headers"]:
+                if name == b"dpop":
+                    if proof is not None:
+                        raise InvalidDpopProof(_ONE_PROOF)
+                    proof = value
+            if proof is None:
+                raise InvalidDpopProof(_ONE_PROOF)
             root_path: str = scope.get("root_path") or ""
             path: str = scope["path"]
             if root_path and not path.startswith(root_path):
                 path = root_path + path
             method = scope.get("method", "GET")  # a websocket handshake is a GET
             proven, replay_key, fresh_nonce = self._dpop.check(
-                proofs[0], method=method, path=path, token=token
+                proof, method=method, path=path, token=token
             )
             if not hmac.compare_digest(proven, jkt):
                 raise InvalidDpopProof(
@@ -171,7 +177,7 @@ class Authenticator:
             raise
         # For a store every instance shares, asked by the middleware (it may await): this
         # process has seen the proof once, the others may not have.
-        if isinstance(scope, MutableMapping):
+        if type(scope) is dict or isinstance(scope, MutableMapping):
             scope[DPOP_REPLAY_KEY] = replay_key
             if fresh_nonce is not None:
                 scope[DPOP_NONCE] = fresh_nonce
