@@ -204,12 +204,17 @@ def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def hand_made(header: dict[str, Any], payload: dict[str, Any], secret: str | None) -> str:
+def hand_made(
+    header: dict[str, Any],
+    payload: dict[str, Any],
+    secret: str | None,
+    digest: Callable[..., Any] = hashlib.sha256,
+) -> str:
     """A token built by hand, for shapes PyJWT will not make."""
     signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
     if secret is None:
         return signing_input + "."
-    mac = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    mac = hmac.new(secret.encode(), signing_input.encode(), digest).digest()
     return signing_input + "." + b64(mac)
 
 
@@ -425,7 +430,10 @@ class Hostile:
             ("token, exp true", bearer(mint.token(device, exp=True))),
             ("token, exp past year 9999", bearer(mint.token(device, exp=253402300800 + 10))),
             ("token, instance_id a number", bearer(mint.token(device, instance_id=7), "7")),
-            ("token signed HS512", bearer(jwt.encode(claims, mint.secret, algorithm="HS512"))),
+            (
+                "token signed HS512",
+                bearer(hand_made({"alg": "HS512"}, claims, mint.secret, hashlib.sha512)),
+            ),
             (
                 "token signed with another secret",
                 bearer(jwt.encode(claims, mint.other_secret, algorithm="HS256")),
@@ -750,8 +758,9 @@ class HostileUpstream:
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         listener = await anyio.create_tcp_listener(local_host=HOST, local_port=0)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
-        task_status.started()
-        await listener.serve(self.handle)
+        async with listener:
+            task_status.started()
+            await listener.serve(self.handle)
 
     async def handle(self, stream: anyio.abc.SocketStream) -> None:
         self.open += 1
@@ -781,7 +790,7 @@ class HostileUpstream:
             return
         finally:
             self.open -= 1
-            with contextlib.suppress(Exception):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await stream.aclose()
 
     async def answer(self, stream: anyio.abc.SocketStream, behaviour: str) -> bool:
@@ -1044,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         ("hostile", 1_000_000, 20_000),
         ("legit", 100_000, 5_000),
         ("warmup", 30_000, 2_000),
+        ("proxied", 20_000, 1_000),
     ):
         if getattr(args, name) is None:
             setattr(args, name, short if args.short else full)

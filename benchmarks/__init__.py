@@ -1,0 +1,1 @@
+"""Benchmarks and the soak campaign (see README.md here)."""
