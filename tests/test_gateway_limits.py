@@ -115,6 +115,19 @@ async def test_large_bodies_stream_through_half_the_pool_at_most() -> None:
     assert [result.status for result in admitted] == [200, 200]
 
 
+async def test_a_large_upload_with_a_large_answer_takes_one_streaming_slot() -> None:
+    # A pool of 2 streams one exchange at a time: the upload's slot carries its response too.
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"y" * 1000)
+
+    scope = request_scope("/upload", method="POST")
+    limits = ProxyLimits(connections=2, buffer_bytes=4)
+    result = await through_mock_upstream(handler, scope, limits=limits, body=[b"0123456789", b"x"])
+    assert result.status == 200
+    assert result.body_bytes == 1000
+    assert result.complete
+
+
 async def test_a_body_that_falls_behind_its_deadline_gets_408() -> None:
     # One byte every 0.1 s: never idle for the 10 s timeout, but far below 1 KiB/s, so past
     # the 0.5 s the client has it is answered 408 and its connection closed.

@@ -52,7 +52,7 @@ class DevicegateCollector(Collector):
       ``wrong_device``, ``revoked``, ``insufficient_scope``, ``no_credential``...);
     * ``devicegate_tokens_minted_total`` and ``devicegate_revocations_total{target}``;
     * for the gateway, ``devicegate_upstream_exchanges_total{outcome}`` (``answered``,
-      ``timeout``, ``failed``, ``cut_off``) and the histogram
+      ``timeout``, ``failed``, ``cut_off``, ``busy``, ``slow_client``) and the histogram
       ``devicegate_upstream_latency_seconds`` (to the response headers);
     * ``devicegate_token_cache_entries``: verified tokens remembered right now;
     * ``devicegate_revocations_entries``: revocations held in memory, and with a shared store

@@ -434,7 +434,7 @@ class ReverseProxy:
                 # query reach the upstream byte for byte, with no re-quoting or normalisation.
                 extensions={"target": target, "timeout": self._timeouts},
             )
-            await self._exchange(scope, receive, send, request, body)
+            await self._exchange(scope, receive, send, request, body, streaming)
         finally:
             if streaming:
                 self._streaming -= 1
@@ -446,6 +446,7 @@ class ReverseProxy:
         send: Send,
         request: httpx.Request,
         body: _RequestBody | None,
+        streaming: bool,
     ) -> None:
         exchange = anyio.CancelScope()
         error: Exception | None = None
@@ -455,7 +456,7 @@ class ReverseProxy:
             watchers.start_soon(_watch_disconnect, receive, body, exchange)
             try:
                 with exchange:
-                    await self._send_upstream(scope, send, request)
+                    await self._send_upstream(scope, send, request, streaming)
             except Exception as exc:
                 error = exc  # raised below as itself, not wrapped in an exception group
             finally:
@@ -463,7 +464,11 @@ class ReverseProxy:
         if error is not None:
             raise error
 
-    async def _send_upstream(self, scope: Scope, send: Send, request: httpx.Request) -> None:
+    async def _send_upstream(
+        self, scope: Scope, send: Send, request: httpx.Request, streaming: bool
+    ) -> None:
+        """Send ``request`` and relay the answer; ``streaming``: the request holds a
+        streaming slot already, which a large response may use too."""
         counters = self._counters
         started = time.monotonic()
         try:
@@ -501,14 +506,16 @@ class ReverseProxy:
         if counters is not None:
             counters.upstream_answered(time.monotonic() - started)
         try:
-            await self._relay(scope, send, response)
+            await self._relay(scope, send, response, streaming)
         finally:
             # Shielded: after a client disconnect cancelled the exchange, the connection must
             # still be released (or closed) properly.
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    async def _relay(self, scope: Scope, send: Send, response: httpx.Response) -> None:
+    async def _relay(
+        self, scope: Scope, send: Send, response: httpx.Response, streaming: bool
+    ) -> None:
         headers = response_headers(response.headers.raw)
         for index, (name, value) in enumerate(headers):
             if name == b"location":
@@ -536,14 +543,15 @@ class ReverseProxy:
                 self._count("timeout" if timed_out else "failed")
                 await send_refusal(scope, send, GatewayTimeout() if timed_out else BadGateway())
                 return
+        takes_slot = not ended and not streaming
         if ended:
             # Read whole: the connection goes back to the pool before the client reads a byte.
             await response.aclose()
-        elif self._streaming >= self.limits.streams:
-            self._count("busy")
-            await send_refusal(scope, send, GatewayBusy())
-            return
-        else:
+        elif takes_slot:
+            if self._streaming >= self.limits.streams:
+                self._count("busy")
+                await send_refusal(scope, send, GatewayBusy())
+                return
             self._streaming += 1
         try:
             await self._to_client(send, start_message, parts, None if ended else rest)
@@ -553,7 +561,7 @@ class ReverseProxy:
             logger.warning("devicegate: a client read its response too slowly; cut off")
             self._count("slow_client")
         finally:
-            if not ended:
+            if takes_slot:
                 self._streaming -= 1
 
     async def _to_client(
