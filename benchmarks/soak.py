@@ -77,6 +77,8 @@ LAST_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z (rule 5)
 REQUEST_SECONDS = 15.0
 PROXIED_SECONDS = 5.0
 POOL = 100  # the gateway's default pool of upstream connections
+CACHE_SIZE = 10_000  # devicegate's default token cache
+CACHE_PATH = "/__soak/cache"
 
 
 # -- a raw HTTP/1.1 client: hostile requests must go out byte for byte ---------------------------
@@ -705,7 +707,16 @@ async def run_legit(
 
     pids = worker_pids(server)
     before = {pid: rss_mib(pid) for pid in pids}
-    await drive(warmup, fresh_only=True, record=False)  # fills every worker's token cache
+    # Fresh tokens until every worker's cache is full (each new connection may land on any
+    # worker, so the warm-up goes on in rounds until all of them say so).
+    await drive(warmup, fresh_only=True, record=False)
+    for _ in range(20):
+        caches = await cache_entries(server, len(pids))
+        if len(caches) == len(pids) and min(caches.values()) >= CACHE_SIZE:
+            break
+        await drive(warmup // 4, fresh_only=True, record=False)
+    else:
+        raise RuntimeError(f"the workers' token caches did not fill: {caches}")
     warm = {pid: rss_mib(pid) for pid in pids}
     samples = []
     started = time.perf_counter()
@@ -730,6 +741,7 @@ async def run_legit(
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
         "rss_mib_start": round(sum(before.values()) / len(pids), 1),
         "rss_mib_after_warmup": round(sum(warm.values()) / len(pids), 1),
+        "token_cache_entries_after_warmup": caches,
         "rss_mib_end": round(sum(end.values()) / len(pids), 1),
         "rss_mib_samples": samples,
         "worst_worker_growth_mib": round(growth, 1),
@@ -946,6 +958,22 @@ async def run_nginx(
     return result
 
 
+async def cache_entries(server: Server, workers: int) -> dict[int, int]:
+    """Each worker's token cache size, asked on new connections until every worker answered."""
+    caches: dict[int, int] = {}
+    for _ in range(50 * workers):
+        connection = Connection(server.port)
+        try:
+            answer = await connection.send(encode("GET", CACHE_PATH, []))
+        finally:
+            await connection.close()
+        report = json.loads(answer.body)
+        caches[report["pid"]] = report["entries"]
+        if len(caches) == workers:
+            break
+    return caches
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -1044,7 +1072,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="the short form the tests run")
     parser.add_argument("--hostile", type=int, help="hostile requests (1,000,000; short 20,000)")
     parser.add_argument("--legit", type=int, help="legitimate requests (100,000; short 5,000)")
-    parser.add_argument("--warmup", type=int, help="fresh tokens sent first (30,000; short 2,000)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="fresh tokens sent first, more until every cache is full (30,000; short 24,000)",
+    )
     parser.add_argument(
         "--proxied", type=int, help="requests through each proxy (20,000; short 1,000)"
     )
@@ -1056,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, full, short in (
         ("hostile", 1_000_000, 20_000),
         ("legit", 100_000, 5_000),
-        ("warmup", 30_000, 2_000),
+        ("warmup", 30_000, 24_000),
         ("proxied", 20_000, 1_000),
     ):
         if getattr(args, name) is None:

@@ -15,6 +15,7 @@ size a busy deployment keeps.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,8 +31,10 @@ from devicegate import (
 
 REVOKED_TOKENS = 100_000
 REVOKED_DEVICES = 1_000
+CACHE_PATH = "/__soak/cache"
 RULES = (
     Rule("/health", public=True),
+    Rule(CACHE_PATH, public=True),
     Rule("/admin/*", accept={CredentialKind.API_KEY}),
 )
 MARK = (b"x-soak-app", b"admitted")
@@ -65,6 +68,23 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def with_cache_report(gate: DeviceAuthMiddleware) -> ASGIApp:
+    """``gate``, plus ``GET /__soak/cache`` (public): this worker's pid and how many verified
+    tokens its cache holds, so that the soak can fill every worker's cache before it measures.
+    Answered without the soak mark: it is devicegate's, not the app's."""
+
+    async def report(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CACHE_PATH:
+            body = json.dumps({"pid": os.getpid(), "entries": gate.verifier.cache_size})
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body.encode()})
+            return
+        await gate(scope, receive, send)
+
+    return report
+
+
 def create_app() -> ASGIApp:
     """The app factory uvicorn calls in each worker."""
     revocations = RevocationList()
@@ -75,6 +95,8 @@ def create_app() -> ASGIApp:
         revocations.record("instance_id", f"gone-{index}", now)
     # No revocation endpoint: each worker holds its own list here, so a revocation through one
     # would not hold in the others (serve refuses it with several workers for that reason).
-    return DeviceAuthMiddleware(
-        app, config=GateConfig.from_env(), rules=RULES, revocations=revocations, revoke_path=None
+    config = GateConfig.from_env()
+    gate = DeviceAuthMiddleware(
+        app, config=config, rules=RULES, revocations=revocations, revoke_path=None
     )
+    return with_cache_report(gate)

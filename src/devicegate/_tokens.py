@@ -9,7 +9,8 @@ stricter than PyJWT's and are cheaper checked once, in one pass:
   ids existed. Key-pointing header fields (``jwk``, ``jku``, ``x5u``, ``x5c``) are ignored;
 * strict compact serialisation: three unpadded, canonical base64url segments, UTF-8 JSON objects
   without duplicate members (RFC 7515 §3.1, §4, §5.2);
-* claim types checked (an ``exp`` that is a string, a bool or a float is refused);
+* claim types checked (an ``exp`` that is a string, a bool, NaN or an infinity is refused:
+  RFC 7519 NumericDates, whole or fractional, up to the year 9999);
 * an unknown ``crit`` extension is refused (RFC 7515 §4.1.11).
 
 The signature is checked before the payload is parsed. Minting is done here too, with a header
