@@ -1080,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--proxied", type=int, help="requests through each proxy (20,000; short 1,000)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn workers (2)")
+    parser.add_argument("--workers", type=int, help="uvicorn worker processes (4; short 2)")
     parser.add_argument("--connections", type=int, default=32, help="client connections (32)")
     parser.add_argument("--seed", type=int, default=1, help="the hostile generator's seed")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON too")
@@ -1090,6 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
         ("legit", 100_000, 5_000),
         ("warmup", 30_000, 24_000),
         ("proxied", 20_000, 1_000),
+        ("workers", 4, 2),
     ):
         if getattr(args, name) is None:
             setattr(args, name, short if args.short else full)
