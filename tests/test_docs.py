@@ -137,6 +137,9 @@ HOW: dict[tuple[str, str, str], str] = {
     ("README.md", "Revoking across instances: Redis", "http"): (
         "not code: the /health answer (tests/test_redis_serve.py checks it from a real serve)"
     ),
+    ("README.md", "Reliability", "console"): (
+        "not run: the full soak runs for minutes (tests/test_soak.py runs its short form)"
+    ),
     ("README.md", "Performance", "console"): (
         "not run: installs the bench extra and runs the full benchmark for minutes "
         "(tests/test_benchmarks_smoke.py runs it briefly)"
