@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.types import Message
@@ -126,6 +127,78 @@ async def test_a_large_upload_with_a_large_answer_takes_one_streaming_slot() -> 
     assert result.status == 200
     assert result.body_bytes == 1000
     assert result.complete
+
+
+class Held(httpx.AsyncByteStream):
+    """An upstream body of unknown length: one part, then the rest once ``go`` is set."""
+
+    def __init__(self, go: anyio.Event) -> None:
+        self.go = go
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"first event\n"
+        await self.go.wait()
+        yield b"second event\n"
+
+
+async def test_a_stream_of_unknown_length_is_relayed_as_it_comes() -> None:
+    # Server-sent events, say: the first part reaches the client before the upstream sends the
+    # next one (a gateway that buffered it would wait for ever).
+    go = anyio.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Held(go))
+
+    bodies: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message.get("body", b""))
+            go.set()  # the client has the first part: only now does the upstream go on
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as pool:
+        proxy = ReverseProxy(UPSTREAM, client=pool)
+        with anyio.fail_after(5):
+            await proxy(request_scope("/events"), receive, send)
+    assert bodies == [b"first event\n", b"second event\n", b""]
+
+
+async def test_with_every_slot_taken_a_read_is_told_to_retry_but_a_write_is_answered() -> None:
+    # One slot (a pool of 2), held by a stream; then a GET and a POST whose answers are long
+    # streams too. The upstream has handled both: the GET may be repeated (503, Retry-After),
+    # the POST may have changed something, so its answer is relayed all the same.
+    go = anyio.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Held(go))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as pool:
+        proxy = ReverseProxy(UPSTREAM, client=pool, limits=ProxyLimits(connections=2))
+        holder: list[Exchange] = []
+        async with anyio.create_task_group() as tasks:
+
+            async def hold() -> None:
+                holder.append(await drive(proxy, request_scope("/events")))
+
+            tasks.start_soon(hold)
+            while proxy._streaming == 0:
+                await anyio.lowlevel.checkpoint()
+            read = await drive(proxy, request_scope("/events"))
+            written: list[Exchange] = []
+
+            async def write() -> None:
+                written.append(await drive(proxy, request_scope("/orders", method="POST")))
+
+            tasks.start_soon(write)
+            await anyio.sleep(0.1)
+            go.set()
+    assert read.status == 503
+    assert read.headers[b"retry-after"] == b"1"
+    assert [exchange.status for exchange in holder + written] == [200, 200]
+    assert proxy._streaming == 0
 
 
 async def test_a_body_that_falls_behind_its_deadline_gets_408() -> None:

@@ -278,6 +278,12 @@ REFUSED = [
         id="upstream-connections-too-few",
     ),
     pytest.param(
+        ["--buffer-bytes", " "],
+        {"DEVICEGATE_BUFFER_BYTES": "1024"},
+        "--buffer-bytes: needs a value",
+        id="buffer-bytes-blank",
+    ),
+    pytest.param(
         ["--client-timeout", "soon"],
         {},
         "--client-timeout: must be a number of seconds, such as 30 or 2.5",

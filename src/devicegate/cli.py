@@ -1019,6 +1019,10 @@ def _proxy_limit_env(args: argparse.Namespace) -> dict[str, str]:
         for argument, (_, variable) in _PROXY_LIMIT_FLAGS.items()
         if getattr(args, argument) is not None
     }
+    for flag, variable in _PROXY_LIMIT_FLAGS.values():
+        if variable in given and not given[variable].strip():
+            # A blank variable counts as unset; a blank flag is a mistake, not a default.
+            raise ConfigError(flag, "needs a value")
     try:
         ProxyLimits.from_env(given)
     except ConfigError as exc:

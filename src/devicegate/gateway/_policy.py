@@ -76,12 +76,15 @@ class ProxyLimits:
     clients can take what the others need (the upstream's connections above all).
 
     * Request bodies up to ``buffer_bytes`` are read whole before an upstream connection is
-      taken, and responses up to it are read whole before the client gets the first byte, the
-      upstream connection going back to the pool at once. A slow client then holds a buffer
-      and a task, never an upstream connection.
-    * Larger bodies and responses are streamed, at most ``connections // 2`` at a time, so
-      that the other half of the pool is always free for the small requests; beyond that the
-      answer is 503 with ``Retry-After``.
+      taken, and responses that declare a length up to it are read whole before the client
+      gets the first byte, the upstream connection going back to the pool at once. A slow
+      client then holds a buffer and a task, never an upstream connection.
+    * Larger bodies and responses, and responses of unknown length (a stream of events), are
+      streamed as they come, at most ``connections // 2`` at a time, so that the other half of
+      the pool is always free for the small requests. Beyond that a request is answered 503
+      with ``Retry-After``, and so is a ``GET``, ``HEAD`` or ``OPTIONS`` whose answer would need
+      a slot; any other method's answer is relayed all the same, since the upstream may have
+      acted on it already.
     * A client must send its body, and read its response, within ``client_seconds`` plus one
       second for every ``min_client_rate`` bytes (Apache's ``mod_reqtimeout`` model: a slow
       phone uploading a large file gets time in proportion, a client trickling a byte now and

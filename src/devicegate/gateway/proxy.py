@@ -71,6 +71,25 @@ class _ClientTooSlow(Exception):
     pass
 
 
+# Methods a client may repeat without harm (RFC 9110 §9.2.2): after the upstream has answered
+# one, a busy gateway may still tell the client to retry it.
+_IDEMPOTENT_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class _Slot:
+    """One of the proxy's streaming slots, taken on creation and given back once."""
+
+    def __init__(self, proxy: ReverseProxy) -> None:
+        self._proxy = proxy
+        self._held = True
+        proxy._streaming += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._proxy._streaming -= 1
+
+
 class _RequestBody:
     """The client's body as an async iterator over ``receive()``: what :meth:`read_ahead` read
     first, then the rest as httpx pulls it.
@@ -91,12 +110,14 @@ class _RequestBody:
         *,
         idle_seconds: float,
         limits: ProxyLimits,
-        start: float,
+        spent: float = 0.0,
     ) -> None:
         self._receive = receive
         self._idle_seconds = idle_seconds
         self._limits = limits
-        self._start = start
+        # Seconds spent waiting for the client's parts: only its own time counts against it
+        # (not the wait for an upstream connection, nor an upstream that reads slowly).
+        self._spent = spent
         self._pending = first
         self._more = more
         self._size = len(first)
@@ -120,8 +141,10 @@ class _RequestBody:
         return body
 
     async def _next_part(self) -> bytes:
-        deadline = self._limits.deadline(self._start, self._size)
-        message = await _receive_within(self._receive, self._idle_seconds, deadline)
+        allowed = min(self._idle_seconds, self._limits.deadline(0.0, self._size) - self._spent)
+        began = anyio.current_time()
+        message = await _receive_within(self._receive, allowed)
+        self._spent += anyio.current_time() - began
         if message["type"] == "http.disconnect":
             raise _ClientGone
         chunk: bytes = message.get("body", b"")
@@ -355,7 +378,7 @@ class ReverseProxy:
 
     async def _forward_one(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = anyio.current_time()
-        streaming = False
+        slot: _Slot | None = None
         try:
             if is_unforwarded(scope["method"]):
                 raise MethodNotAllowed()
@@ -402,7 +425,7 @@ class ReverseProxy:
                     declared,
                     idle_seconds=self.timeout,
                     limits=self.limits,
-                    start=start,
+                    spent=anyio.current_time() - start,
                 )
                 # A small body is read whole before an upstream connection is taken: a slow
                 # client holds a buffer, not a connection. A large one takes a streaming slot.
@@ -412,8 +435,7 @@ class ReverseProxy:
                     if self._streaming >= self.limits.streams:
                         self._count("busy")
                         raise GatewayBusy()
-                    self._streaming += 1
-                    streaming = True
+                    slot = _Slot(self)
                 else:
                     content_length = len(content)
         except Refusal as refusal:
@@ -434,10 +456,10 @@ class ReverseProxy:
                 # query reach the upstream byte for byte, with no re-quoting or normalisation.
                 extensions={"target": target, "timeout": self._timeouts},
             )
-            await self._exchange(scope, receive, send, request, body, streaming)
+            await self._exchange(scope, receive, send, request, body, slot)
         finally:
-            if streaming:
-                self._streaming -= 1
+            if slot is not None:
+                slot.release()
 
     async def _exchange(
         self,
@@ -446,7 +468,7 @@ class ReverseProxy:
         send: Send,
         request: httpx.Request,
         body: _RequestBody | None,
-        streaming: bool,
+        slot: _Slot | None,
     ) -> None:
         exchange = anyio.CancelScope()
         error: Exception | None = None
@@ -456,7 +478,7 @@ class ReverseProxy:
             watchers.start_soon(_watch_disconnect, receive, body, exchange)
             try:
                 with exchange:
-                    await self._send_upstream(scope, send, request, streaming)
+                    await self._send_upstream(scope, send, request, slot)
             except Exception as exc:
                 error = exc  # raised below as itself, not wrapped in an exception group
             finally:
@@ -465,10 +487,10 @@ class ReverseProxy:
             raise error
 
     async def _send_upstream(
-        self, scope: Scope, send: Send, request: httpx.Request, streaming: bool
+        self, scope: Scope, send: Send, request: httpx.Request, slot: _Slot | None
     ) -> None:
-        """Send ``request`` and relay the answer; ``streaming``: the request holds a
-        streaming slot already, which a large response may use too."""
+        """Send ``request`` and relay the answer; ``slot``: the streaming slot the request's
+        body holds, which a large response goes on using."""
         counters = self._counters
         started = time.monotonic()
         try:
@@ -506,7 +528,7 @@ class ReverseProxy:
         if counters is not None:
             counters.upstream_answered(time.monotonic() - started)
         try:
-            await self._relay(scope, send, response, streaming)
+            await self._relay(scope, send, response, slot)
         finally:
             # Shielded: after a client disconnect cancelled the exchange, the connection must
             # still be released (or closed) properly.
@@ -514,7 +536,7 @@ class ReverseProxy:
                 await response.aclose()
 
     async def _relay(
-        self, scope: Scope, send: Send, response: httpx.Response, streaming: bool
+        self, scope: Scope, send: Send, response: httpx.Response, slot: _Slot | None
     ) -> None:
         headers = response_headers(response.headers.raw)
         for index, (name, value) in enumerate(headers):
@@ -529,40 +551,48 @@ class ReverseProxy:
         start_message = {"type": "http.response.start", "status": response.status_code}
         start_message["headers"] = headers
         rest: AsyncIterator[bytes] | None = None
+        parts: list[bytes] = []
         if response.is_stream_consumed:
             # Only test transports (httpx.MockTransport) hand back a response already read.
-            parts, ended = [response.content], True
-        else:
-            rest = response.aiter_raw()
+            parts = [response.content]
+        elif _declares_at_most(response, self.limits.buffer_bytes):
+            # Small and of known length: read whole, and the connection goes back to the
+            # pool before the client reads a byte (and the request's slot with it).
             try:
-                parts, ended = await _read_ahead(rest, self.limits.buffer_bytes)
+                parts = [part async for part in response.aiter_raw()]
             except Exception as exc:
                 # Nothing is sent yet: the client still gets a proper answer.
                 logger.warning("devicegate: the upstream response failed (%s)", type(exc).__name__)
+                self._count("cut_off")
                 timed_out = isinstance(exc, httpx.TimeoutException)
-                self._count("timeout" if timed_out else "failed")
                 await send_refusal(scope, send, GatewayTimeout() if timed_out else BadGateway())
                 return
-        takes_slot = not ended and not streaming
-        if ended:
-            # Read whole: the connection goes back to the pool before the client reads a byte.
             await response.aclose()
-        elif takes_slot:
-            if self._streaming >= self.limits.streams:
-                self._count("busy")
-                await send_refusal(scope, send, GatewayBusy())
-                return
-            self._streaming += 1
+            if slot is not None:
+                slot.release()
+        else:
+            # Large, or of unknown length (a stream of events, say): relayed as it comes,
+            # through a streaming slot. The request's, if its body took one; else a new one,
+            # unless all are taken: then a read may be retried (503), but a request that may
+            # have changed something upstream is answered all the same.
+            rest = response.aiter_raw()
+            if slot is None:
+                busy = self._streaming >= self.limits.streams
+                if busy and scope["method"] in _IDEMPOTENT_READS:
+                    self._count("busy")
+                    await send_refusal(scope, send, GatewayBusy())
+                    return
+                slot = _Slot(self)
         try:
-            await self._to_client(send, start_message, parts, None if ended else rest)
+            await self._to_client(send, start_message, parts, rest)
         except _ClientTooSlow:
             # The response is left unfinished, so that the server drops the connection; the
             # upstream's is closed by the caller. Nothing stays held.
             logger.warning("devicegate: a client read its response too slowly; cut off")
             self._count("slow_client")
         finally:
-            if takes_slot:
-                self._streaming -= 1
+            if slot is not None:
+                slot.release()
 
     async def _to_client(
         self,
@@ -590,7 +620,9 @@ class ReverseProxy:
                 return
             raise _ClientTooSlow
 
-        await deliver(start_message)
+        # The status line goes out unbounded: servers buffer it without waiting, and a
+        # response that never started would become the server's own 500.
+        await send(start_message)
         for part in parts:
             if part:
                 await deliver({"type": "http.response.body", "body": part, "more_body": True})
@@ -613,19 +645,15 @@ class ReverseProxy:
         await deliver({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _read_ahead(chunks: AsyncIterator[bytes], buffer_bytes: int) -> tuple[list[bytes], bool]:
-    """The response's first parts, up to just over ``buffer_bytes``, and whether that was all
-    of it."""
-    parts: list[bytes] = []
-    size = 0
-    while size <= buffer_bytes:
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            return parts, True
-        parts.append(chunk)
-        size += len(chunk)
-    return parts, False
+def _declares_at_most(response: httpx.Response, size: int) -> bool:
+    """Whether the upstream's response declares a body of at most ``size`` bytes (by
+    ``Content-Length``, or by having none: a ``HEAD``, a 204, a 304)."""
+    if response.request.method == "HEAD" or response.status_code in (204, 304):
+        return True
+    if "transfer-encoding" in response.headers:
+        return False
+    length = response.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) <= size
 
 
 def _origins(url: httpx.URL) -> tuple[bytes, ...]:
@@ -639,12 +667,12 @@ def _origins(url: httpx.URL) -> tuple[bytes, ...]:
     return (scheme + b"://" + netloc,)
 
 
-async def _receive_within(receive: Receive, idle_seconds: float, deadline: float) -> Message:
-    """The client's next message, or a 408 when its body pauses for ``idle_seconds`` (as
-    nginx's ``client_body_timeout``) or falls behind ``deadline`` (an event-loop time, see
-    :meth:`ProxyLimits.deadline`): a client that stops sending its body, or trickles it, must
-    not hold what others need."""
-    with anyio.move_on_after(min(idle_seconds, deadline - anyio.current_time())):
+async def _receive_within(receive: Receive, seconds: float) -> Message:
+    """The client's next message, or a 408 when it does not come within ``seconds`` (the
+    smaller of the idle timeout, as nginx's ``client_body_timeout``, and what is left of the
+    body's deadline, see :meth:`ProxyLimits.deadline`): a client that stops sending its body,
+    or trickles it, must not hold what others need."""
+    with anyio.move_on_after(seconds):
         return await receive()
     # Reached only when our own deadline passed (a TimeoutError from receive() itself passes
     # through as itself).
@@ -653,10 +681,11 @@ async def _receive_within(receive: Receive, idle_seconds: float, deadline: float
 
 async def _first_part(receive: Receive, idle_seconds: float, deadline: float) -> tuple[bytes, bool]:
     """The client's first body part with data and whether more follows; ``(b"", False)`` for
-    an empty body."""
+    an empty body. ``deadline`` is an event-loop time."""
     chunk, more = b"", True
     while more and not chunk:
-        message = await _receive_within(receive, idle_seconds, deadline)
+        left = min(idle_seconds, deadline - anyio.current_time())
+        message = await _receive_within(receive, left)
         if message["type"] == "http.disconnect":
             raise _ClientGone
         chunk = message.get("body", b"")
