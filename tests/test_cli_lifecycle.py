@@ -31,6 +31,7 @@ from starlette.types import Message
 
 from devicegate import ConfigError, GateConfig, TokenIssuer, cli
 from devicegate.gateway._app import ReloadableApp, ServeSettings, build_app
+from devicegate.gateway._policy import ProxyLimits
 from devicegate.gateway._reload import can_receive_hangup
 from tests.helpers import (
     Keys,
@@ -655,9 +656,11 @@ def test_real_request_in_flight_during_sighup_completes(
     """A request admitted under the old key finishes after the key is gone."""
     go = threading.Event()
     results: list[httpx.Response | BaseException] = []
+    # Larger than the gateway buffers: streamed, so the upstream has the request mid-body.
+    first = b"x" * (ProxyLimits().buffer_bytes + 1)
 
     def body() -> Iterator[bytes]:
-        yield b"first part, "
+        yield first
         go.wait(IO_SECONDS)
         yield b"second part"
 
@@ -686,7 +689,7 @@ def test_real_request_in_flight_during_sighup_completes(
     (result,) = results
     assert isinstance(result, httpx.Response), result
     assert result.status_code == 200
-    assert result.json()["body_length"] == len(b"first part, second part")
+    assert result.json()["body_length"] == len(first + b"second part")
 
 
 @pytest.mark.parametrize(
