@@ -99,6 +99,12 @@ class Authenticator:
         self.configured_kinds = frozenset(kinds)
 
     @property
+    def dpop_proof_lifetime(self) -> float:
+        """How long an accepted DPoP proof must be remembered, here and in a shared store: as
+        long as it could be accepted (0 when this server takes no proofs)."""
+        return 0.0 if self._dpop is None else self._dpop.proof_lifetime
+
+    @property
     def verifier(self) -> TokenVerifier:
         """The device-token verifier; fixed for the life of this authenticator."""
         return self._verifier

@@ -361,8 +361,7 @@ class DeviceAuthMiddleware:
         key = scope.pop(DPOP_REPLAY_KEY, None)
         if key is None or self._dpop_replay is None:
             return
-        config = gate.config
-        lifetime = config.dpop_proof_max_age_seconds + config.leeway_seconds
+        lifetime = gate.authenticator.dpop_proof_lifetime
         if not await self._dpop_replay.first_use(key, lifetime):
             raise gate.authenticator.replayed_proof()
 

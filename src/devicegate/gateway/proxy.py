@@ -71,9 +71,9 @@ class _ClientTooSlow(Exception):
     pass
 
 
-# Methods a client may repeat without harm (RFC 9110 §9.2.2): after the upstream has answered
-# one, a busy gateway may still tell the client to retry it.
-_IDEMPOTENT_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The safe methods (RFC 9110 §9.2.1), which change nothing upstream: after the upstream has
+# answered one, a busy gateway may still tell the client to retry it.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class _Slot:
@@ -578,7 +578,7 @@ class ReverseProxy:
             rest = response.aiter_raw()
             if slot is None:
                 busy = self._streaming >= self.limits.streams
-                if busy and scope["method"] in _IDEMPOTENT_READS:
+                if busy and scope["method"] in _SAFE_METHODS:
                     self._count("busy")
                     await send_refusal(scope, send, GatewayBusy())
                     return
