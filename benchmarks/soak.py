@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -493,6 +493,16 @@ class Hostile:
             ),
         ]
 
+    def secrets(self) -> list[bytes]:
+        """Every credential this generator sends (keys, tokens, with and without their
+        scheme), long enough to be one: none may ever reach an upstream."""
+        found: set[bytes] = set()
+        for _, make in self.credentials:
+            for name, value in make():
+                if name.lower() in (b"authorization", b"x-api-key"):
+                    found.update((value, value.rpartition(b" ")[2]))
+        return sorted(value for value in found if len(value) >= 16)
+
     def _tampered(self) -> str:
         head, payload, signature = self.good.split(".")
         claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
@@ -583,6 +593,17 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+async def on_connections(
+    worker: Callable[[], Coroutine[Any, Any, None]], connections: int
+) -> float:
+    """Run ``worker`` once per connection, all at once; the seconds it took."""
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tasks:
+        for _ in range(connections):
+            tasks.start_soon(worker)
+    return time.perf_counter() - started
+
+
 async def run_hostile(
     server: Server, keys: Keys, model: Model, count: int, connections: int, seed: int
 ) -> dict[str, Any]:
@@ -622,11 +643,7 @@ async def run_hostile(
         finally:
             await connection.close()
 
-    started = time.perf_counter()
-    async with anyio.create_task_group() as tasks:
-        for _ in range(connections):
-            tasks.start_soon(worker)
-    seconds = time.perf_counter() - started
+    seconds = await on_connections(worker, connections)
     server_errors = sum(n for status, n in statuses.items() if status >= 500)
     return {
         "requests": done,
@@ -701,9 +718,7 @@ async def run_legit(
             finally:
                 await connection.close()
 
-        async with anyio.create_task_group() as tasks:
-            for _ in range(connections):
-                tasks.start_soon(worker)
+        await on_connections(worker, connections)
 
     pids = worker_pids(server)
     before = {pid: rss_mib(pid) for pid in pids}
@@ -835,14 +850,12 @@ async def through(
     front: Server,
     watched: list[Server],
     upstream: HostileUpstream,
-    keys: Keys,
+    generator: Hostile,
     count: int,
     connections: int,
-    seed: int,
 ) -> dict[str, Any]:
-    """``count`` requests through ``front``: the credentials of the hostile generator, on paths
-    the upstream serves."""
-    generator = Hostile(keys, random.Random(seed))
+    """``count`` requests of ``generator`` (the one whose credentials ``upstream`` watches
+    for) through ``front``."""
     statuses: Counter[int] = Counter()
     dropped = 0
     done = 0
@@ -869,11 +882,7 @@ async def through(
         finally:
             await connection.close()
 
-    started = time.perf_counter()
-    async with anyio.create_task_group() as tasks:
-        for _ in range(connections):
-            tasks.start_soon(worker)
-    seconds = time.perf_counter() - started
+    seconds = await on_connections(worker, connections)
     await anyio.sleep(4)  # past the upstream timeout: whatever was waiting has given up
     return {
         "requests": sum(statuses.values()) + dropped,
@@ -892,16 +901,11 @@ async def through(
     }
 
 
-def forbidden_values(keys: Keys) -> list[bytes]:
-    """What a client sends that must never reach the upstream: its keys and its token."""
-    minter = Hostile(keys, random.Random(0))
-    return [keys.api_key.encode(), keys.mobile_api_key.encode(), minter.good.encode()]
-
-
 async def run_gateway(
     keys: Keys, count: int, connections: int, seed: int, directory: Path
 ) -> dict[str, Any]:
-    upstream = HostileUpstream(forbidden_values(keys), seed)
+    generator = Hostile(keys, random.Random(seed))
+    upstream = HostileUpstream(generator.secrets(), seed)
     upstream_keys = fresh_keys()
     secrets_file = write_secrets(directory / "gateway-secrets.json", keys)
     upstream_secrets = write_secrets(directory / "upstream-secrets.json", upstream_keys)
@@ -919,7 +923,7 @@ async def run_gateway(
         with serve(
             command, directory / "gateway.log", cwd=directory, ready=answers("/health")
         ) as gateway:
-            result = await through(gateway, [gateway], upstream, keys, count, connections, seed)
+            result = await through(gateway, [gateway], upstream, generator, count, connections)
         tasks.cancel_scope.cancel()
     return result
 
@@ -929,7 +933,8 @@ async def run_nginx(
 ) -> dict[str, Any]:
     from tests.test_auth_proxies import running_nginx
 
-    upstream = HostileUpstream(forbidden_values(keys), seed)
+    generator = Hostile(keys, random.Random(seed))
+    upstream = HostileUpstream(generator.secrets(), seed)
     secret = secrets.token_urlsafe(32)
     secrets_file = write_secrets(directory / "forward-secrets.json", keys)
     async with anyio.create_task_group() as tasks:
@@ -953,7 +958,7 @@ async def run_nginx(
                 secret=secret,
             ) as nginx,
         ):  # fmt: skip
-            result = await through(nginx, [devicegate], upstream, keys, count, connections, seed)
+            result = await through(nginx, [devicegate], upstream, generator, count, connections)
         tasks.cancel_scope.cancel()
     return result
 
