@@ -78,6 +78,7 @@ REQUEST_SECONDS = 15.0
 PROXIED_SECONDS = 5.0
 POOL = 100  # the gateway's default pool of upstream connections
 CACHE_SIZE = 10_000  # devicegate's default token cache
+WARMUP_RECONNECT = 50
 CACHE_PATH = "/__soak/cache"
 
 
@@ -704,6 +705,10 @@ async def run_legit(
             try:
                 while remaining > 0:
                     remaining -= 1
+                    if fresh_only and remaining % WARMUP_RECONNECT == 0:
+                        # Warming up: a new connection now and then, which the kernel may hand
+                        # to any worker, so that none is left with a cache half full.
+                        await connection.close()
                     kind, raw = one(fresh_only)
                     try:
                         answer = await connection.send(raw)
