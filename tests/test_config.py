@@ -272,6 +272,8 @@ CASES: list[Any] = [
     pytest.param(_fixed({"device_header": 5}, "device_header"), id="header-int"),
     pytest.param(_fixed({"device_header": "Authorization"}, "device_header"), id="header-auth"),
     pytest.param(_fixed({"api_key_header": "cookie"}, "api_key_header"), id="header-cookie"),
+    # The DPoP proof's header (RFC 9449 §4.1): a device id read from it would be the proof.
+    pytest.param(_fixed({"device_header": "DPoP"}, "device_header"), id="header-dpop"),
     pytest.param(_fixed({"api_key_header": "x-instance-id"}, "device_header"), id="same-headers"),
 ]
 

@@ -91,7 +91,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # Keys travel as header values; whitespace would make ``Authorization: <key>`` ambiguous with
 # ``Authorization: <scheme> <token>``, so keys are visible ASCII only (RFC 9110 §5.5 VCHAR).
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
-_RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-length"})
+_RESERVED_HEADERS = frozenset({"authorization", "cookie", "host", "content-length", "dpop"})
 
 _FALSE = frozenset({"0", "false", "no", "off"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
