@@ -70,6 +70,7 @@ MAX_REMEMBERED_PROOFS = 100_000
 NONCE_PERIOD_SECONDS = 300
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_NOT_A_JWS = "The DPoP proof is not a compact JWS."
 
 
 class InvalidDpopProof(AuthError):
@@ -311,10 +312,13 @@ class ProofChecker:
                 (:class:`UseDpopNonce` when only its nonce is missing or too old).
             Refusal: 503, the replay cache is full.
         """
-        if len(proof) > MAX_PROOF_BYTES or proof.count(b".") != 2:
-            raise _invalid("The DPoP proof is not a compact JWS.")
-        # Each segment's alphabet is checked where it is decoded (the header once per key).
-        header_segment, payload_segment, signature = proof.split(b".")
+        if len(proof) > MAX_PROOF_BYTES:
+            raise _invalid(_NOT_A_JWS)
+        try:
+            # Each segment's alphabet is checked where it is decoded (the header once per key).
+            header_segment, payload_segment, signature = proof.split(b".")
+        except ValueError:
+            raise _invalid(_NOT_A_JWS) from None
         key = self._headers.get(header_segment)
         if key is None:
             key = self._check_header(header_segment)
@@ -373,14 +377,9 @@ class ProofChecker:
                 same_url = False
         if not same_url:
             raise _invalid("The DPoP proof is for another URL.")
-        iat = claims.get("iat")
         now = self._clock()
-        if (
-            isinstance(iat, bool)
-            or not isinstance(iat, (int, float))
-            or not math.isfinite(iat)
-            or not now - self._max_age <= iat <= now + self._leeway
-        ):
+        # NaN for anything but a time, which no comparison admits (nor does it an infinity).
+        if not now - self._max_age <= _seconds(claims.get("iat")) <= now + self._leeway:
             raise _invalid("The DPoP proof is too old, from the future, or has no iat.")
         expected = self._aths.get(token)
         if expected is None:
@@ -458,6 +457,17 @@ class SharedReplayStore:
     def close(self) -> None:
         """Close the connections."""
         self._redis.close()
+
+
+def _seconds(value: object) -> float:
+    """A JSON number as a float, to compare with the clock's; NaN for anything else: a bool, a
+    string, a null, an int beyond what a float holds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    return math.nan
 
 
 def _invalid(description: str) -> InvalidDpopProof:
