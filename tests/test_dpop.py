@@ -135,6 +135,8 @@ async def test_a_bound_token_with_a_fresh_proof_each_time_is_admitted(
     assert isinstance(principal, Principal)
     assert principal.dpop_jkt == key.thumbprint()
     assert principal.instance_id == DEVICE
+    # What the proof check noted for the middleware stays with it.
+    assert [name for name in app.calls[-1] if name.startswith("devicegate.")] == []
     # Without a proof, the cached token is refused all the same.
     assert_dpop_refusal(await call(gate, token, None))
 
@@ -493,7 +495,8 @@ async def test_an_aged_nonce_is_admitted_once_more_with_the_new_one_offered(
 ) -> None:
     # Instances that share server keys share nonces: they derive from those keys (never from
     # the mobile API key, which ships inside apps).
-    gate = DeviceAuthMiddleware(RecordingApp(), config=config(keys, dpop_nonce=True))
+    app = RecordingApp()
+    gate = DeviceAuthMiddleware(app, config=config(keys, dpop_nonce=True))
     token = bound_token(keys, key)
     current = offered_nonce(await call(gate, token, [proof(key, token)]))
     key_material = nonce_key([keys.api_key, keys.jwt_secret])
@@ -505,6 +508,7 @@ async def test_an_aged_nonce_is_admitted_once_more_with_the_new_one_offered(
     aged = await call(gate, token, [proof(key, token, nonce=nonce_from(NONCE_PERIOD_SECONDS))])
     assert aged.status_code == 200
     assert aged.headers["dpop-nonce"] == current
+    assert [name for name in app.calls[-1] if name.startswith("devicegate.")] == []
     too_old = nonce_from(2 * NONCE_PERIOD_SECONDS)
     assert offered_nonce(await call(gate, token, [proof(key, token, nonce=too_old)])) == current
 

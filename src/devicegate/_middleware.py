@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from starlette.authentication import UnauthenticatedUser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,14 +69,28 @@ class _Endpoint(Protocol):
     async def respond(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
-class _Route(NamedTuple):
-    """What a request path decides before any credential is read."""
+class _Route:
+    """What a request path decides before any credential is read.
 
-    accepted: frozenset[CredentialKind]
-    public: bool
-    endpoint: _Endpoint | None
-    optional: bool = False
-    dpop: bool = False
+    A class with slots rather than a named tuple: every request reads a few of its fields, and
+    a slot is the cheapest attribute there is to read.
+    """
+
+    __slots__ = ("accepted", "dpop", "endpoint", "optional", "public")
+
+    def __init__(
+        self,
+        accepted: frozenset[CredentialKind],
+        public: bool,
+        endpoint: _Endpoint | None,
+        optional: bool = False,
+        dpop: bool = False,
+    ) -> None:
+        self.accepted = accepted
+        self.public = public
+        self.endpoint = endpoint
+        self.optional = optional
+        self.dpop = dpop
 
 
 class DeviceAuthMiddleware:
@@ -301,8 +315,7 @@ class DeviceAuthMiddleware:
                 if len(path) <= _MAX_CACHED_PATH:
                     # Full when paths carry ids: start over (no LRU bookkeeping per request).
                     remember(routes, key, route, _ROUTE_CACHE_SIZE)
-            accepted, public, endpoint, optional, dpop = route
-            if public:
+            if route.public:
                 principal = None
             else:
                 # An address over its limit of failed authentications (one truth test of an
@@ -314,7 +327,7 @@ class DeviceAuthMiddleware:
                     else:
                         principal = gate.authenticate(scope)
                 except MissingCredentials:
-                    if not optional:
+                    if not route.optional:
                         raise
                     principal = None  # no credential at all, where none is needed
                 except Refusal:
@@ -322,16 +335,14 @@ class DeviceAuthMiddleware:
                         raise blocked_refusal(blocked) from None
                     raise
                 else:
-                    if principal.kind not in accepted:
+                    if principal.kind not in route.accepted:
                         refused = InsufficientScope()
                         refused.credential_kind = principal.kind.value
                         raise refused
-                    if dpop and principal.kind is DEVICE_TOKEN and principal.dpop_jkt is None:
+                    if route.dpop and principal.kind is DEVICE_TOKEN and principal.dpop_jkt is None:
                         raise gate.authenticator.dpop_required()
-                    if self._dpop_replay is not None:
-                        await self._check_shared_replay(scope, gate)
-                    if gate.nonces and DPOP_NONCE in scope:
-                        send = _offering_nonce(send, scope.pop(DPOP_NONCE))
+                    if gate.proofs and DPOP_REPLAY_KEY in scope:
+                        send = await self._after_proof(scope, send, gate)
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -351,19 +362,22 @@ class DeviceAuthMiddleware:
         else:
             scope["user"] = principal
             scope["auth"] = credentials_for[principal.kind]
-        if endpoint is not None:
-            await endpoint.respond(scope, receive, send)
+        if route.endpoint is not None:
+            await route.endpoint.respond(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    async def _check_shared_replay(self, scope: Scope, gate: _Gate) -> None:
-        """Refuse a DPoP proof another instance has accepted already."""
-        key = scope.pop(DPOP_REPLAY_KEY, None)
-        if key is None or self._dpop_replay is None:
-            return
-        lifetime = gate.authenticator.dpop_proof_lifetime
-        if not await self._dpop_replay.first_use(key, lifetime):
-            raise gate.authenticator.replayed_proof()
+    async def _after_proof(self, scope: Scope, send: Send, gate: _Gate) -> Send:
+        """What follows an accepted DPoP proof: refuse it if another instance has accepted it
+        already; offer a newer server nonce in the answer when the proof's has aged. Returns
+        the ``send`` to answer with. The app sees neither note the proof check left."""
+        key = scope.pop(DPOP_REPLAY_KEY)
+        nonce = scope.pop(DPOP_NONCE, None)
+        if self._dpop_replay is not None:
+            lifetime = gate.authenticator.dpop_proof_lifetime
+            if not await self._dpop_replay.first_use(key, lifetime):
+                raise gate.authenticator.replayed_proof()
+        return send if nonce is None else _offering_nonce(send, nonce)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         log_refusal(scope, error)
@@ -435,7 +449,7 @@ class _Gate:
         "config",
         "jwks_path",
         "limiter",
-        "nonces",
+        "proofs",
         "revoke_path",
         "routes",
         "rule_table",
@@ -462,7 +476,8 @@ class _Gate:
         self.blocked = limiter.blocked
         self.authenticator = Authenticator(config, verifier=verifier, replay=dpop_seen)
         self.authenticate = self.authenticator.authenticate
-        self.nonces = self.authenticator.nonces is not None
+        # Whether DPoP proofs are checked at all: if not, nothing follows a proof check.
+        self.proofs = config.public_url is not None
         configured = self.authenticator.configured_kinds
         for rule in rules:
             if not rule.public and not rule.accept & configured:
