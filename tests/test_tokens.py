@@ -245,6 +245,28 @@ def test_fractional_and_whole_numeric_dates_are_accepted(
     assert reason_of(verify, token) is InvalidReason.EXPIRED
 
 
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(-LAST_NUMERIC_DATE, id="as-far-back-as-year-9999-ahead"),
+        pytest.param(-(10**400), id="further-back-than-a-float-holds"),
+        pytest.param(-1e308, id="a-huge-negative-float"),
+    ],
+)
+@pytest.mark.parametrize("claim", ["nbf", "iat"])
+def test_a_start_in_the_far_past_is_kept_in_the_cache(keys: Keys, claim: str, start: float) -> None:
+    # No lower bound is set on a NumericDate: however far back a token starts, a cache hit
+    # decides it as the full verification does, until it expires.
+    clock = Clock(NOW)
+    verify = verifier(keys.config(), clock)
+    token = make_token(keys.jwt_secret, {"exp": NOW + 300, claim: start, "jti": "j"})
+    assert verify.verify(token).claims[claim] == start
+    assert verify.remembers(token.encode())
+    assert verify.verify(token).claims[claim] == start
+    clock.now = NOW + 300
+    assert reason_of(verify, token) is InvalidReason.EXPIRED
+
+
 @pytest.mark.parametrize("now", [float("nan"), float("inf"), float("-inf")])
 def test_a_clock_that_cannot_tell_the_time_refuses_every_token(keys: Keys, now: float) -> None:
     clock = Clock(NOW)

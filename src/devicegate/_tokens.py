@@ -444,7 +444,9 @@ class TokenVerifier:
             )
         except RecursionError:  # nesting the JSON parser took but freezing the claims cannot
             raise InvalidToken(InvalidReason.MALFORMED) from None
-        return CachedToken(expires_at, valid_from, bound, principal, -1)
+        # As floats, as the clock tells the time: every cache hit compares them with it, and
+        # a float compared with an int costs several times a comparison of two floats.
+        return CachedToken(float(expires_at), _instant(valid_from), bound, principal, -1)
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
@@ -499,6 +501,13 @@ def _is_numeric_date(value: object) -> TypeGuard[float]:
     if isinstance(value, int):
         return value <= _LAST_NUMERIC_DATE
     return isinstance(value, float) and math.isfinite(value) and value <= _LAST_NUMERIC_DATE
+
+
+def _instant(value: float) -> float:
+    """``value`` as a float. An instant as far before 1970 as the last accepted NumericDate is
+    after it, or further (an int too large for a float, perhaps), is ``-inf``: both are
+    earlier than any time a clock tells."""
+    return float(value) if value > -_LAST_NUMERIC_DATE else -math.inf
 
 
 def _audience_matches(aud: object, accepted: frozenset[str]) -> bool:
