@@ -27,8 +27,7 @@ MAX_CREDENTIAL_BYTES = 8192
 _AUTHORIZATION = b"authorization"
 _BEARER = b"bearer"
 _DPOP = b"dpop"
-_BEARER_PREFIX = b"Bearer "
-_BEARER_PREFIX_LENGTH = len(_BEARER_PREFIX)
+_BEARER_AS_SENT = b"Bearer"
 # Single bytes tested as ints: ``b"\t" in value`` first tries the needle as an int, fails, and
 # clears a TypeError, which costs several times the search itself.
 _TAB = ord("\t")
@@ -86,23 +85,19 @@ def read_credential(
         raise MissingCredentials()
     if not authorization or len(authorization) > MAX_CREDENTIAL_BYTES or _TAB in authorization:
         raise InvalidRequest(_MALFORMED)
-    if authorization.startswith(_BEARER_PREFIX):
-        # The spelling every client sends, decided without splitting or case folding.
-        token = authorization[_BEARER_PREFIX_LENGTH:]
-        if not token or _SPACE in token:
-            raise InvalidRequest(_MALFORMED)
-        return DEVICE_TOKEN, token, device, False
-    if _SPACE not in authorization:
+    scheme, space, token = authorization.partition(b" ")
+    if not space:
         # A single word: the raw mobile key as the SenseCrypt SDK sends it, unless it is a
         # scheme with nothing after it ("Bearer").
         if len(authorization) == len(_BEARER) and authorization.lower() == _BEARER:
             raise InvalidRequest(_MALFORMED)
         return MOBILE_API_KEY, authorization, device, False
-    scheme, _, token = authorization.partition(b" ")
     # RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
     # (RFC 9110 §11.1). We accept exactly one space and one token.
     if not scheme or not token or _SPACE in token:
         raise InvalidRequest(_MALFORMED)
+    if scheme == _BEARER_AS_SENT:
+        return DEVICE_TOKEN, token, device, False  # the spelling every client sends
     scheme = scheme.lower()
     if scheme == _DPOP:
         return DEVICE_TOKEN, token, device, True

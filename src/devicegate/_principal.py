@@ -226,7 +226,8 @@ class Principal(BaseUser):
         """The thumbprint of the key a DPoP-bound token is bound to (its ``cnf.jkt``), or
         ``None``: every request with such a token proved possession of that key."""
         cnf = self.claims.get("cnf")
-        return cnf.get("jkt") if isinstance(cnf, Mapping) else None
+        # Nested objects of the claims are always (read-only) dicts: no ABC check needed.
+        return cnf.get("jkt") if isinstance(cnf, dict) else None
 
     @property
     def is_authenticated(self) -> bool:
