@@ -33,6 +33,7 @@ from devicegate import (
     TokenVerifier,
 )
 from devicegate._auth import Authenticator
+from devicegate._json import DuplicateMember, loads_strict_json
 from tests.helpers import NOW, Clock, Keys, b64url, claims_at, make_token, near_misses, sign
 
 DEVICE = "device-4c1d"
@@ -516,6 +517,44 @@ def test_invalid_json(verifier: TokenVerifier, secret: str, raw: bytes) -> None:
         make_token(secret, raw_payload=raw.replace(b'"alg": "HS256"', b'"exp": 1')),
     ):
         assert refused(verifier, token) is InvalidReason.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1}', ' {"a": 1}', '{"a": 1}\n', '\t{"a": [1, {"b": "c"}]} \r\n', "3", '"x"', "[]"],
+)
+def test_strict_json_reads_what_json_loads_reads(text: str) -> None:
+    # With whitespace around the document or without (the parser's quick path): the same.
+    assert loads_strict_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a": 1} {}', '{"a": 1}x', "", " ", "[1,]", '{"a": 1,}', "{", ' {"a": 1} x ']
+)
+def test_strict_json_refuses_what_json_loads_refuses_with_its_error(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as refused_here:
+        loads_strict_json(text)
+    assert (refused_here.value.msg, refused_here.value.pos) == (
+        expected.value.msg,
+        expected.value.pos,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [
+        ('{"a": 1, "a": 1}', "duplicate member"),
+        (' {"b": [{"a": 1, "a": 2}]} ', "duplicate member"),
+        ("NaN", "NaN is not JSON"),
+        ("[-Infinity]", "-Infinity is not JSON"),
+    ],
+)
+def test_strict_json_refuses_duplicates_and_constants(text: str, refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal) as refused_here:
+        loads_strict_json(text)
+    assert isinstance(refused_here.value, DuplicateMember) == ("duplicate" in refusal)
 
 
 @pytest.mark.parametrize("depth", [10_000, 200_000])

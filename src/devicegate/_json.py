@@ -34,7 +34,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-loads_strict_json = json.JSONDecoder(
-    object_pairs_hook=_unique_object, parse_constant=_no_constant
-).decode
-"""``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``."""
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constant)
+
+
+def loads_strict_json(text: str) -> Any:
+    """``json.loads`` that refuses duplicate member names and the non-JSON ``NaN``/``Infinity``.
+
+    A document with no whitespace around it (every token and proof) is read in one call of the
+    parser; anything else, an error included, goes through ``decode``, which skips the
+    whitespace and raises the error ``json.loads`` would.
+    """
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        end = -1
+    if end == len(text):
+        return value
+    return _DECODER.decode(text)
