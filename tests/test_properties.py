@@ -4,10 +4,12 @@
   ``AuthError`` subclasses, and whatever is accepted really carried the exact credential.
 * Random byte mutations of a valid token are always refused, unless they leave it identical.
 * Differential: any token this verifier accepts, PyJWT accepts too, with the same claims.
+* Differential: base64url decodes exactly the canonical texts the standard library would.
 """
 
 from __future__ import annotations
 
+import base64
 import string
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devicegate import AuthError, CredentialKind, GateConfig, InvalidToken, TokenVerifier
+from devicegate import _base64url as base64url
 from devicegate._auth import Authenticator
 from devicegate._credentials import read_credential
 from tests.helpers import NOW, Clock, make_token
@@ -320,3 +323,35 @@ def test_accepted_here_means_accepted_by_pyjwt(
         options={"require": ["exp"]},
     )
     assert decoded == dict(principal.claims) == payload
+
+
+# --- base64url: the differential test against the standard library -------------------------
+
+
+def canonical_base64url(text: bytes) -> bytes | None:
+    """What RFC 7515 §2 accepts, by the standard library: the URL-safe alphabet without
+    padding, and the one text the decoded bytes encode back to."""
+    if any(byte not in BASE64URL for byte in text) or len(text) % 4 == 1:
+        return None
+    raw = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=") == text else None
+
+
+@SETTINGS
+@given(st.one_of(st.binary(max_size=12), st.text(BASE64URL.decode() + "+/=!", max_size=12)))
+@example(b"AB")  # stray low bits: "AA" is the canonical spelling
+@example(b"AA==")  # padding
+@example(b"-_+/")  # the standard alphabet's two characters beside the URL-safe ones
+def test_base64url_decodes_exactly_the_canonical_texts(text: bytes | str) -> None:
+    raw = text.encode() if isinstance(text, str) else text
+    assert base64url.decode(raw) == canonical_base64url(raw)
+    assert base64url.decode(raw.decode("latin-1")) == (
+        canonical_base64url(raw) if raw.isascii() else None
+    )
+
+
+@SETTINGS
+@given(st.binary(max_size=64))
+def test_base64url_round_trip(raw: bytes) -> None:
+    assert base64url.decode(base64url.encode(raw)) == raw
+    assert base64url.decode(base64url.encode_text(raw)) == raw

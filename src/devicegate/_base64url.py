@@ -12,7 +12,14 @@ import binascii
 __all__ = ["decode", "encode", "encode_text"]
 
 ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# One pass both maps base64url to the standard alphabet ("-" to "+", "_" to "/") and marks
+# every byte that is not base64url (the standard "+" and "/", "=", anything else) as "!",
+# which no alphabet has: finding none then checks the whole text.
+_INVALID = ord("!")  # searched for as an int: a one-byte bytes needle costs a failed int try
+_TO_STANDARD = bytes(
+    byte if byte in ALPHABET[:62] else {ord("-"): ord("+"), ord("_"): ord("/")}.get(byte, _INVALID)
+    for byte in range(256)
+)
 _FROM_STANDARD = bytes.maketrans(b"+/", b"-_")
 # By the length modulo 4: the padding that completes the last quantum, and the characters the
 # last one may be. Two characters carry one byte (4 bits unused), three carry two (2 unused):
@@ -33,11 +40,14 @@ def decode(text: bytes | str) -> bytes | None:
         text = text.encode("ascii")
     remainder = len(text) % 4
     padding = _PADDING.get(remainder)
-    if padding is None or text.translate(None, ALPHABET):
+    if padding is None:
+        return None
+    standard = text.translate(_TO_STANDARD)
+    if _INVALID in standard:
         return None
     if remainder and text[-1] not in _CANONICAL_LAST[remainder]:
         return None
-    return binascii.a2b_base64(text.translate(_TO_STANDARD) + padding)
+    return binascii.a2b_base64(standard + padding)
 
 
 def encode(raw: bytes) -> bytes:
