@@ -342,7 +342,13 @@ class DeviceAuthMiddleware:
                     if route.dpop and principal.kind is DEVICE_TOKEN and principal.dpop_jkt is None:
                         raise gate.authenticator.dpop_required()
                     if gate.proofs and DPOP_REPLAY_KEY in scope:
-                        send = await self._after_proof(scope, send, gate)
+                        # The proof check's notes, for here alone: the app never sees them.
+                        replay_key = scope.pop(DPOP_REPLAY_KEY)
+                        nonce = scope.pop(DPOP_NONCE, None)
+                        if self._dpop_replay is not None:
+                            await _check_shared_replay(self._dpop_replay, replay_key, gate)
+                        if nonce is not None:
+                            send = _offering_nonce(send, nonce)
         except Refusal as error:
             await self._deny(scope, receive, send, error)
             return
@@ -366,18 +372,6 @@ class DeviceAuthMiddleware:
             await route.endpoint.respond(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-    async def _after_proof(self, scope: Scope, send: Send, gate: _Gate) -> Send:
-        """What follows an accepted DPoP proof: refuse it if another instance has accepted it
-        already; offer a newer server nonce in the answer when the proof's has aged. Returns
-        the ``send`` to answer with. The app sees neither note the proof check left."""
-        key = scope.pop(DPOP_REPLAY_KEY)
-        nonce = scope.pop(DPOP_NONCE, None)
-        if self._dpop_replay is not None:
-            lifetime = gate.authenticator.dpop_proof_lifetime
-            if not await self._dpop_replay.first_use(key, lifetime):
-                raise gate.authenticator.replayed_proof()
-        return send if nonce is None else _offering_nonce(send, nonce)
 
     async def _deny(self, scope: Scope, receive: Receive, send: Send, error: Refusal) -> None:
         log_refusal(scope, error)
@@ -415,6 +409,12 @@ class DeviceAuthMiddleware:
                         return
                     logger.error("devicegate on_error response sent nothing")
         await send_refusal(scope, send, error, self._realm)
+
+
+async def _check_shared_replay(store: SharedReplayStore, replay_key: str, gate: _Gate) -> None:
+    """Refuse a DPoP proof another instance has accepted already."""
+    if not await store.first_use(replay_key, gate.authenticator.dpop_proof_lifetime):
+        raise gate.authenticator.replayed_proof()
 
 
 def _offering_nonce(send: Send, nonce: str) -> Send:
