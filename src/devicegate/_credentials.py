@@ -61,19 +61,20 @@ def read_credential(
     authorization: bytes | None = None
     api_key: bytes | None = None
     device: bytes | None = None
+    # In the order a device's request needs them: most requests carry a token and its device.
     for name, value in headers:
         if name == _AUTHORIZATION:
             if authorization is not None:
                 raise InvalidRequest(_DUPLICATE)
             authorization = value
-        elif name == api_key_header:
-            if api_key is not None:
-                raise InvalidRequest(_DUPLICATE)
-            api_key = value
         elif name == device_header:
             if device is not None:
                 raise InvalidRequest(_DUPLICATE_DEVICE)
             device = value
+        elif name == api_key_header:
+            if api_key is not None:
+                raise InvalidRequest(_DUPLICATE)
+            api_key = value
 
     if api_key is not None:
         if authorization is not None:
