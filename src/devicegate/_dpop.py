@@ -282,6 +282,7 @@ class ProofChecker:
         self._algorithms = frozenset(algorithms)
         self._max_age = max_age_seconds
         self._leeway = leeway_seconds
+        self._lifetime = float(max_age_seconds + leeway_seconds)
         self._replay = ReplayCache() if replay is None else replay
         self._clock = clock
         # Proof headers that passed every header rule, with the key they hold.
@@ -292,7 +293,7 @@ class ProofChecker:
     @property
     def proof_lifetime(self) -> float:
         """How long a proof's ``jti`` must be remembered: as long as it could be accepted."""
-        return float(self._max_age + self._leeway)
+        return self._lifetime
 
     def check(
         self, proof: bytes, *, method: str, path: str, token: bytes
@@ -332,7 +333,7 @@ class ProofChecker:
         jkt = key.kid  # the RFC 7638 thumbprint: jwk_key names an unnamed key by it
         # One use per key and jti, for as long as the proof could be accepted at all.
         replay_key = f"{jkt}:{claims['jti']}"
-        if not self._replay.first_use(replay_key, self.proof_lifetime):
+        if not self._replay.first_use(replay_key, self._lifetime):
             raise replayed()
         return jkt, replay_key, fresh
 
