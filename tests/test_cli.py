@@ -831,7 +831,7 @@ REFUSED_INPUT = [
         ["serve"],
         {"DEVICEGATE_LOG_LEVEL": "loud"},
         "devicegate: invalid configuration: DEVICEGATE_LOG_LEVEL: must be one of critical, "
-        "error, warning, info, debug, trace",
+        "error, warning, info, debug, trace, got 'loud'",
         id="unknown-log-level",
     ),
     pytest.param(

@@ -200,7 +200,7 @@ METRICS_REFUSED = [
     pytest.param(
         [],
         {"DEVICEGATE_LOG_FORMAT": "xml"},
-        "invalid configuration: DEVICEGATE_LOG_FORMAT: must be one of text, json",
+        "invalid configuration: DEVICEGATE_LOG_FORMAT: must be one of text, json, got 'xml'",
         id="unknown-log-format-variable",
     ),
 ]

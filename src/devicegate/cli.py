@@ -564,6 +564,20 @@ def _int_in_range(raw: str, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
+def _env_choice(
+    flag: str | None,
+    environ: Mapping[str, str],
+    variable: str,
+    choices: tuple[str, ...],
+    default: str,
+) -> str:
+    """The flag's value, else the variable's (in any case), else ``default``: one of ``choices``."""
+    value = flag or environ.get(variable, "").strip() or default
+    if value.lower() not in choices:
+        raise ConfigError(variable, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
+
+
 def _env_int(environ: Mapping[str, str], name: str, low: int, high: int) -> int | None:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -1055,13 +1069,8 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     host = args.host or environ.get("DEVICEGATE_HOST", "").strip() or DEFAULT_HOST
     port = args.port or _env_int(environ, "DEVICEGATE_PORT", 1, 65535) or DEFAULT_PORT
     workers = args.workers or _env_int(environ, "DEVICEGATE_WORKERS", 1, 1024) or 1
-    log_level = args.log_level or environ.get("DEVICEGATE_LOG_LEVEL", "").strip().lower() or "info"
-    if log_level not in LOG_LEVELS:
-        raise ConfigError("DEVICEGATE_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}")
-    log_format = args.log_format or environ.get("DEVICEGATE_LOG_FORMAT", "").strip().lower()
-    log_format = log_format or "text"
-    if log_format not in LOG_FORMATS:
-        raise ConfigError("DEVICEGATE_LOG_FORMAT", f"must be one of {', '.join(LOG_FORMATS)}")
+    log_level = _env_choice(args.log_level, environ, "DEVICEGATE_LOG_LEVEL", LOG_LEVELS, "info")
+    log_format = _env_choice(args.log_format, environ, "DEVICEGATE_LOG_FORMAT", LOG_FORMATS, "text")
     settings = dataclasses.replace(_serve_settings(args, environ, log_format), workers=workers)
     config = settings.load_config(environ)
     metrics = _metrics_option(args, environ, port=port, workers=workers)
