@@ -379,7 +379,7 @@ class ProofChecker:
         if not same_url:
             raise _invalid("The DPoP proof is for another URL.")
         now = self._clock()
-        # NaN for anything but a time, which no comparison admits (nor does it an infinity).
+        # _seconds gives NaN for what is no time: no comparison admits it, nor an infinity.
         if not now - self._max_age <= _seconds(claims.get("iat")) <= now + self._leeway:
             raise _invalid("The DPoP proof is too old, from the future, or has no iat.")
         expected = self._aths.get(token)
