@@ -504,9 +504,9 @@ def _is_numeric_date(value: object) -> TypeGuard[float]:
 
 
 def _instant(value: float) -> float:
-    """``value`` as a float. An instant as far before 1970 as the last accepted NumericDate is
-    after it, or further (an int too large for a float, perhaps), is ``-inf``: both are
-    earlier than any time a clock tells."""
+    """``value`` as a float, or ``-inf`` for an instant more than 253,402,300,799 seconds
+    before 1970 (an int may be too large for a float): either is earlier than any time a clock
+    tells."""
     return float(value) if value > -_LAST_NUMERIC_DATE else -math.inf
 
 
