@@ -38,6 +38,7 @@ from tests.helpers import (
     bearer,
     client,
     fresh_keys,
+    jti_of,
     lifespan_scope,
     private_pem,
     public_pem,
@@ -509,7 +510,7 @@ def test_real_revoke_through_the_cli(secrets_file: Path, tmp_path: Path) -> None
         assert status(server, "/whoami", bearer(token, "phone-1")) == 401
         assert status(server, "/whoami", bearer(other, "phone-2")) == 200
 
-        jti = decoded_unverified(other)["jti"]
+        jti = jti_of(other)
         by_jti = devicegate(tmp_path, "revoke", "--jti", jti, "--url", server.url)
         assert by_jti.stdout == f"revoked the token with jti {jti!r}\n"
         assert status(server, "/whoami", bearer(other, "phone-2")) == 401
@@ -524,11 +525,6 @@ def test_real_revoke_through_the_cli(secrets_file: Path, tmp_path: Path) -> None
             f"devicegate: the server at {HOST}:{server.port} did not revoke (401"
         )
         assert "Traceback" not in server.output()
-
-
-def decoded_unverified(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 @pytest.fixture
