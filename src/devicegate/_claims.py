@@ -2,7 +2,8 @@
 lifetime. Everything else is the server's to set.
 
 Shared by :class:`~devicegate.TokenIssuer` (Python callers) and the token endpoint (HTTP
-callers), so that both refuse the same things with the same words.
+callers), so that both refuse the same things with the same words. Also what a NumericDate is,
+for the token verifier and the DPoP proof check alike.
 
 References:
     https://www.rfc-editor.org/rfc/rfc7519#section-4.1 (registered claims)
@@ -15,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
+    "LAST_NUMERIC_DATE",
     "MAX_CLAIMS_BYTES",
     "MAX_SUBJECT_LENGTH",
     "RESERVED_CLAIMS",
@@ -25,7 +27,23 @@ __all__ = [
     "check_application_claims",
     "check_lifetime",
     "check_subject",
+    "is_numeric_date",
 ]
+
+# 9999-12-31T23:59:59Z: no date library (nor PyJWT's datetime conversion) goes beyond it.
+LAST_NUMERIC_DATE = 253_402_300_799
+
+
+def is_numeric_date(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is an RFC 7519 §2 NumericDate devicegate accepts: a JSON number, whole
+    or not, finite and not beyond the year 9999. A bool (an int to Python), a string or a null
+    is not one: no library-specific coercion applies."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value <= LAST_NUMERIC_DATE
+    return isinstance(value, float) and math.isfinite(value) and value <= LAST_NUMERIC_DATE
+
 
 # Registered claims (RFC 7519 §4.1), the ones devicegate sets or checks itself (instance_id,
 # azp, cnf), and JOSE header names, which would only confuse a reader of the payload.

@@ -34,6 +34,7 @@ import anyio.to_thread
 
 from . import _base64url as base64url
 from ._bounded import drop_expired, remember
+from ._claims import is_numeric_date
 from ._errors import AuthError, ConfigError, unavailable
 from ._json import loads_strict_json
 from ._keys import EDDSA, ES256, Key, jwk_key
@@ -378,9 +379,9 @@ class ProofChecker:
                 same_url = False
         if not same_url:
             raise _invalid("The DPoP proof is for another URL.")
+        iat = claims.get("iat")
         now = self._clock()
-        # _seconds gives NaN for what is no time: no comparison admits it, nor an infinity.
-        if not now - self._max_age <= _seconds(claims.get("iat")) <= now + self._leeway:
+        if not is_numeric_date(iat) or not now - self._max_age <= iat <= now + self._leeway:
             raise _invalid("The DPoP proof is too old, from the future, or has no iat.")
         expected = self._aths.get(token)
         if expected is None:
@@ -458,17 +459,6 @@ class SharedReplayStore:
     def close(self) -> None:
         """Close the connections."""
         self._redis.close()
-
-
-def _seconds(value: object) -> float:
-    """A JSON number as a float, to compare with the clock's; NaN for anything else: a bool, a
-    string, a null, an int beyond what a float holds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    return math.nan
 
 
 def _invalid(description: str) -> InvalidDpopProof:

@@ -33,12 +33,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Any
 
 from . import _base64url as base64url
 from ._bounded import remember
 from ._cache import CachedToken, MemoryTokenCache, TokenCache
-from ._claims import check_application_claims, check_lifetime, check_subject
+from ._claims import (
+    LAST_NUMERIC_DATE,
+    check_application_claims,
+    check_lifetime,
+    check_subject,
+    is_numeric_date,
+)
 from ._config import GateConfig
 from ._dpop import check_jkt
 from ._errors import ConfigError, InvalidReason, InvalidRequest, InvalidToken
@@ -379,12 +385,12 @@ class TokenVerifier:
 
     def _check_claims(self, claims: dict[str, Any]) -> CachedToken:
         now = self._clock()
-        if not _is_numeric_date(now):
+        if not is_numeric_date(now):
             # A clock that cannot tell the time cannot say that a token is still valid.
             raise InvalidToken(InvalidReason.BAD_CLOCK)
         leeway = self._leeway
         exp = claims.get("exp")
-        if not _is_numeric_date(exp):
+        if not is_numeric_date(exp):
             raise InvalidToken(InvalidReason.BAD_CLAIMS)
         expires_at = exp + leeway
         if now >= expires_at:
@@ -396,7 +402,7 @@ class TokenVerifier:
         ):
             if name in claims:
                 value = claims[name]
-                if not _is_numeric_date(value):
+                if not is_numeric_date(value):
                     raise InvalidToken(InvalidReason.BAD_CLAIMS)
                 if now < value - leeway:
                     raise InvalidToken(reason)
@@ -488,26 +494,11 @@ def _refusal_of(reason: InvalidReason, claims: Mapping[str, Any]) -> InvalidToke
     return error
 
 
-# 9999-12-31T23:59:59Z: no date library (nor PyJWT's datetime conversion) goes beyond it.
-_LAST_NUMERIC_DATE = 253_402_300_799
-
-
-def _is_numeric_date(value: object) -> TypeGuard[float]:
-    """Whether ``value`` is an RFC 7519 §2 NumericDate devicegate accepts: a JSON number, whole
-    or not, finite and not beyond the year 9999. A bool (an int to Python), a string or a null
-    is not one: no library-specific coercion applies."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return value <= _LAST_NUMERIC_DATE
-    return isinstance(value, float) and math.isfinite(value) and value <= _LAST_NUMERIC_DATE
-
-
 def _instant(value: float) -> float:
     """``value`` as a float, or ``-inf`` for an instant more than 253,402,300,799 seconds
     before 1970 (an int may be too large for a float): either is earlier than any time a clock
     tells."""
-    return float(value) if value > -_LAST_NUMERIC_DATE else -math.inf
+    return float(value) if value > -LAST_NUMERIC_DATE else -math.inf
 
 
 def _audience_matches(aud: object, accepted: frozenset[str]) -> bool:
