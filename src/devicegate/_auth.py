@@ -99,6 +99,11 @@ class Authenticator:
         self.configured_kinds = frozenset(kinds)
 
     @property
+    def takes_proofs(self) -> bool:
+        """Whether DPoP proofs are checked here (the configuration has a public URL)."""
+        return self._dpop is not None
+
+    @property
     def dpop_proof_lifetime(self) -> float:
         """How long an accepted DPoP proof must be remembered, here and in a shared store: as
         long as it could be accepted (0 when this server takes no proofs)."""

@@ -477,7 +477,7 @@ class _Gate:
         self.authenticator = Authenticator(config, verifier=verifier, replay=dpop_seen)
         self.authenticate = self.authenticator.authenticate
         # Whether DPoP proofs are checked at all: if not, nothing follows a proof check.
-        self.proofs = config.public_url is not None
+        self.proofs = self.authenticator.takes_proofs
         configured = self.authenticator.configured_kinds
         for rule in rules:
             if not rule.public and not rule.accept & configured:
