@@ -276,7 +276,7 @@ def test_the_limits_refuse_nonsense_by_name() -> None:
     assert (
         ServeSettings.from_env(ServeSettings(proxy_limits=limits).to_env()).proxy_limits == limits
     )
-    assert limits.deadline(100.0, 10**9) == 102.5  # no rate: the time given is all there is
+    assert limits.time_left(10**9, 0.5) == 2.0  # no rate: the time given is all there is
 
 
 # -- real sockets against a real serve --upstream ------------------------------------------------

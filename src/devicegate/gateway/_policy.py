@@ -136,10 +136,12 @@ class ProxyLimits:
         """How many bodies or responses may be streamed at once: half the pool."""
         return self.connections // 2
 
-    def deadline(self, start: float, moved: int) -> float:
-        """When a transfer that began at ``start`` and has moved ``moved`` bytes must end."""
+    def time_left(self, moved: int, spent: float) -> float:
+        """How many more seconds a client may take over a transfer that has moved ``moved``
+        bytes in ``spent`` seconds of the client's own: ``client_seconds`` plus a second per
+        ``min_client_rate`` bytes, less what it spent."""
         extra = moved / self.min_client_rate if self.min_client_rate else 0.0
-        return start + self.client_seconds + extra
+        return self.client_seconds + extra - spent
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProxyLimits:

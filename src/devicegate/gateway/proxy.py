@@ -141,7 +141,7 @@ class _RequestBody:
         return body
 
     async def _next_part(self) -> bytes:
-        allowed = min(self._idle_seconds, self._limits.deadline(0.0, self._size) - self._spent)
+        allowed = min(self._idle_seconds, self._limits.time_left(self._size, self._spent))
         began = anyio.current_time()
         message = await _receive_within(self._receive, allowed)
         self._spent += anyio.current_time() - began
@@ -409,9 +409,7 @@ class ReverseProxy:
                 # No declared length (a chunked body, an HTTP/2 body, or none at all), or
                 # zero: the first part with data tells which. Either way the body is read up
                 # to its end before the disconnect watcher starts listening.
-                first, more = await _first_part(
-                    receive, self.timeout, self.limits.deadline(start, 0)
-                )
+                first, more = await _first_part(receive, self.timeout, self.limits, start)
             framing = body_framing(declared, first, more, max_body_bytes=self.max_body_bytes)
             content_length = framing.content_length
             body: _RequestBody | None = None
@@ -613,7 +611,7 @@ class ReverseProxy:
         async def deliver(message: Message) -> None:
             nonlocal spent
             began = anyio.current_time()
-            allowed = min(limits.client_seconds, limits.deadline(0.0, sent) - spent)
+            allowed = min(limits.client_seconds, limits.time_left(sent, spent))
             with anyio.move_on_after(allowed):
                 await send(message)
                 spent += anyio.current_time() - began
@@ -670,7 +668,7 @@ def _origins(url: httpx.URL) -> tuple[bytes, ...]:
 async def _receive_within(receive: Receive, seconds: float) -> Message:
     """The client's next message, or a 408 when it does not come within ``seconds`` (the
     smaller of the idle timeout, as nginx's ``client_body_timeout``, and what is left of the
-    body's deadline, see :meth:`ProxyLimits.deadline`): a client that stops sending its body,
+    body's deadline, see :meth:`ProxyLimits.time_left`): a client that stops sending its body,
     or trickles it, must not hold what others need."""
     with anyio.move_on_after(seconds):
         return await receive()
@@ -679,12 +677,14 @@ async def _receive_within(receive: Receive, seconds: float) -> Message:
     raise BodyTimeout()
 
 
-async def _first_part(receive: Receive, idle_seconds: float, deadline: float) -> tuple[bytes, bool]:
+async def _first_part(
+    receive: Receive, idle_seconds: float, limits: ProxyLimits, start: float
+) -> tuple[bytes, bool]:
     """The client's first body part with data and whether more follows; ``(b"", False)`` for
-    an empty body. ``deadline`` is an event-loop time."""
+    an empty body. All the time since ``start`` (an event-loop time) is the client's."""
     chunk, more = b"", True
     while more and not chunk:
-        left = min(idle_seconds, deadline - anyio.current_time())
+        left = min(idle_seconds, limits.time_left(0, anyio.current_time() - start))
         message = await _receive_within(receive, left)
         if message["type"] == "http.disconnect":
             raise _ClientGone
