@@ -16,9 +16,9 @@ ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # every byte that is not base64url (the standard "+" and "/", "=", anything else) as "!",
 # which no alphabet has: finding none then checks the whole text.
 _INVALID = ord("!")  # searched for as an int: a one-byte bytes needle costs a failed int try
+_STANDARD = ALPHABET.translate(bytes.maketrans(b"-_", b"+/"))  # the same order, "+/" last
 _TO_STANDARD = bytes(
-    byte if byte in ALPHABET[:62] else {ord("-"): ord("+"), ord("_"): ord("/")}.get(byte, _INVALID)
-    for byte in range(256)
+    _STANDARD[ALPHABET.index(byte)] if byte in ALPHABET else _INVALID for byte in range(256)
 )
 _FROM_STANDARD = bytes.maketrans(b"+/", b"-_")
 # By the length modulo 4: the padding that completes the last quantum, and the characters the
