@@ -42,7 +42,6 @@ class Authenticator:
         "_api_key_header",
         "_api_key_principals",
         "_api_keys",
-        "_check_token",
         "_device_header",
         "_dpop",
         "_dpop_algs",
@@ -70,7 +69,6 @@ class Authenticator:
         self._api_key_header = config.api_key_header.encode("latin-1")
         self._device_header = config.device_header.encode("latin-1")
         self._verifier = TokenVerifier(config) if verifier is None else verifier
-        self._check_token = self._verifier.check
         self.nonces = (
             Nonces(nonce_key(_server_secrets(config)))
             if config.dpop_nonce and config.public_url is not None
@@ -130,7 +128,7 @@ class Authenticator:
         )
         try:
             if kind is DEVICE_TOKEN:
-                principal = self._check_token(value, device)
+                principal = self._verifier.check(value, device)
                 if dpop or "cnf" in principal.claims:
                     self._check_possession(scope, value, principal, dpop)
                 return principal

@@ -325,7 +325,7 @@ class DeviceAuthMiddleware:
                     if blocked:
                         principal = gate.authenticator.authenticate_known(scope)
                     else:
-                        principal = gate.authenticate(scope)
+                        principal = gate.authenticator.authenticate(scope)
                 except MissingCredentials:
                     if not route.optional:
                         raise
@@ -443,7 +443,6 @@ class _Gate:
     """
 
     __slots__ = (
-        "authenticate",
         "authenticator",
         "blocked",
         "config",
@@ -475,7 +474,6 @@ class _Gate:
         # is over its limit.
         self.blocked = limiter.blocked
         self.authenticator = Authenticator(config, verifier=verifier, replay=dpop_seen)
-        self.authenticate = self.authenticator.authenticate
         # Whether DPoP proofs are checked at all: if not, nothing follows a proof check.
         self.proofs = self.authenticator.takes_proofs
         configured = self.authenticator.configured_kinds
