@@ -20,6 +20,7 @@ Needs ``build`` (the ``dev`` dependency group, which ``scripts/test`` installs).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -29,10 +30,13 @@ import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
+from importlib.metadata import packages_distributions
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 pytestmark = pytest.mark.integration
 
@@ -260,6 +264,48 @@ def test_sdist_carries_the_source_and_the_typing_marker(dists: Dists) -> None:
         assert f"{prefix}/{needed}" in names, needed
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
     assert not [name for name in names if name.endswith((".so", ".pyd", ".c", ".pyx"))]
+
+
+def test_bench_extra_brings_every_library_the_benchmarks_import(dists: Dists) -> None:
+    # The README's benchmark command installs '.[bench]' and nothing else.
+    with zipfile.ZipFile(dists.wheel) as wheel:
+        metadata = wheel.read(f"{NAME}-{VERSION}.dist-info/METADATA").decode()
+    requirements = [
+        Requirement(line) for line in re.findall(r"^Requires-Dist: (.+)$", metadata, re.M)
+    ]
+
+    def brought_by(extra: str) -> set[str]:
+        names = set()
+        for requirement in requirements:
+            marker = requirement.marker
+            if marker is None or not marker.evaluate({"extra": extra}):
+                continue
+            if canonicalize_name(requirement.name) == NAME:
+                for inner in requirement.extras:
+                    names |= brought_by(inner)
+            else:
+                names.add(canonicalize_name(requirement.name))
+        return names
+
+    base = {canonicalize_name(r.name) for r in requirements if r.marker is None}
+    brought = base | brought_by("bench")
+    imported = set()
+    for path in (REPO / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.partition(".")[0])
+    ours = {NAME, "benchmarks", "tests"}
+    libraries = imported - set(sys.stdlib_module_names) - ours
+    assert {"cryptography", "litestar", "redis", "uvicorn"} <= libraries  # the scan works
+    distributions = packages_distributions()
+    missing = {
+        module
+        for module in libraries
+        if not {canonicalize_name(name) for name in distributions.get(module, [])} & brought
+    }
+    assert missing == set()
 
 
 # --- installed, then run --------------------------------------------------------------------
