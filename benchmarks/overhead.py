@@ -33,6 +33,7 @@ import time
 import tracemalloc
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from functools import partial
@@ -381,6 +382,16 @@ def issue_row(algorithm: str) -> str:
     return f"{ISSUE}, {algorithm}"
 
 
+def basic_rows(b: Bench, gate: DeviceAuthMiddleware) -> list[Row]:
+    """The raw app, and devicegate in front of it with each kind of credential."""
+    return [
+        Row(RAW, asgi(raw_app), same()),
+        Row(CACHED, asgi(gate), same(bearer(b.token)), RAW),
+        Row(API_KEY, asgi(gate), same(b.api_key), RAW),
+        Row(MOBILE, asgi(gate), same(b.mobile_key), RAW),
+    ]
+
+
 def in_process_rows(b: Bench) -> list[Row]:
     """Every in-process row: name, what runs a batch, what builds a request, baseline."""
     gate, cached, mint = b.gate(), same(bearer(b.token)), same(b.mint_headers, "/gen-jwt", "POST")
@@ -392,10 +403,7 @@ def in_process_rows(b: Bench) -> list[Row]:
     new_path = lambda: new_scope(bearer(b.token), f"/devices/{next(ids)}/events")  # noqa: E731
     decode = lambda token: jwt.decode(token, b.secret, algorithms=["HS256"])  # noqa: E731
     return [
-        Row(RAW, asgi(raw_app), same()),
-        Row(CACHED, asgi(gate), cached, RAW),
-        Row(API_KEY, asgi(gate), same(b.api_key), RAW),
-        Row(MOBILE, asgi(gate), same(b.mobile_key), RAW),
+        *basic_rows(b, gate),
         Row(COLD, asgi(gate), lambda: new_scope(bearer(b.mint())), RAW),
         Row(f"{CACHED}, a new path every request", asgi(gate), new_path, RAW),
         # Paired with the row without revocations: the difference is what the list costs.
@@ -507,6 +515,79 @@ async def measure(rows: list[Row], rounds: int, batch_seconds: float) -> list[di
         values = [row.name, statistics.median(samples[row.name]), row.baseline, *paired]
         table.append(dict(zip(IN_PROCESS_COLUMNS, values, strict=True)))
     return table
+
+
+# --- instructions: the basic rows counted by valgrind -------------------------------------------
+
+# What --instructions names each basic row by on the command line.
+COUNTABLE = {"raw": RAW, "cached": CACHED, "api-key": API_KEY, "mobile-key": MOBILE}
+# Each row is counted twice with this many requests, and twice building them only: the
+# differences leave out the start-up, the imports and the building of the requests.
+FEWER, MORE = 1000, 3000
+
+
+def run_requests(key: str, count: int, build_only: bool) -> None:
+    """Build ``count`` requests of one basic row and, unless ``build_only``, run them: what
+    ``--instructions`` runs under valgrind."""
+    b = Bench()
+    row = {row.name: row for row in basic_rows(b, b.gate())}[COUNTABLE[key]]
+
+    async def run() -> None:
+        await batch_size(row, 0.001)  # warm, and every answer a 200
+        inputs = [row.make() for _ in range(count)]
+        gc.collect()
+        gc.disable()
+        if not build_only:
+            await row.drive(inputs, _discard)
+
+    anyio.run(run)
+
+
+def instructions(keys: list[str]) -> list[dict[str, Any]]:
+    """Per basic row, the CPU instructions of one request, and how many more than the raw
+    app's. valgrind counts every instruction the process runs, so the figures do not move
+    with the machine's load: they show a change in the code where timings show noise."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+
+    def counted(run: tuple[str, int, bool]) -> int:
+        key, count, build_only = run
+        command = [
+            *(valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"),
+            *(sys.executable, __file__, "--run-requests", key, "--count", str(count)),
+            *(["--build-only"] if build_only else []),
+        ]
+        # A fixed hash seed: the same dictionary probes, so the same count, every time.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)
+        if result.returncode or found is None:
+            raise RuntimeError(f"counting {key} failed:\n{result.stderr[-2000:]}")
+        return int(found[1].replace(",", ""))
+
+    keys = ["raw", *(key for key in keys if key != "raw")]  # the baseline of the others
+    runs = [(key, n, build) for key in keys for n in (FEWER, MORE) for build in (False, True)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        total = dict(zip(runs, pool.map(counted, runs), strict=True))
+    per = {
+        key: round(
+            (
+                (total[key, MORE, False] - total[key, FEWER, False])
+                - (total[key, MORE, True] - total[key, FEWER, True])
+            )
+            / (MORE - FEWER)
+        )
+        for key in keys
+    }
+    return [
+        {
+            "row": COUNTABLE[key],
+            "instructions / request": per[key],
+            "over the raw app": None if key == "raw" else per[key] - per["raw"],
+        }
+        for key in keys
+    ]
 
 
 # --- over HTTP: uvicorn on one CPU, wrk on the others --------------------------------------------
@@ -808,6 +889,8 @@ def cell(value: Any) -> str:
         return f"{first} ({' to '.join(rest)})" if len(value) == 3 else " to ".join([first, *rest])
     if isinstance(value, float):
         return f"{value:,.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return {None: "", True: "yes", False: "**no**"}.get(value, str(value))
 
 
@@ -824,12 +907,35 @@ def main() -> int:
     parser.add_argument("--http-rounds", type=int, help="HTTP rounds (10; quick: 1; 0: none)")
     parser.add_argument("--seconds", type=int, help="seconds of one HTTP load (3; quick: 1)")
     parser.add_argument("--connections", type=int, default=32, help="HTTP connections (32)")
+    parser.add_argument(
+        "--instructions",
+        nargs="*",
+        choices=COUNTABLE,
+        metavar="ROW",
+        help="count the CPU instructions of a request with valgrind instead of timing it, for "
+        f"the rows given ({', '.join(COUNTABLE)}; default: all)",
+    )
+    parser.add_argument("--run-requests", choices=COUNTABLE, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)  # run one server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.cpu)
+        return 0
+    if args.run_requests:
+        run_requests(args.run_requests, args.count, args.build_only)
+        return 0
+    if args.instructions is not None:
+        counts = instructions(args.instructions or list(COUNTABLE))
+        print("\n".join(f"- {value}" for value in machine().values()))
+        print(f"- instructions counted by valgrind, {FEWER:,} and {MORE:,} requests a row\n")
+        print(markdown(counts))
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump({"instructions": counts}, file, indent=1, ensure_ascii=False)
         return 0
     rounds = args.rounds or (3 if args.quick else 41)
     http_rounds = (1 if args.quick else 10) if args.http_rounds is None else args.http_rounds

@@ -144,3 +144,35 @@ def test_the_machine_and_every_target_are_stated(run: tuple[dict[str, Any], str]
     for target in figures["targets"]:
         assert isinstance(target["met"], bool)
         assert f"| {target['target']} | {target['measured']} | " in output
+
+
+def test_instruction_counts_of_a_cached_token_over_the_raw_app(
+    starts_a_process: None, tmp_path: Path
+) -> None:
+    # Counts, not timings: deterministic, yet never held to a number here either.
+    if not shutil.which("valgrind"):
+        if os.environ.get("CI"):
+            pytest.fail("valgrind is not installed (scripts/test installs it)")
+        pytest.skip("valgrind is not installed; scripts/test installs it")
+    figures = tmp_path / "counts.json"
+    command = [sys.executable, "-W", "error", str(SCRIPT), "--instructions", "cached"]
+    result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+        [*command, "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    raw, cached = json.loads(figures.read_text())["instructions"]  # raw first: the baseline
+    assert raw["row"] == "raw ASGI app"
+    assert raw["over the raw app"] is None
+    assert cached["row"] == "raw + devicegate, cached device token"
+    # devicegate does work on every request: authentication is never free.
+    assert 0 < raw["instructions / request"] < cached["instructions / request"]
+    over = cached["instructions / request"] - raw["instructions / request"]
+    assert cached["over the raw app"] == over
+    assert f"| raw + devicegate, cached device token | {cached['instructions / request']:,} | " in (
+        result.stdout
+    )
