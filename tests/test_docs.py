@@ -144,6 +144,10 @@ HOW: dict[tuple[str, str, str], str] = {
         "not run: installs the bench extra and runs the full benchmark for minutes "
         "(tests/test_benchmarks_smoke.py runs it briefly)"
     ),
+    ("README.md", "Instruction counts", "console"): (
+        "not run: counts for a minute and a half under valgrind "
+        "(tests/test_benchmarks_smoke.py counts one row)"
+    ),
     ("README.md", "Keys: key ids, EdDSA and ES256, the JWKS", "json"): (
         "not code: a secrets.json and a JWKS document with placeholders"
     ),
