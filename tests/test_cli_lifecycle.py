@@ -9,6 +9,7 @@ start real ``devicegate serve`` processes (and, as an upstream, the echo server)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -29,7 +30,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from starlette.types import Message
 
-from devicegate import ConfigError, GateConfig, TokenIssuer, cli
+from devicegate import ConfigError, GateConfig, RevocationList, TokenIssuer, cli
+from devicegate._revocation import RevocationState
 from devicegate.gateway._app import ReloadableApp, ServeSettings, build_app
 from devicegate.gateway._policy import ProxyLimits
 from devicegate.gateway._reload import can_receive_hangup
@@ -278,6 +280,40 @@ async def test_build_app_with_workers_refuses_revocation(
             assert answer.status_code == status
             assert answer.json()["error"] == error
     assert app.gate.revoke_path is None
+
+
+class _ReportingStore(RevocationList):
+    """A revocation store that reports a state, as a shared one does (any, not only Redis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = RevocationState(fresh=True, last_sync=1.5, entries=0, fail_open=False)
+
+
+async def test_health_reports_the_state_of_any_store_that_reports_one(keys: Keys) -> None:
+    store = _ReportingStore()
+    app = build_app(keys.config(), revocations=store)
+    async with client(app) as http:
+        answer = await http.get("/health")
+        assert (answer.status_code, answer.json()) == (
+            200,
+            {
+                "status": "ok",
+                "revocations": {"fresh": True, "last_sync": 1.5, "entries": 0, "fail_open": False},
+            },
+        )
+        # Cut off and failing closed: a load balancer must stop sending it traffic.
+        store.state = dataclasses.replace(store.state, fresh=False)
+        answer = await http.get("/health")
+        assert (answer.status_code, answer.json()["status"]) == (503, "unavailable")
+        store.state = dataclasses.replace(store.state, fail_open=True)
+        answer = await http.get("/health")
+        assert (answer.status_code, answer.json()["status"]) == (200, "degraded")
+    # A list in memory reports nothing: /health is the plain one.
+    async with client(build_app(keys.config(), revocations=RevocationList())) as http:
+        answer = await http.get("/health")
+        assert answer.status_code == 200
+        assert "revocations" not in answer.json()
 
 
 @pytest.mark.parametrize(

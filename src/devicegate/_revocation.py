@@ -18,16 +18,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigError
 
 __all__ = [
     "REVOCATION_KINDS",
+    "ReportsState",
     "RevocationCheck",
     "RevocationEntry",
     "RevocationKind",
     "RevocationList",
+    "RevocationState",
     "RevocationStore",
 ]
 
@@ -79,6 +82,43 @@ class RevocationStore(RevocationCheck, Protocol):
     async def revoke_subject(self, subject: str, *, before: float | None = None) -> None: ...
 
     async def revoke_all(self, *, before: float | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RevocationState:
+    """How far an instance can vouch for the revocations of a shared store, for a health
+    endpoint.
+
+    Attributes:
+        fresh: whether the replica was confirmed in step with the store within its staleness
+            bound.
+        last_sync: the Unix time of that last confirmation, or ``None`` before the first.
+        entries: how many revocations the replica holds.
+        fail_open: whether tokens are admitted while not fresh.
+    """
+
+    fresh: bool
+    last_sync: float | None
+    entries: int
+    fail_open: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fresh": self.fresh,
+            "last_sync": self.last_sync,
+            "entries": self.entries,
+            "fail_open": self.fail_open,
+        }
+
+
+@runtime_checkable
+class ReportsState(RevocationStore, Protocol):
+    """A :class:`RevocationStore` shared by several instances that can say how fresh its local
+    replica is: ``devicegate serve`` then reports that on ``/health``, answering 503 while the
+    store refuses tokens."""
+
+    @property
+    def state(self) -> RevocationState: ...
 
 
 class RevocationList:

@@ -41,7 +41,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -55,6 +54,7 @@ from ._revocation import (
     RevocationEntry,
     RevocationKind,
     RevocationList,
+    RevocationState,
 )
 
 try:
@@ -106,31 +106,6 @@ end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
-
-
-@dataclass(frozen=True)
-class RevocationState:
-    """How far an instance can vouch for its revocations, for a health endpoint.
-
-    Attributes:
-        fresh: whether the replica was confirmed in step with Redis within ``staleness``.
-        last_sync: the Unix time of that last confirmation, or ``None`` before the first.
-        entries: how many revocations the replica holds.
-        fail_open: whether tokens are admitted while not fresh.
-    """
-
-    fresh: bool
-    last_sync: float | None
-    entries: int
-    fail_open: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "fresh": self.fresh,
-            "last_sync": self.last_sync,
-            "entries": self.entries,
-            "fail_open": self.fail_open,
-        }
 
 
 class RedisRevocationList:
