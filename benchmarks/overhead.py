@@ -3,12 +3,15 @@
     python benchmarks/overhead.py                  # the full run, a few minutes
     python benchmarks/overhead.py --quick          # a smoke run: rough numbers
     python benchmarks/overhead.py --json out.json  # the same figures as JSON besides
+    python benchmarks/overhead.py --instructions   # instructions per request, with valgrind
 
 Prints Markdown: the machine, the in-process rows, the minting rate, the memory of a full token
 cache, the uvicorn rows (when wrk is installed) and the targets. An overhead is the median over
 many short rounds of a row's time minus its baseline's, the two timed one right after the other:
 on a shared machine a baseline timed on its own drifts by more than the differences at stake.
-A new row is one line in ``in_process_rows`` or ``http_rows``. See ``benchmarks/README.md``.
+``--instructions`` counts the CPU instructions of a request instead of timing it, which the
+machine's load cannot move. A new row is one line in ``in_process_rows`` or ``http_rows``. See
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -536,6 +539,8 @@ def run_requests(key: str, count: int, build_only: bool) -> None:
         await batch_size(row, 0.001)  # warm, and every answer a 200
         inputs = [row.make() for _ in range(count)]
         gc.collect()
+        # Off while the requests run, as it would otherwise count scans of the requests built
+        # in advance, which more requests make longer.
         gc.disable()
         if not build_only:
             await row.drive(inputs, _discard)
@@ -551,22 +556,32 @@ def instructions(keys: list[str]) -> list[dict[str, Any]]:
     if valgrind is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
 
+    # A fixed hash seed (the same dictionary probes in every process, though each draws its
+    # own keys and token), and no bytecode written: a process that compiled and wrote a module
+    # another then read would count the compiling alone, and the differences with it.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    child = (sys.executable, __file__, "--run-requests")
+
     def counted(run: tuple[str, int, bool]) -> int:
         key, count, build_only = run
         command = [
             *(valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"),
-            *(sys.executable, __file__, "--run-requests", key, "--count", str(count)),
+            *(*child, key, "--count", str(count)),
             *(["--build-only"] if build_only else []),
         ]
-        # A fixed hash seed: the same dictionary probes, so the same count, every time.
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         found = re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)
         if result.returncode or found is None:
             raise RuntimeError(f"counting {key} failed:\n{result.stderr[-2000:]}")
         return int(found[1].replace(",", ""))
 
-    keys = ["raw", *(key for key in keys if key != "raw")]  # the baseline of the others
+    keys = ["raw", *dict.fromkeys(key for key in keys if key != "raw")]  # raw: the baseline
+    # Once without valgrind: a setup problem (a missing package, a row that does not answer
+    # 200) shows in seconds, with its own message.
+    for key in keys:
+        trial = subprocess.run([*child, key, "--count", "1"], capture_output=True, text=True)
+        if trial.returncode:
+            raise RuntimeError(f"{key} does not run:\n{trial.stderr[-2000:]}")
     runs = [(key, n, build) for key in keys for n in (FEWER, MORE) for build in (False, True)]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         total = dict(zip(runs, pool.map(counted, runs), strict=True))
@@ -916,7 +931,7 @@ def main() -> int:
         f"the rows given ({', '.join(COUNTABLE)}; default: all)",
     )
     parser.add_argument("--run-requests", choices=COUNTABLE, help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=FEWER, help=argparse.SUPPRESS)
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)  # run one server
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -930,12 +945,14 @@ def main() -> int:
         return 0
     if args.instructions is not None:
         counts = instructions(args.instructions or list(COUNTABLE))
-        print("\n".join(f"- {value}" for value in machine().values()))
+        on = machine()
+        found = {"machine": on, "requests": [FEWER, MORE], "instructions": counts}
+        print("\n".join(f"- {value}" for value in on.values()))
         print(f"- instructions counted by valgrind, {FEWER:,} and {MORE:,} requests a row\n")
         print(markdown(counts))
         if args.json:
             with open(args.json, "w") as file:
-                json.dump({"instructions": counts}, file, indent=1, ensure_ascii=False)
+                json.dump(found, file, indent=1, ensure_ascii=False)
         return 0
     rounds = args.rounds or (3 if args.quick else 41)
     http_rounds = (1 if args.quick else 10) if args.http_rounds is None else args.http_rounds

@@ -266,7 +266,7 @@ def test_sdist_carries_the_source_and_the_typing_marker(dists: Dists) -> None:
     assert not [name for name in names if name.endswith((".so", ".pyd", ".c", ".pyx"))]
 
 
-def test_bench_extra_brings_every_library_the_benchmarks_import(dists: Dists) -> None:
+def test_bench_extra_brings_every_library_the_benchmark_imports(dists: Dists) -> None:
     # The README's benchmark command installs '.[bench]' and nothing else.
     with zipfile.ZipFile(dists.wheel) as wheel:
         metadata = wheel.read(f"{NAME}-{VERSION}.dist-info/METADATA").decode()
@@ -289,8 +289,9 @@ def test_bench_extra_brings_every_library_the_benchmarks_import(dists: Dists) ->
 
     base = {canonicalize_name(r.name) for r in requirements if r.marker is None}
     brought = base | brought_by("bench")
+    # overhead.py alone: the soak runs the test suite's servers, with the test extra.
     imported = set()
-    for path in (REPO / "benchmarks").glob("*.py"):
+    for path in [REPO / "benchmarks" / "overhead.py"]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.partition(".")[0] for alias in node.names}

@@ -25,7 +25,7 @@ from ._errors import ConfigError
 
 __all__ = [
     "REVOCATION_KINDS",
-    "ReportsState",
+    "ReportingRevocationStore",
     "RevocationCheck",
     "RevocationEntry",
     "RevocationKind",
@@ -112,7 +112,7 @@ class RevocationState:
 
 
 @runtime_checkable
-class ReportsState(RevocationStore, Protocol):
+class ReportingRevocationStore(RevocationStore, Protocol):
     """A :class:`RevocationStore` shared by several instances that can say how fresh its local
     replica is: ``devicegate serve`` then reports that on ``/health``, answering 503 while the
     store refuses tokens."""

@@ -38,7 +38,7 @@ from .._dpop import SharedReplayStore
 from .._errors import ConfigError
 from .._middleware import DeviceAuthMiddleware
 from .._principal import CredentialKind
-from .._revocation import ReportsState, RevocationList, RevocationStore
+from .._revocation import ReportingRevocationStore, RevocationList, RevocationStore
 from .._rules import Rule, has_unsafe_segments, route_path
 from ._demo import HEALTH_PATH, demo_app, health_app
 from ._policy import DEFAULT_TIMEOUT, ProxyLimits
@@ -223,7 +223,7 @@ class _PathSwitch:
             await self.app(scope, receive, send)
 
 
-def _health_reporting(store: ReportsState) -> ASGIApp:
+def _health_reporting(store: ReportingRevocationStore) -> ASGIApp:
     """``/health`` with the state of a shared revocation store: 200 ``"ok"`` while it is fresh,
     200 ``"degraded"`` while stale but failing open, 503 ``"unavailable"`` while it refuses."""
 
@@ -365,7 +365,7 @@ def build_app(
         )
     user_rules = [*public_rules, *rules]
     gate_rules = [health_rule, *user_rules]
-    if isinstance(revocations, ReportsState):
+    if isinstance(revocations, ReportingRevocationStore):
         # A shared store can be cut off: /health says so (and answers 503 while it refuses
         # tokens), so that a load balancer stops sending this instance traffic.
         inner = _PathSwitch(HEALTH_PATH, _health_reporting(revocations), inner)
