@@ -322,6 +322,31 @@ async def test_a_flood_of_addresses_is_remembered_within_a_bound(
     assert list(limiter.blocked) == ["10.2.0.1"]
 
 
+async def test_failures_are_counted_in_memory_for_a_bounded_number_of_addresses(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A flood of new addresses must not grow the counts without end: past the bound, while
+    # every address counted is within its window, a new one's failures go uncounted.
+    monkeypatch.setattr(ratelimit, "MAX_COUNTED_ADDRESSES", 3)
+    now = [0.0]
+    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"), clock=lambda: now[0])
+    for n in range(3):
+        await limiter.failed(f"10.3.0.{n}")
+    for _ in range(2):
+        await limiter.failed("10.3.0.9")  # a fourth address: not counted, so never blocked
+    assert limiter.blocked_for("10.3.0.9") is None
+    await limiter.failed("10.3.0.0")  # one counted already goes on being counted
+    assert limiter.blocked_for("10.3.0.0") is not None
+    assert len(limiter._counting) == 3
+    # Once the oldest have had two windows (the sliding window keeps the one before), their
+    # places go to new addresses, one at a time, oldest first.
+    now[0] = 121.0
+    for _ in range(2):
+        await limiter.failed("10.3.0.9")
+    assert limiter.blocked_for("10.3.0.9") is not None
+    assert list(limiter._counting) == ["10.3.0.2", "10.3.0.0", "10.3.0.9"]
+
+
 # -- one limit across instances: a real redis-server ---------------------------------------------
 
 
@@ -329,6 +354,17 @@ async def test_a_flood_of_addresses_is_remembered_within_a_bound(
 def redis(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
     with redis_server(tmp_path) as running:
         yield running
+
+
+async def test_a_shared_storage_counts_every_address(keys: Keys, redis: RedisServer) -> None:
+    # Its memory is Redis's, bounded by the windows' expiry there: no address goes uncounted.
+    config = keys.config(failure_limit_per_address="1/minute")
+    limiter = RateLimiter(config, redis.url)
+    for n in range(4):
+        for _ in range(2):
+            await limiter.failed(f"10.4.0.{n}")
+    assert all(limiter.blocked_for(f"10.4.0.{n}") is not None for n in range(4))
+    assert not limiter._counting
 
 
 async def test_two_instances_on_one_redis_share_each_limit(keys: Keys, redis: RedisServer) -> None:

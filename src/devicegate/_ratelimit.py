@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,6 +53,11 @@ RATELIMIT_EXTRA_HINT = "pip install 'devicegate[ratelimit]'"
 # Addresses remembered as over their limit at most; beyond, the ones whose time is up go first,
 # then all of them (a flood of addresses costs counting, never unbounded memory).
 MAX_BLOCKED_ADDRESSES = 10_000
+# Address groups whose failures are counted in this process's memory (memory://) at most. While
+# every one of them is within its window, a new group's failures go uncounted (and are refused
+# all the same): a client with that many addresses is not held by a per-address limit anyway,
+# and the memory stays bounded. A shared storage keeps its counts, and bounds, in Redis.
+MAX_COUNTED_ADDRESSES = 50_000
 # The namespaces of what is counted, so that a key name and a device id never share a count.
 _KEY, _DEVICE, _ADDRESS = "mint-key", "mint-device", "failed-auth"
 # A network storage is asked from at most this many threads of devicegate's own, each wait
@@ -156,6 +162,9 @@ class RateLimiter:
         """Address groups over their limit of failed authentications (an IPv4 address, an
         IPv6 /64), and until when (``clock``)."""
         self._clock = clock
+        # Address groups whose failures the memory storage counts, and until when (clock):
+        # in the order their time runs out, so that the oldest is first to go.
+        self._counting: OrderedDict[str, float] = OrderedDict()
         self.per_key = _item("mint_limit_per_key", config.mint_limit_per_key)
         self.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         self.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
@@ -190,6 +199,7 @@ class RateLimiter:
         new.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         new.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
         new.blocked = self.blocked
+        new._counting = self._counting
         new._counter = self._counter
         if new.active and new._counter is None:
             new._counter = _Counter(new.storage_uri)
@@ -229,6 +239,8 @@ class RateLimiter:
         if self.per_address is None or self._counter is None:
             return
         group = address_group(address)
+        if not self._counter.in_thread and not self._may_count(group, self.per_address):
+            return
         try:
             refused = await self._counter.run(
                 _test_then_hit, [(self.per_address, (_ADDRESS, group), "")], wait=False
@@ -244,6 +256,23 @@ class RateLimiter:
             if len(blocked) >= MAX_BLOCKED_ADDRESSES:
                 return  # full of live blocks: keep them rather than lift them all
         blocked[group] = now + refused[0]
+
+    def _may_count(self, group: str, limit: RateLimitItem) -> bool:
+        """Whether the failures of ``group`` may be counted in this process's memory: yes for a
+        group counted already, and for a new one while fewer than MAX_COUNTED_ADDRESSES are."""
+        counting = self._counting
+        now = self._clock()
+        if group in counting:
+            counting.move_to_end(group)
+        else:
+            while len(counting) >= MAX_COUNTED_ADDRESSES:
+                oldest, until = next(iter(counting.items()))
+                if until > now:
+                    return False
+                del counting[oldest]
+        # The sliding window counter holds the window before the current one too.
+        counting[group] = now + 2 * limit.get_expiry()
+        return True
 
     def blocked_for(self, address: str) -> float | None:
         """The seconds ``address`` stays blocked for its failed authentications, or ``None``."""
