@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from devicegate import (
     Rule,
 )
 from devicegate import _ratelimit as ratelimit
-from devicegate._ratelimit import RateLimiter
+from devicegate._ratelimit import RateLimiter, address_group
 from devicegate.gateway.forward_auth import ForwardAuth
 from tests.helpers import (
     Keys,
@@ -322,29 +323,72 @@ async def test_a_flood_of_addresses_is_remembered_within_a_bound(
     assert list(limiter.blocked) == ["10.2.0.1"]
 
 
-async def test_failures_are_counted_in_memory_for_a_bounded_number_of_addresses(
+async def test_past_its_bound_the_memory_clears_the_least_recent_count(
+    keys: Keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every failure is counted; a flood of new addresses restarts old counts rather than
+    # growing the memory or going uncounted.
+    monkeypatch.setattr(ratelimit, "MAX_COUNTED_ADDRESSES", 3)
+    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"))
+    for n in range(4):  # the fourth takes the place of the first
+        await limiter.failed(f"10.3.0.{n}")
+    await limiter.failed("10.3.0.0")
+    assert limiter.blocked_for("10.3.0.0") is None  # its first failure was forgotten
+    await limiter.failed("10.3.0.3")
+    assert limiter.blocked_for("10.3.0.3") is not None  # still counted: blocked
+    for _ in range(2):
+        await limiter.failed("10.3.0.9")  # a new address is counted at once, never skipped
+    assert limiter.blocked_for("10.3.0.9") is not None
+    assert list(limiter._counting) == ["10.3.0.0", "10.3.0.3", "10.3.0.9"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "devicegate counts failed authentications for 3 address groups at most; the least "
+        "recently counted now make room for new ones, their counts restarting"
+    ]
+
+
+async def test_a_flood_of_addresses_holds_the_memory_of_the_counts_still(
     keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A flood of new addresses must not grow the counts without end: past the bound, while
-    # every address counted is within its window, a new one's failures go uncounted.
-    monkeypatch.setattr(ratelimit, "MAX_COUNTED_ADDRESSES", 3)
-    now = [0.0]
-    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"), clock=lambda: now[0])
-    for n in range(3):
-        await limiter.failed(f"10.3.0.{n}")
-    for _ in range(2):
-        await limiter.failed("10.3.0.9")  # a fourth address: not counted, so never blocked
-    assert limiter.blocked_for("10.3.0.9") is None
-    await limiter.failed("10.3.0.0")  # one counted already goes on being counted
-    assert limiter.blocked_for("10.3.0.0") is not None
-    assert len(limiter._counting) == 3
-    # Once the oldest have had two windows (the sliding window keeps the one before), their
-    # places go to new addresses, one at a time, oldest first.
-    now[0] = 121.0
-    for _ in range(2):
-        await limiter.failed("10.3.0.9")
-    assert limiter.blocked_for("10.3.0.9") is not None
-    assert list(limiter._counting) == ["10.3.0.2", "10.3.0.0", "10.3.0.9"]
+    monkeypatch.setattr(ratelimit, "MAX_COUNTED_ADDRESSES", 500)
+    limiter = RateLimiter(keys.config(failure_limit_per_address="100/minute"))
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for n in range(500):
+            await limiter.failed(f"2001:db8:1:{n:x}::1")
+        full = tracemalloc.get_traced_memory()[0] - start
+        for n in range(500, 5500):  # ten times as many new /64s
+            await limiter.failed(f"2001:db8:1:{n:x}::1")
+        after = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert full > 0
+    assert after < 1.5 * full  # without the bound: about twelve times
+
+
+async def test_a_changed_limit_clears_what_was_counted_under_the_old_one(keys: Keys) -> None:
+    limiter = RateLimiter(keys.config(failure_limit_per_address="1/minute"))
+    await limiter.failed("10.3.1.1")
+    changed = limiter.reconfigured(
+        keys.config(failure_limit_per_address="2/minute"), limiter.storage_uri
+    )
+    await changed.failed("10.3.1.1")
+    assert changed.blocked_for("10.3.1.1") is None  # one failure under 2/minute
+    assert list(changed._counting.values()) == [changed.per_address]
+
+
+def test_failures_are_counted_by_address_groups_of_a_bounded_size() -> None:
+    assert address_group("192.0.2.7") == "192.0.2.7"
+    # A dual-stack server gives IPv4 clients mapped into IPv6: each is still its own address,
+    # not one /64 that every IPv4 client would share.
+    assert address_group("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_group("2001:db8:1:2::77") == "2001:db8:1:2::/64"
+    assert address_group("fe80::1%eth0") == "fe80::/64"
+    # Not an address (a forwarded-for value trusted from anyone): a digest of fixed length.
+    long = address_group("x" * 8000)
+    assert len(long) == 33
+    assert long == address_group("x" * 8000) != address_group("x" * 7999)
 
 
 # -- one limit across instances: a real redis-server ---------------------------------------------
@@ -364,7 +408,7 @@ async def test_a_shared_storage_counts_every_address(keys: Keys, redis: RedisSer
         for _ in range(2):
             await limiter.failed(f"10.4.0.{n}")
     assert all(limiter.blocked_for(f"10.4.0.{n}") is not None for n in range(4))
-    assert not limiter._counting
+    assert not limiter._counting  # nothing of Redis's is kept in this process
 
 
 async def test_two_instances_on_one_redis_share_each_limit(keys: Keys, redis: RedisServer) -> None:

@@ -19,6 +19,7 @@ with 503) and is skipped where it only counts (a refusal stays a refusal).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import math
@@ -53,11 +54,14 @@ RATELIMIT_EXTRA_HINT = "pip install 'devicegate[ratelimit]'"
 # Addresses remembered as over their limit at most; beyond, the ones whose time is up go first,
 # then all of them (a flood of addresses costs counting, never unbounded memory).
 MAX_BLOCKED_ADDRESSES = 10_000
-# Address groups whose failures are counted in this process's memory (memory://) at most. While
-# every one of them is within its window, a new group's failures go uncounted (and are refused
-# all the same): a client with that many addresses is not held by a per-address limit anyway,
-# and the memory stays bounded. A shared storage keeps its counts, and bounds, in Redis.
-MAX_COUNTED_ADDRESSES = 50_000
+# Address groups whose failures are counted in this process's memory (memory://) at most: a
+# new one past it takes the place of the one counted least recently, whose count is cleared.
+# Every failure is counted; a client must fail from that many other groups to reset one count,
+# which wins it fewer guesses than those failures were. A shared storage counts in Redis.
+MAX_COUNTED_ADDRESSES = 20_000
+# "255.255.255.255": an address without a colon and no longer is taken as the IPv4 address it
+# is, unparsed (it may be asked for on every request while an address is blocked).
+_LONGEST_IPV4 = 15
 # The namespaces of what is counted, so that a key name and a device id never share a count.
 _KEY, _DEVICE, _ADDRESS = "mint-key", "mint-device", "failed-auth"
 # A network storage is asked from at most this many threads of devicegate's own, each wait
@@ -162,9 +166,10 @@ class RateLimiter:
         """Address groups over their limit of failed authentications (an IPv4 address, an
         IPv6 /64), and until when (``clock``)."""
         self._clock = clock
-        # Address groups whose failures the memory storage counts, and until when (clock):
-        # in the order their time runs out, so that the oldest is first to go.
-        self._counting: OrderedDict[str, float] = OrderedDict()
+        # The address groups whose failures the memory storage holds counts of, least recently
+        # counted first, each with the limit it was counted under.
+        self._counting: OrderedDict[str, RateLimitItem] = OrderedDict()
+        self._evicting = False
         self.per_key = _item("mint_limit_per_key", config.mint_limit_per_key)
         self.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         self.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
@@ -200,6 +205,7 @@ class RateLimiter:
         new.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
         new.blocked = self.blocked
         new._counting = self._counting
+        new._evicting = self._evicting
         new._counter = self._counter
         if new.active and new._counter is None:
             new._counter = _Counter(new.storage_uri)
@@ -239,8 +245,8 @@ class RateLimiter:
         if self.per_address is None or self._counter is None:
             return
         group = address_group(address)
-        if not self._counter.in_thread and not self._may_count(group, self.per_address):
-            return
+        if not self._counter.in_thread:
+            self._make_room(self._counter, group, self.per_address)
         try:
             refused = await self._counter.run(
                 _test_then_hit, [(self.per_address, (_ADDRESS, group), "")], wait=False
@@ -257,22 +263,27 @@ class RateLimiter:
                 return  # full of live blocks: keep them rather than lift them all
         blocked[group] = now + refused[0]
 
-    def _may_count(self, group: str, limit: RateLimitItem) -> bool:
-        """Whether the failures of ``group`` may be counted in this process's memory: yes for a
-        group counted already, and for a new one while fewer than MAX_COUNTED_ADDRESSES are."""
+    def _make_room(self, counter: _Counter, group: str, limit: RateLimitItem) -> None:
+        """Record that ``group`` is about to be counted in memory under ``limit``: every count
+        the storage holds is then one recorded here. At MAX_COUNTED_ADDRESSES, the group
+        counted least recently makes room, its count cleared."""
         counting = self._counting
-        now = self._clock()
-        if group in counting:
-            counting.move_to_end(group)
-        else:
-            while len(counting) >= MAX_COUNTED_ADDRESSES:
-                oldest, until = next(iter(counting.items()))
-                if until > now:
-                    return False
-                del counting[oldest]
-        # The sliding window counter holds the window before the current one too.
-        counting[group] = now + 2 * limit.get_expiry()
-        return True
+        counted_under = counting.pop(group, None)
+        if counted_under is not None and counted_under != limit:
+            # Counted under a limit since changed: a count that would never be read again.
+            counter.limiter.clear(counted_under, _ADDRESS, group)
+        elif counted_under is None and len(counting) >= MAX_COUNTED_ADDRESSES:
+            oldest, oldest_limit = counting.popitem(last=False)
+            counter.limiter.clear(oldest_limit, _ADDRESS, oldest)
+            if not self._evicting:  # once per process: the memory is full from now on
+                self._evicting = True
+                logger.warning(
+                    "devicegate counts failed authentications for %d address groups at most; "
+                    "the least recently counted now make room for new ones, their counts "
+                    "restarting",
+                    MAX_COUNTED_ADDRESSES,
+                )
+        counting[group] = limit
 
     def blocked_for(self, address: str) -> float | None:
         """The seconds ``address`` stays blocked for its failed authentications, or ``None``."""
@@ -293,15 +304,24 @@ def blocked_refusal(wait: float) -> Refusal:
 
 
 def address_group(address: str) -> str:
-    """What the failure limit counts by: an IPv4 address, or the /64 of an IPv6 one (one
-    subscriber's network; counting each /128 would let one client be 2**64 clients)."""
-    if ":" not in address:
+    """What the failure limit counts by: an IPv4 address (given as such or mapped into IPv6 by
+    a dual-stack socket), or the /64 of an IPv6 one (one subscriber's network; counting each
+    /128 would let one client be 2**64 clients). Anything else (a forwarded-for value trusted
+    from anyone, say) is counted by a digest of it, so that its length costs no memory."""
+    if ":" not in address and len(address) <= _LONGEST_IPV4:
         return address
     try:
-        network = ipaddress.IPv6Network((address.partition("%")[0], 64), strict=False)
+        ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
-        return address
-    return str(network)
+        digest = hashlib.blake2b(address.encode("utf-8", "surrogatepass"), digest_size=16)
+        return f"#{digest.hexdigest()}"
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        # "::ffff:192.0.2.1": an IPv4 client of a server listening on "::". Its /64 would be
+        # every IPv4 client at once.
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 Check = tuple["RateLimitItem", tuple[str, ...], str]
