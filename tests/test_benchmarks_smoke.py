@@ -80,16 +80,22 @@ def run(
         if not shutil.which(tool) and os.environ.get("CI"):
             pytest.fail(f"{tool} is not installed (scripts/test installs it)")
     figures = tmp_path_factory.mktemp("bench") / "figures.json"
+    output = run_script("--quick", "--json", str(figures), timeout=300)
+    return json.loads(figures.read_text()), output
+
+
+def run_script(*arguments: str, timeout: float) -> str:
+    """What the script prints, run with ``arguments``; it must exit 0 and warn of nothing."""
     result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
-        [sys.executable, "-W", "error", str(SCRIPT), "--quick", "--json", str(figures)],
+        [sys.executable, "-W", "error", str(SCRIPT), *arguments],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    return json.loads(figures.read_text()), result.stdout
+    return result.stdout
 
 
 def test_every_in_process_row_has_a_time_and_each_paired_one_an_overhead(
@@ -155,16 +161,7 @@ def test_instruction_counts_of_a_cached_token_over_the_raw_app(
             pytest.fail("valgrind is not installed (scripts/test installs it)")
         pytest.skip("valgrind is not installed; scripts/test installs it")
     figures = tmp_path / "counts.json"
-    command = [sys.executable, "-W", "error", str(SCRIPT), "--instructions", "cached"]
-    result = subprocess.run(  # noqa: S603 - our own script, fixed arguments
-        [*command, "--json", str(figures)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    output = run_script("--instructions", "cached", "--json", str(figures), timeout=600)
     raw, cached = json.loads(figures.read_text())["instructions"]  # raw first: the baseline
     assert raw["row"] == "raw ASGI app"
     assert raw["over the raw app"] is None
@@ -174,5 +171,5 @@ def test_instruction_counts_of_a_cached_token_over_the_raw_app(
     over = cached["instructions / request"] - raw["instructions / request"]
     assert cached["over the raw app"] == over
     assert f"| raw + devicegate, cached device token | {cached['instructions / request']:,} | " in (
-        result.stdout
+        output
     )
