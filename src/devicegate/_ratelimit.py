@@ -24,7 +24,6 @@ import ipaddress
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,14 +53,11 @@ RATELIMIT_EXTRA_HINT = "pip install 'devicegate[ratelimit]'"
 # Addresses remembered as over their limit at most; beyond, the ones whose time is up go first,
 # then all of them (a flood of addresses costs counting, never unbounded memory).
 MAX_BLOCKED_ADDRESSES = 10_000
-# Address groups whose failures are counted in this process's memory (memory://) at most: a
-# new one past it takes the place of the one counted least recently, whose count is cleared.
-# Every failure is counted; a client must fail from that many other groups to reset one count,
-# which wins it fewer guesses than those failures were. A shared storage counts in Redis.
-MAX_COUNTED_ADDRESSES = 20_000
-# "255.255.255.255": an address without a colon and no longer is taken as the IPv4 address it
-# is, unparsed (it may be asked for on every request while an address is blocked).
+# "255.255.255.255": a client address without a colon and no longer is taken as the IPv4 address
+# it is, unparsed (it may be asked for on every request while an address is blocked); a longer
+# one is no address.
 _LONGEST_IPV4 = 15
+_FIRST_64_BITS = ((1 << 64) - 1) << 64
 # The namespaces of what is counted, so that a key name and a device id never share a count.
 _KEY, _DEVICE, _ADDRESS = "mint-key", "mint-device", "failed-auth"
 # A network storage is asked from at most this many threads of devicegate's own, each wait
@@ -166,10 +162,6 @@ class RateLimiter:
         """Address groups over their limit of failed authentications (an IPv4 address, an
         IPv6 /64), and until when (``clock``)."""
         self._clock = clock
-        # The address groups whose failures the memory storage holds counts of, least recently
-        # counted first, each with the limit it was counted under.
-        self._counting: OrderedDict[str, RateLimitItem] = OrderedDict()
-        self._evicting = False
         self.per_key = _item("mint_limit_per_key", config.mint_limit_per_key)
         self.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         self.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
@@ -204,8 +196,6 @@ class RateLimiter:
         new.per_device = _item("mint_limit_per_device", config.mint_limit_per_device)
         new.per_address = _item("failure_limit_per_address", config.failure_limit_per_address)
         new.blocked = self.blocked
-        new._counting = self._counting
-        new._evicting = self._evicting
         new._counter = self._counter
         if new.active and new._counter is None:
             new._counter = _Counter(new.storage_uri)
@@ -245,8 +235,6 @@ class RateLimiter:
         if self.per_address is None or self._counter is None:
             return
         group = address_group(address)
-        if not self._counter.in_thread:
-            self._make_room(self._counter, group, self.per_address)
         try:
             refused = await self._counter.run(
                 _test_then_hit, [(self.per_address, (_ADDRESS, group), "")], wait=False
@@ -262,28 +250,6 @@ class RateLimiter:
             if len(blocked) >= MAX_BLOCKED_ADDRESSES:
                 return  # full of live blocks: keep them rather than lift them all
         blocked[group] = now + refused[0]
-
-    def _make_room(self, counter: _Counter, group: str, limit: RateLimitItem) -> None:
-        """Record that ``group`` is about to be counted in memory under ``limit``: every count
-        the storage holds is then one recorded here. At MAX_COUNTED_ADDRESSES, the group
-        counted least recently makes room, its count cleared."""
-        counting = self._counting
-        counted_under = counting.pop(group, None)
-        if counted_under is not None and counted_under != limit:
-            # Counted under a limit since changed: a count that would never be read again.
-            counter.limiter.clear(counted_under, _ADDRESS, group)
-        elif counted_under is None and len(counting) >= MAX_COUNTED_ADDRESSES:
-            oldest, oldest_limit = counting.popitem(last=False)
-            counter.limiter.clear(oldest_limit, _ADDRESS, oldest)
-            if not self._evicting:  # once per process: the memory is full from now on
-                self._evicting = True
-                logger.warning(
-                    "devicegate counts failed authentications for %d address groups at most; "
-                    "the least recently counted now make room for new ones, their counts "
-                    "restarting",
-                    MAX_COUNTED_ADDRESSES,
-                )
-        counting[group] = limit
 
     def blocked_for(self, address: str) -> float | None:
         """The seconds ``address`` stays blocked for its failed authentications, or ``None``."""
@@ -308,20 +274,25 @@ def address_group(address: str) -> str:
     a dual-stack socket), or the /64 of an IPv6 one (one subscriber's network; counting each
     /128 would let one client be 2**64 clients). Anything else (a forwarded-for value trusted
     from anyone, say) is counted by a digest of it, so that its length costs no memory."""
-    if ":" not in address and len(address) <= _LONGEST_IPV4:
-        return address
+    if ":" not in address:
+        if len(address) <= _LONGEST_IPV4:
+            return address
+        return _digest(address)
     try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
     except ValueError:
-        digest = hashlib.blake2b(address.encode("utf-8", "surrogatepass"), digest_size=16)
-        return f"#{digest.hexdigest()}"
-    if isinstance(ip, ipaddress.IPv4Address):
-        return str(ip)
+        return _digest(address)
     if ip.ipv4_mapped is not None:
         # "::ffff:192.0.2.1": an IPv4 client of a server listening on "::". Its /64 would be
         # every IPv4 client at once.
         return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    # The /64 from the address's number: a network built from the text would parse it again.
+    return f"{ipaddress.IPv6Address(int(ip) & _FIRST_64_BITS)}/64"
+
+
+def _digest(address: str) -> str:
+    digest = hashlib.blake2b(address.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"#{digest.hexdigest()}"
 
 
 Check = tuple["RateLimitItem", tuple[str, ...], str]
