@@ -329,6 +329,12 @@ async def test_a_flood_of_addresses_is_remembered_within_a_bound(
         # A dual-stack server gives IPv4 clients mapped into IPv6: each is still its own
         # address, not one /64 that every IPv4 client would share.
         ("::ffff:192.0.2.7", "192.0.2.7"),
+        # IPv6 addresses that stand for an IPv4 client: each counted as that client, not as
+        # one /64 shared by all of them (or, for 6to4, a /48 of 65,536 of them).
+        ("64:ff9b::c000:207", "192.0.2.7"),  # translated, RFC 6052's well-known prefix
+        ("2002:c000:207:1:2::1", "192.0.2.7"),  # 6to4
+        ("2002:c000:207:ffff::1", "192.0.2.7"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # Teredo
         ("2001:db8:1:2::77", "2001:db8:1:2::/64"),
         ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
         ("fe80::1%eth0", "fe80::/64"),

@@ -58,6 +58,7 @@ MAX_BLOCKED_ADDRESSES = 10_000
 # one is no address.
 _LONGEST_IPV4 = 15
 _FIRST_64_BITS = ((1 << 64) - 1) << 64
+_NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 # The namespaces of what is counted, so that a key name and a device id never share a count.
 _KEY, _DEVICE, _ADDRESS = "mint-key", "mint-device", "failed-auth"
 # A network storage is asked from at most this many threads of devicegate's own, each wait
@@ -270,8 +271,8 @@ def blocked_refusal(wait: float) -> Refusal:
 
 
 def address_group(address: str) -> str:
-    """What the failure limit counts by: an IPv4 address (given as such or mapped into IPv6 by
-    a dual-stack socket), or the /64 of an IPv6 one (one subscriber's network; counting each
+    """What the failure limit counts by: an IPv4 address (given as such, or within an IPv6 one
+    that stands for it), or the /64 of an IPv6 one (one subscriber's network; counting each
     /128 would let one client be 2**64 clients). Anything else (a forwarded-for value trusted
     from anyone, say) is counted by a digest of it, so that its length costs no memory."""
     if ":" not in address:
@@ -282,12 +283,25 @@ def address_group(address: str) -> str:
         ip = ipaddress.IPv6Address(address.partition("%")[0])
     except ValueError:
         return _digest(address)
-    if ip.ipv4_mapped is not None:
-        # "::ffff:192.0.2.1": an IPv4 client of a server listening on "::". Its /64 would be
-        # every IPv4 client at once.
-        return str(ip.ipv4_mapped)
+    ipv4 = _embedded_ipv4(ip)
+    if ipv4 is not None:
+        return str(ipv4)
     # The /64 from the address's number: a network built from the text would parse it again.
     return f"{ipaddress.IPv6Address(int(ip) & _FIRST_64_BITS)}/64"
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client an IPv6 address stands for, if any: counted by its /64, every such client
+    of one scheme would be one client (or, for 6to4, each one 65,536 clients)."""
+    if ip.ipv4_mapped is not None:  # "::ffff:192.0.2.1": a server listening on "::"
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == _NAT64_PREFIX:  # "64:ff9b::192.0.2.1": translated (RFC 6052)
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    if ip.sixtofour is not None:  # "2002:c000:0201::/48": a 6to4 site (RFC 3056)
+        return ip.sixtofour
+    if ip.teredo is not None:  # "2001:0::/32": a Teredo client, by its own address (RFC 4380)
+        return ip.teredo[1]
+    return None
 
 
 def _digest(address: str) -> str:
