@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from starlette.authentication import UnauthenticatedUser
@@ -69,28 +70,19 @@ class _Endpoint(Protocol):
     async def respond(self, scope: Scope, receive: Receive, send: Send) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
 class _Route:
     """What a request path decides before any credential is read.
 
-    A class with slots rather than a named tuple: every request reads a few of its fields, and
-    a slot is the cheapest attribute there is to read.
+    Slotted rather than a named tuple: every request reads a few of its fields, and a slot is
+    the cheapest attribute there is to read.
     """
 
-    __slots__ = ("accepted", "dpop", "endpoint", "optional", "public")
-
-    def __init__(
-        self,
-        accepted: frozenset[CredentialKind],
-        public: bool,
-        endpoint: _Endpoint | None,
-        optional: bool = False,
-        dpop: bool = False,
-    ) -> None:
-        self.accepted = accepted
-        self.public = public
-        self.endpoint = endpoint
-        self.optional = optional
-        self.dpop = dpop
+    accepted: frozenset[CredentialKind]
+    public: bool
+    endpoint: _Endpoint | None
+    optional: bool = False
+    dpop: bool = False
 
 
 class DeviceAuthMiddleware:
