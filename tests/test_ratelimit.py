@@ -358,16 +358,6 @@ def redis(tmp_path: Path, starts_a_process: None) -> Iterator[RedisServer]:
         yield running
 
 
-async def test_a_shared_storage_counts_every_address(keys: Keys, redis: RedisServer) -> None:
-    # Its memory is Redis's, bounded by the windows' expiry there: no address goes uncounted.
-    config = keys.config(failure_limit_per_address="1/minute")
-    limiter = RateLimiter(config, redis.url)
-    for n in range(4):
-        for _ in range(2):
-            await limiter.failed(f"10.4.0.{n}")
-    assert all(limiter.blocked_for(f"10.4.0.{n}") is not None for n in range(4))
-
-
 async def test_two_instances_on_one_redis_share_each_limit(keys: Keys, redis: RedisServer) -> None:
     config = keys.config(mint_limit_per_device="2/minute", failure_limit_per_address="2/minute")
     first, second = (gate(config, rate_limit_storage=redis.url) for _ in range(2))
